@@ -1,0 +1,23 @@
+"""Shared test set-up: Keras on its JAX backend, 4 virtual CPU devices, the real dataset."""
+
+import os
+import pathlib
+
+# Both must be set before jax or keras is imported anywhere.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO.parent / "shared" / "covid_xray" / "Covid_Data_GradientCrescent"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> pathlib.Path:
+    """The real dataset (the folder holding all/ and two/); CI always has it."""
+    if not DATA_ROOT.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"the dataset is missing at {DATA_ROOT}: CI must run next to ../shared")
+        pytest.skip(f"the real dataset is not at {DATA_ROOT}")
+    return DATA_ROOT
