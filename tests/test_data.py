@@ -1,0 +1,332 @@
+"""The data package: decoding every mode, the TFDS builder (folder, zip, strict / skipping),
+the real dataset's counts, splits, batches, augmentation, the audit and the CLI."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xrayjax.data import (
+    CLASS_NAMES, DataConfig, DataError, Split, augment_images, batches, load_splits,
+)
+from xrayjax.data.__main__ import main
+from xrayjax.data.audit import audit, group_key
+from xrayjax.data.augment import affine_matrices, apply_affine
+from xrayjax.data.builder import BadImageWarning, make_builder, prepare, read_prepared
+from xrayjax.data.decode import BadImage, NotAnImage, decode
+from xrayjax.data.source import resolve_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = CLASS_NAMES["four_class"]
+
+
+def _image(mode: str, seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    if mode == "P":
+        return rgb.quantize(16)
+    return rgb.convert(mode)
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+# (mode, format) of every image kind the decoder must handle; a CMYK JPEG and an EXIF-rotated one.
+KINDS = [("L", "JPEG"), ("LA", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"),
+         ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "PNG")]
+
+
+def _exif_rotated(seed: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return _encode(_image("RGB", seed), "JPEG", exif=exif)
+
+
+def make_dataset(root, truncated=True):
+    """all/{train,test}/<4 classes>/ with every mode, junk files and (maybe) a truncated JPEG."""
+    seed = 0
+    for split, per_class in (("train", 3), ("test", 2)):
+        for cls in CLASSES:
+            folder = root / "all" / split / cls
+            folder.mkdir(parents=True)
+            for _ in range(per_class):
+                mode, fmt = KINDS[seed % len(KINDS)]
+                ext = "jpg" if fmt == "JPEG" else "png"
+                (folder / f"img{seed}_{mode.replace(';', '')}.{ext}").write_bytes(
+                    _encode(_image(mode, seed), fmt))
+                seed += 1
+    (root / "all" / "train" / "covid" / "rotated.jpg").write_bytes(_exif_rotated(99))
+    (root / "all" / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "all" / "test" / "normal" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (root / "all" / "train" / "normal" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" * 8)
+    (root / "all" / "train" / "pneumonia_bac" / "notes.jpg").write_text("not an image at all")
+    if truncated:
+        data = _encode(_image("RGB", 7, (64, 64)), "JPEG")
+        (root / "all" / "train" / "pneumonia_vir" / "broken.jpeg").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("small") / "Covid_Data_GradientCrescent")
+
+
+@pytest.fixture(scope="session")
+def real_tfds(tmp_path_factory, data_root):
+    """The real dataset prepared once per session, by the CLI in a fresh process."""
+    tfds_dir = tmp_path_factory.mktemp("tfds_real")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xrayjax.data", "prepare", "--data-dir", str(data_root),
+         "--tfds-dir", str(tfds_dir)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "269" in proc.stdout and "129" in proc.stdout
+    return tfds_dir
+
+
+@pytest.fixture(scope="session")
+def real_splits(real_tfds, data_root):
+    return load_splits(DataConfig(data_dir=str(data_root), tfds_dir=str(real_tfds)))
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,fmt", KINDS)
+def test_decode_every_mode(mode, fmt):
+    data = _encode(_image(mode, 3), fmt)
+    gray, keep = decode(data, "gray"), decode(data, "keep")
+    assert gray.shape == (224, 224, 1) and keep.shape == (224, 224, 3)
+    assert gray.dtype == keep.dtype == np.uint8
+    if mode not in ("I;16",):
+        # keep = Keras' load_img: convert("RGB") then a nearest resize; gray = its luma.
+        ref = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.NEAREST)
+        np.testing.assert_array_equal(keep, np.asarray(ref))
+        np.testing.assert_array_equal(gray[..., 0], np.asarray(ref.convert("L")))
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535, 257 * 3]], dtype=np.uint16)
+    pixels = decode(_encode(Image.fromarray(values), "PNG"), "gray")
+    np.testing.assert_array_equal(pixels[0, [0, 56, 112, 168], 0], [0, 100, 255, 3])
+
+
+def test_exif_orientation_is_applied():
+    data = _exif_rotated(5)
+    upright = np.asarray(Image.open(io.BytesIO(data)).transpose(Image.Transpose.ROTATE_270)
+                         .resize((224, 224), Image.NEAREST))
+    np.testing.assert_array_equal(decode(data, "keep"), upright)
+
+
+def test_junk_and_truncated_are_told_apart():
+    with pytest.raises(NotAnImage):
+        decode(b"[.ShellClassInfo]\n", "gray")
+    data = _encode(_image("RGB", 1, (64, 64)), "JPEG")
+    with pytest.raises(BadImage):
+        decode(data[: len(data) // 2], "gray")
+
+
+# --- the builder on a generated folder ----------------------------------------------------
+
+def test_strict_preparation_names_the_bad_file(small_root, tmp_path):
+    with pytest.raises(DataError, match=r"broken\.jpeg.*--skip-bad-images"):
+        prepare("four_class", data_dir=str(small_root), tfds_dir=str(tmp_path))
+    assert not make_builder("four_class", tfds_dir=str(tmp_path)).is_prepared()
+
+
+def test_skip_bad_images_counts_everything(small_root, tmp_path):
+    with pytest.warns(BadImageWarning, match="broken.jpeg"):
+        builder = prepare("four_class", data_dir=str(small_root), tfds_dir=str(tmp_path),
+                          skip_bad_images=True)
+    meta = builder.info.metadata
+    assert meta["bad_images"] == ["all/train/pneumonia_vir/broken.jpeg"]
+    assert meta["not_images"] == ["all/train/pneumonia_bac/notes.jpg"]
+    assert sorted(meta["junk"]) == ["all/test/normal/desktop.ini", "all/train/.DS_Store",
+                                    "all/train/normal/Thumbs.db"]
+    splits = read_prepared(builder)
+    assert len(splits["train"].labels) == 13 and len(splits["test"].labels) == 8
+    assert np.bincount(splits["train"].labels).tolist() == [4, 3, 3, 3]
+    gray = splits["train"].images
+    assert gray.shape == (13, 224, 224, 3)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    # No TensorFlow behind any of it.
+    assert "tensorflow" not in sys.modules
+
+
+def test_zip_gives_the_same_data_as_the_folder(small_root, tmp_path):
+    archive = tmp_path / "Covid_Data_GradientCrescent.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(small_root.rglob("*")):
+            if path.is_file():
+                zf.write(path, "Covid_Data_GradientCrescent/" + path.relative_to(small_root).as_posix())
+    # binary reads covid and normal only: the truncated pneumonia_vir file is not in its way.
+    from_zip = read_prepared(prepare("binary", data_dir=str(archive), tfds_dir=str(tmp_path / "z")))
+    from_dir = read_prepared(prepare("binary", data_dir=str(small_root.parent),
+                                     tfds_dir=str(tmp_path / "d")))
+    for split in ("train", "test"):
+        assert from_zip[split].names == from_dir[split].names
+        np.testing.assert_array_equal(from_zip[split].images, from_dir[split].images)
+    # binary without two/ takes covid and normal from all/.
+    assert np.bincount(from_zip["train"].labels).tolist() == [4, 3]
+    assert str(resolve_source(tmp_path)).startswith("zip ")
+
+
+def test_gray_and_keep_are_different_prepared_data(tmp_path):
+    root = make_dataset(tmp_path / "data", truncated=False)
+    gray = prepare("four_class", "gray", str(root), str(tmp_path / "t"))
+    keep = prepare("four_class", "keep", str(root), str(tmp_path / "t"))
+    assert gray.data_dir != keep.data_dir
+    g, k = read_prepared(gray)["train"].images, read_prepared(keep)["train"].images
+    assert g.shape == k.shape
+    assert not np.array_equal(g, k)
+    assert np.any(k[..., 0] != k[..., 1]) and np.array_equal(g[..., 0], g[..., 1])
+
+
+def test_prepared_data_from_another_copy_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "data", truncated=False)
+    prepare("binary", data_dir=str(root), tfds_dir=str(tmp_path / "t"))
+    (root / "all" / "test" / "covid" / "extra.png").write_bytes(_encode(_image("L", 1), "PNG"))
+    with pytest.raises(DataError, match="differs from"):
+        prepare("binary", data_dir=str(root), tfds_dir=str(tmp_path / "t"))
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(DataError, match="found neither all/"):
+        resolve_source(tmp_path)
+    assert main(["prepare", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- the real dataset ---------------------------------------------------------------------
+
+def test_real_counts_and_stratified_validation(real_splits, real_tfds, data_root):
+    s = real_splits
+    assert (len(s.train), len(s.validation), len(s.test)) == (215, 54, 36)
+    assert np.bincount(s.validation.labels).tolist() == [12, 14, 14, 14]
+    assert np.bincount(s.test.labels).tolist() == [9, 9, 9, 9]
+    assert not set(s.train.names) & set(s.validation.names)
+    assert s.class_names == CLASSES and s.train.images.dtype == np.uint8
+    binary = load_splits(DataConfig(task="binary", data_dir=str(data_root),
+                                    tfds_dir=str(real_tfds), image_size=32))
+    assert (len(binary.train), len(binary.validation), len(binary.test)) == (103, 26, 18)
+    assert binary.train.images.shape[1:] == (32, 32, 3)
+    other_seed = load_splits(DataConfig(data_dir=str(data_root), tfds_dir=str(real_tfds), seed=1))
+    assert set(other_seed.validation.names) != set(s.validation.names)
+
+
+def test_no_tensorflow_after_preparing_and_loading(real_tfds, data_root):
+    code = (
+        "import sys; from xrayjax.data import DataConfig, load_splits; "
+        f"s = load_splits(DataConfig(data_dir={str(data_root)!r}, tfds_dir={str(real_tfds)!r})); "
+        "assert len(s.test) == 36; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_batches_cover_the_test_set_once(real_splits):
+    test = real_splits.test
+    seen = []
+    out = list(batches(test, 16, 4, shuffle=True, seed=3))
+    assert len(out) == 3
+    for batch in out:
+        assert batch["image"].shape == (4, 4, 224, 224, 3) and batch["label"].shape == (4, 4)
+        mask = batch["mask"].reshape(-1).astype(bool)
+        images = batch["image"].reshape(16, -1)
+        assert not images[~mask].any()
+        for img, label in zip(images[mask], batch["label"].reshape(-1)[mask]):
+            index = [i for i in range(len(test)) if np.array_equal(test.images[i].reshape(-1), img)]
+            assert len(index) >= 1 and test.labels[index[0]] == label
+            seen.append(index[0])
+    assert sorted(seen) == list(range(36))
+    assert sum(b["mask"].sum() for b in out) == 36
+    with pytest.raises(ValueError, match="multiple of num_devices"):
+        next(batches(test, 6, 4, shuffle=False))
+
+
+# --- augmentation -------------------------------------------------------------------------
+
+def _small_split(n=5):
+    rng = np.random.default_rng(0)
+    return Split(rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8),
+                 np.arange(n, dtype=np.int32) % 2, tuple(f"f{i}" for i in range(n)))
+
+
+def test_augmentation_is_deterministic_by_seed():
+    images = _small_split().images
+    a, b, c = augment_images(images, 1), augment_images(images, 1), augment_images(images, 2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, images)
+    assert a.dtype == np.uint8 and a.shape == images.shape
+    split = _small_split()
+    first = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=1, augment=True)]
+    again = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=1, augment=True)]
+    other = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=2, augment=True)]
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+    assert not np.array_equal(np.stack(first), np.stack(other))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras' scipy.ndimage import path
+def test_affine_matches_keras_apply_affine_transform():
+    from keras.src.legacy.preprocessing.image import apply_affine_transform
+
+    x = _small_split(1).images[0].astype(np.float32)
+    params = dict(theta=12.0, tx=2.5, ty=-3.0, zx=0.9, zy=1.1)
+    ref = apply_affine_transform(x, **params, row_axis=0, col_axis=1, channel_axis=2,
+                                 fill_mode="nearest", order=1)
+    mats = affine_matrices(*(np.array([v]) for v in params.values()), height=24, width=24)
+    np.testing.assert_allclose(apply_affine(x[None], mats)[0], ref, atol=1e-3)
+
+
+# --- audit --------------------------------------------------------------------------------
+
+def test_group_keys():
+    assert group_key("nejmoa2001191_f1-PA.jpeg") == group_key("nejmoa2001191_f4.jpeg")
+    assert group_key("ryct.2020200034.fig5-day0.jpeg") == group_key("ryct.2020200034.fig2.jpeg")
+    assert group_key("person1940_bacteria_4859.jpeg") == "person1940"
+    assert group_key("NORMAL2-IM-1345-0001-0002.jpeg") == "IM-1345"
+    assert group_key("covid-19-pneumonia-15-PA.jpg") != group_key("covid-19-pneumonia-12.jpg")
+
+
+def test_audit_finds_planted_duplicates(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data")
+    src = root / "all" / "train" / "covid" / "img0_L.jpg"
+    shutil.copy(src, root / "all" / "test" / "covid" / "copy.jpg")
+    base = _image("L", 42, (96, 96)).resize((12, 12)).resize((96, 96), Image.BILINEAR)
+    base.save(root / "all" / "train" / "normal" / "near_a.png")
+    base.resize((90, 90), Image.BILINEAR).save(root / "all" / "test" / "normal" / "near_b.png")
+    report = audit(str(root))
+    assert report["exact_duplicates"] == [{
+        "files": ["all/test/covid/copy.jpg", "all/train/covid/img0_L.jpg"],
+        "scope": "across train/test", "labels_differ": False}]
+    assert [d["files"] for d in report["near_duplicates"]] == [
+        ["all/test/normal/near_b.png", "all/train/normal/near_a.png"]]
+    assert [u["file"].endswith("broken.jpeg") for u in report["unreadable"]] == [True]
+    assert report["not_images"] == ["all/train/pneumonia_bac/notes.jpg"]
+    assert len(report["junk"]) == 3
+    assert main(["audit", "--data-dir", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["all"]["test"]["covid"] == 3
+
+
+def test_audit_of_the_real_data(data_root):
+    report = audit(str(data_root))
+    assert report["counts"]["all"]["train"] == {"covid": 59, "normal": 70, "pneumonia_bac": 70,
+                                                "pneumonia_vir": 70}
+    assert report["modes"]["covid"] == {"L": 4, "RGB": 54, "RGBA": 10}
+    assert report["exact_duplicates"] == [] and report["two_not_copies_of_all"] == []
+    assert len(report["junk"]) == 4
+    groups = {g["group"]: g for g in report["name_groups_across_splits"]}
+    assert groups["nejmoa2001191"]["train"] == ["covid/nejmoa2001191_f1-PA.jpeg"]
+    assert len(groups["nejmoa2001191"]["test"]) == 3
+    assert [d["scope"] for d in report["near_duplicates"]] == ["within train"]

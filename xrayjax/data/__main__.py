@@ -1,0 +1,96 @@
+"""``python -m xrayjax.data``: prepare the TFDS dataset or audit the raw files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+from xrayjax.data.decode import COLORS
+from xrayjax.data.source import CLASS_NAMES, TASKS, DataError
+
+DATA_DIR_HELP = (
+    "the dataset: the folder holding all/ (and maybe two/), a folder holding "
+    "Covid_Data_GradientCrescent/ or Covid_Data_GradientCrescent.zip, or the zip itself "
+    "(default: ../shared/covid_xray next to the repository)"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m xrayjax.data",
+        description="Prepare the COVID-19 chest X-ray dataset for training, or audit it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser(
+        "prepare", help="decode, resize to 224x224 and write both TFDS configs (array_record)",
+        description="Build the covid_xray TFDS configs binary and four_class (once; later calls "
+                    "reuse them) and print the number of images per split and class.",
+    )
+    prep.add_argument("--data-dir", help=DATA_DIR_HELP)
+    prep.add_argument("--tfds-dir", help="where prepared data goes (default: TFDS' data dir, "
+                                         "~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    prep.add_argument("--skip-bad-images", action="store_true",
+                      help="leave corrupt or truncated images out with a warning instead of "
+                           "stopping with an error naming the file")
+    prep.add_argument("--color", choices=COLORS, default="gray",
+                      help="gray (default): every image to grayscale, replicated to 3 channels, "
+                           "so colour mode cannot reveal the class; keep: RGB like the original "
+                           "Keras pipeline")
+    aud = sub.add_parser(
+        "audit", help="counts, colour modes, sizes, junk, unreadable files, duplicates, leaks",
+        description="Inspect every file: counts per split and class, colour modes and sizes per "
+                    "class, junk and unreadable files, exact (sha256) and near (perceptual hash) "
+                    "duplicates, and file-name groups (paper, patient) in both train and test.",
+    )
+    aud.add_argument("--data-dir", help=DATA_DIR_HELP)
+    aud.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from xrayjax.data.builder import prepare, read_prepared  # imports tensorflow-datasets
+
+    for task in TASKS:
+        start = time.perf_counter()
+        builder = prepare(task, args.color, args.data_dir, args.tfds_dir, args.skip_bad_images)
+        splits = read_prepared(builder)
+        meta = builder.info.metadata
+        print(f"\n{builder.builder_config.name}: {builder.data_dir} "
+              f"({time.perf_counter() - start:.1f} s, from {meta.get('source')})")
+        names = CLASS_NAMES[task]
+        print("  split  " + "  ".join(f"{n:>13}" for n in names) + "  total")
+        for split, data in splits.items():
+            per = [int((data.labels == i).sum()) for i in range(len(names))]
+            print(f"  {split:<5}  " + "  ".join(f"{c:>13}" for c in per) + f"  {sum(per):>5}")
+        for key, title in (("junk", "junk files"), ("not_images", "not images"),
+                           ("bad_images", "bad images"), ("ignored", "ignored folders")):
+            if meta.get(key):
+                print(f"  skipped {len(meta[key])} {title}: {', '.join(meta[key])}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from xrayjax.data.audit import audit, format_report
+
+    report = audit(args.data_dir)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    try:
+        (_prepare if args.command == "prepare" else _audit)(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = previous
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

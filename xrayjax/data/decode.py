@@ -1,0 +1,80 @@
+"""Robust image decoding: any PIL mode to 8-bit RGB or grayscale, resized once.
+
+Policy (why): Keras' ``flow_from_directory`` -> ``load_img(color_mode="rgb",
+interpolation="nearest")`` converts with ``PIL.Image.convert("RGB")`` (alpha dropped, not
+composited) and then resizes with PIL NEAREST straight to 224x224 (aspect ratio not kept).
+We do the same so the prepared pixels are those the original Keras classifier saw, with
+three deliberate additions: EXIF orientation is applied, 16-bit images are scaled to 8 bit
+(``v / 257``; PIL's own conversion would clip them), and ``color="gray"`` (the default)
+takes the ITU-R 601 luma of that RGB image (``convert("L")``), so the colour mode of a
+file can no longer tell its class.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+COLORS = ("gray", "keep")
+IMAGE_SIZE = 224
+RESAMPLE = Image.Resampling.NEAREST
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class NotAnImage(Exception):
+    """The bytes are not an image by content (junk: skipped and counted)."""
+
+
+class BadImage(Exception):
+    """The bytes look like an image but cannot be decoded (corrupt or truncated)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode fully and apply EXIF orientation; raises NotAnImage or BadImage."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise BadImage("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it to detect bad files")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:
+        raise NotAnImage("not an image by content") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImage(f"unreadable image header: {err}") from err
+    try:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImage(f"{image.format} {image.mode} {image.size[0]}x{image.size[1]}: {err}") from err
+    upright.format = image.format  # the copy exif_transpose makes forgets it
+    return upright
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as Keras' load_img makes it; 16-bit data scaled by 1/257 first."""
+    if image.mode in _SIXTEEN_BIT:
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_pixels(image: Image.Image, color: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 (size, size, 1) for gray, (size, size, 3) for keep, resized with PIL NEAREST."""
+    rgb = to_rgb(image)
+    out = rgb.convert("L") if color == "gray" else rgb
+    if out.size != (size, size):
+        out = out.resize((size, size), RESAMPLE)
+    pixels = np.asarray(out, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def decode(data: bytes, color: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Bytes of one file -> prepared pixels; raises NotAnImage or BadImage."""
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    try:
+        return to_pixels(open_image(data), color, size)
+    except (OSError, ValueError) as err:  # a mode PIL cannot convert
+        raise BadImage(str(err)) from err
