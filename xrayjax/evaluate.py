@@ -1,0 +1,284 @@
+"""Test metrics and figures for a finished run: ``python -m xrayjax.evaluate --run DIR``.
+
+Writes into the run folder ``metrics.json`` (accuracy, per-class precision/recall/F1,
+confusion matrix, ROC-AUC), ``curves.png``, ``confusion.png``, ``tsne.png`` and
+``gradcam.png``. Training calls :func:`evaluate_run` when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.manifold import TSNE
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from threadpoolctl import threadpool_limits
+
+from xrayjax import figures
+from xrayjax.data import DataConfig, DataError, Split, Splits, load_splits
+from xrayjax.gradcam import grad_cam
+from xrayjax.porting import write_atomic
+from xrayjax.predict import BATCH_SIZE, infer, probabilities
+from xrayjax.training import Run, TrainConfig, load_run
+
+GRADCAM_IMAGES = 8
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1, confusion matrix and ROC-AUC (scikit-learn).
+
+    ``probs`` is (N, K) with K = len(class_names); the prediction is its argmax. ROC-AUC is
+    on the class-1 probability for two classes and one-vs-rest macro for more; a class absent
+    from ``labels`` is left out of the average and named in ``notes`` instead of failing.
+    """
+    labels = np.asarray(labels, np.int64)
+    probs = np.asarray(probs, np.float64)
+    k = len(class_names)
+    if probs.shape != (len(labels), k):
+        raise ValueError(f"probabilities have shape {probs.shape}, expected ({len(labels)}, {k})")
+    preds = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=list(range(k)), zero_division=0
+    )
+    notes = []
+    present = [c for c in range(k) if (labels == c).any()]
+    missing = [class_names[c] for c in range(k) if c not in present]
+    if missing:
+        notes.append(f"no test example of {', '.join(missing)}: its recall and AUC are undefined")
+    result = {
+        "n": int(len(labels)),
+        "accuracy": float(accuracy_score(labels, preds)),
+        "per_class": {
+            name: {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(support[c]),
+            }
+            for c, name in enumerate(class_names)
+        },
+        "macro_f1": float(np.mean(f1[present])) if present else None,
+        "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(k))).tolist(),
+    }
+    if len(present) < 2:
+        notes.append("ROC-AUC needs at least two classes in the labels: not computed")
+        result["roc_auc"] = None
+    elif k == 2:
+        result["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+        result["roc_auc_positive_class"] = class_names[1]
+    else:
+        per_class = {
+            class_names[c]: float(roc_auc_score(labels == c, probs[:, c])) if c in present else None
+            for c in range(k)
+        }
+        result["roc_auc"] = float(np.mean([v for v in per_class.values() if v is not None]))
+        result["roc_auc_per_class"] = per_class
+        result["roc_auc_average"] = "one-vs-rest, macro over the classes present"
+    result["notes"] = notes
+    return result
+
+
+def tsne_points(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of (N, D) features; perplexity min(30, (N - 1) / 3) so small N works."""
+    n = len(features)
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+    perplexity = float(min(30.0, (n - 1) / 3))
+    tsne = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed
+    )
+    # A few hundred points take about a second on one thread; OpenMP threads only contend
+    # (100x slower on a busy 2-core machine).
+    with threadpool_limits(limits=1):
+        return tsne.fit_transform(np.asarray(features, np.float32))
+
+
+def gradcam_indices(labels: np.ndarray, count: int = GRADCAM_IMAGES) -> np.ndarray:
+    """Pick ``count`` images taking classes in turn (first of each class, then second, ...)."""
+    labels = np.asarray(labels)
+    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    while len(picked) < min(count, len(labels)):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+def _data_config(config: TrainConfig, **overrides: str | None) -> DataConfig:
+    """The DataConfig a run was trained on: every DataConfig field the TrainConfig records."""
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    settings = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return DataConfig(**settings)
+
+
+def _test_predictions(split: Split, probs: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """One row per test image: file name, true and predicted class, class probabilities."""
+    return [
+        {
+            "name": name,
+            "true": class_names[label],
+            "predicted": class_names[int(row.argmax())],
+            "probabilities": {c: round(float(p), 6) for c, p in zip(class_names, row)},
+        }
+        for name, label, row in zip(split.names, split.labels, probs)
+    ]
+
+
+def _write_figures(
+    run: Run, splits: Splits, outputs: dict, metrics: dict, run_dir: pathlib.Path
+) -> dict[str, str]:
+    """curves.png, confusion.png, tsne.png and gradcam.png into ``run_dir``; their names."""
+    class_names = tuple(run.class_names)
+    cfg = run.config
+    title = f"{cfg.arch} {cfg.task} ({cfg.init} init, color={cfg.color})"
+    paths = {name: run_dir / f"{name}.png" for name in ("curves", "confusion", "tsne", "gradcam")}
+    if run.history:
+        figures.plot_curves(run.history, paths["curves"], title=title)
+    else:
+        metrics["notes"].append("history.json is empty: no curves.png")
+        del paths["curves"]
+    figures.plot_confusion(
+        np.array(metrics["confusion_matrix"]), class_names, paths["confusion"],
+        title=f"{title}\nconfusion matrix on the test set (n={metrics['n']})",
+    )
+    seen = [name for name in ("train", "test") if name in outputs]
+    points = tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed)
+    figures.plot_tsne(
+        points,
+        np.concatenate([getattr(splits, name).labels for name in seen]),
+        np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
+        class_names,
+        paths["tsne"],
+        title=f"{title}\nt-SNE of the head's penultimate features",
+    )
+    chosen = gradcam_indices(splits.test.labels)
+    heat, logits = grad_cam(run.model, run.variables, splits.test.images[chosen])
+    chosen_probs = probabilities(logits)
+    figures.plot_gradcam(
+        splits.test.images[chosen],
+        heat,
+        [class_names[i] for i in splits.test.labels[chosen]],
+        [class_names[i] for i in chosen_probs.argmax(1)],
+        chosen_probs.max(1),
+        paths["gradcam"],
+        title=f"{title}: Grad-CAM of the predicted class on the last conv block",
+    )
+    return {name: path.name for name, path in paths.items()}
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    splits: Splits | None = None,
+    batch_size: int = BATCH_SIZE,
+    quiet: bool = False,
+) -> dict:
+    """Test metrics and the four figures of a run, written into ``run_dir``; returns the metrics.
+
+    ``splits`` defaults to the data the run was trained on (its config.json settings).
+    """
+    run = load_run(run_dir)
+    run_dir = pathlib.Path(run_dir)
+    cfg = run.config
+    if splits is None:
+        splits = load_splits(_data_config(cfg))
+    class_names = tuple(run.class_names)
+    if not len(splits.test):
+        raise ValueError("the test split is empty: nothing to evaluate")
+    if tuple(splits.class_names) != class_names:
+        raise ValueError(
+            f"the data's classes {splits.class_names} differ from the run's {class_names} "
+            f"({run_dir / 'config.json'}): evaluate with the task the run was trained on"
+        )
+    outputs = {
+        name: infer(run.model, run.variables, split, batch_size,
+                    desc=None if quiet else f"evaluating {name}")
+        for name in ("train", "validation", "test")
+        if len(split := getattr(splits, name))
+    }
+    probs = {name: probabilities(logits) for name, (logits, _) in outputs.items()}
+    metrics = compute_metrics(splits.test.labels, probs["test"], class_names)
+    metrics["probabilities"] = (
+        f"sigmoid of the single logit = P({class_names[1]}); "
+        f"P({class_names[0]}) = 1 - P({class_names[1]})"
+        if outputs["test"][0].shape[1] == 1
+        else "softmax of the logits"
+    )
+    metrics["accuracy_by_split"] = {
+        name: float((p.argmax(1) == getattr(splits, name).labels).mean())
+        for name, p in probs.items()
+    }
+    metrics["run"] = {
+        key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")
+    }
+    metrics["test_predictions"] = _test_predictions(splits.test, probs["test"], class_names)
+    metrics["figures"] = _write_figures(run, splits, outputs, metrics, run_dir)
+    write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    return metrics
+
+
+def summary(metrics: dict) -> str:
+    """A short readable report of :func:`evaluate_run`'s metrics."""
+    run = metrics["run"]
+    by_split = ", ".join(f"{k} {v:.1%}" for k, v in metrics["accuracy_by_split"].items())
+    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
+    lines = [
+        f"{run['arch']} {run['task']} ({run['init']} init, color={run['color']}, "
+        f"epochs {run['epochs']})",
+        f"test accuracy {metrics['accuracy']:.1%} on {metrics['n']} images; ROC-AUC {auc}",
+        f"accuracy by split (inference mode): {by_split}",
+        f"{'class':<15}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:<15}{row['precision']:>10.2f}{row['recall']:>8.2f}"
+                     f"{row['f1']:>7.2f}{row['support']:>9d}")
+    lines += [f"note: {note}" for note in metrics["notes"]]
+    lines.append("figures: " + ", ".join(metrics["figures"].values()) + "; metrics.json")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: evaluate a run folder, print a summary; errors as one-line messages."""
+    parser = argparse.ArgumentParser(
+        prog="python -m xrayjax.evaluate",
+        description="Evaluate a training run on its test split. Writes metrics.json (accuracy, "
+        "per-class precision/recall/F1, confusion matrix, ROC-AUC, per-image predictions) and "
+        "curves.png, confusion.png, tsne.png, gradcam.png into the run folder.",
+    )
+    parser.add_argument("--run", required=True,
+                        help="run folder written by `python -m xrayjax.train --out DIR`")
+    parser.add_argument("--data-dir",
+                        help="dataset location, if not where the run was trained (folder or zip)")
+    parser.add_argument("--tfds-dir", help="prepared-data folder, if not the run's")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"inference batch (default {BATCH_SIZE})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        splits = None
+        if args.data_dir or args.tfds_dir:
+            splits = load_splits(_data_config(load_run(args.run).config, data_dir=args.data_dir,
+                                              tfds_dir=args.tfds_dir))
+        metrics = evaluate_run(args.run, splits, batch_size=args.batch_size, quiet=args.quiet)
+    except (OSError, ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(metrics))
+    print(f"written to {args.run}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

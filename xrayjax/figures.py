@@ -1,0 +1,149 @@
+"""Figures for people: training curves, confusion matrix, t-SNE map and Grad-CAM panels.
+
+Every function takes plain numpy data, draws with matplotlib's Agg backend (no display
+needed) and writes one PNG. Computing what is drawn (metrics, t-SNE, Grad-CAM) lives in
+:mod:`xrayjax.evaluate` and :mod:`xrayjax.gradcam`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+DPI = 120
+MARKERS = {"train": "o", "test": "^"}
+
+plt.rcParams.update(
+    {
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
+        "legend.fontsize": 10,
+        "figure.titlesize": 13,
+    }
+)
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy and loss per epoch, train vs validation, in two panels (from history.json)."""
+    if not history:
+        raise ValueError("plot_curves: the training history is empty (no epoch finished)")
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train")
+        ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_ylabel(label.lower())
+        ax.set_title(f"{label} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylim(-0.02, 1.02)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Confusion matrix: each cell shows the count and the percentage of its true-class row."""
+    matrix = np.asarray(matrix)
+    k = len(class_names)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.5 * k + 2.8, 1.3 * k + 1.8))
+    image = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j, i, f"{matrix[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                color="white" if share[i, j] > 0.55 else "black", fontsize=11,
+            )
+    ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or f"Confusion matrix (test, n={int(matrix.sum())})")
+    _save(fig, path)
+
+
+def plot_tsne(
+    points: np.ndarray,
+    labels: np.ndarray,
+    subsets: Sequence[str],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """A 2-D t-SNE map: colour = class, marker = subset ("train" circles, "test" triangles)."""
+    points, labels, subsets = np.asarray(points), np.asarray(labels), np.asarray(subsets)
+    colours = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    for subset, marker in MARKERS.items():
+        for k, name in enumerate(class_names):
+            keep = (subsets == subset) & (labels == k)
+            if keep.any():
+                test = subset == "test"
+                ax.scatter(
+                    points[keep, 0], points[keep, 1], marker=marker, s=60 if test else 28,
+                    color=colours[k % len(colours)], edgecolors="black" if test else "none",
+                    linewidths=0.6, alpha=0.9 if test else 0.6, label=f"{name} ({subset})",
+                )
+    ax.set_xlabel("t-SNE dimension 1")
+    ax.set_ylabel("t-SNE dimension 2")
+    ax.set_title(title or "t-SNE of the head's penultimate features")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="class (subset)")
+    ax.grid(alpha=0.2)
+    _save(fig, path)
+
+
+def plot_gradcam(
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    confidences: Sequence[float],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Grad-CAM heatmaps over the grayscale X-rays, one panel per image, shared colorbar."""
+    n = len(images)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 1.0, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, true, pred, conf in zip(
+        axes.flat, images, heatmaps, true_names, pred_names, confidences
+    ):
+        gray = np.asarray(image, np.float32).mean(axis=-1)
+        ax.imshow(gray, cmap="gray")
+        ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+        colour = "darkgreen" if true == pred else "firebrick"
+        ax.set_title(f"true: {true}\npred: {pred} ({conf:.0%})", color=colour, fontsize=10)
+    title = title or "Grad-CAM on the last convolutional block (test images)"
+    fig.suptitle(f"{title}\ntitle in green: correct prediction; in red: wrong")
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    cax = fig.add_axes((0.93, 0.15, 0.015, 0.7))
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, 1.0), cmap="jet")
+    fig.colorbar(scale, cax=cax, label="importance for the predicted class (max = 1)")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

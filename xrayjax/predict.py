@@ -1,0 +1,169 @@
+"""Class probabilities for X-ray image files: ``python -m xrayjax.predict --run DIR IMAGE...``.
+
+Images are decoded exactly as the training data were (``xrayjax.data``: EXIF orientation,
+any PIL mode, the run's colour setting, PIL-nearest resize to 224 then to the run's image
+size), then run through the model. Binary runs have one logit, the evidence for class 1
+(``normal``): its sigmoid is P(normal) and P(covid) = 1 - P(normal). Four-class runs take a
+softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from scipy.special import expit, softmax
+from tqdm.auto import tqdm
+
+from xrayjax.data import DataError, Split, batches
+from xrayjax.data.decode import BadImage, NotAnImage, decode
+from xrayjax.data.pipeline import resize_nearest
+from xrayjax.preprocessing import preprocess_input
+from xrayjax.training import Run, load_run
+
+BATCH_SIZE = 32
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Logits (N, 1) or (N, K) -> class probabilities (N, 2) or (N, K), rows summing to 1.
+
+    One logit means a sigmoid head whose output is P(class 1); column 0 is then 1 - that.
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, K), got shape {logits.shape}")
+    if logits.shape[1] == 1:
+        positive = expit(logits[:, 0])
+        return np.stack([1.0 - positive, positive], axis=1)
+    return softmax(logits, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(
+    model: nn.Module, variables: Mapping, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Logits and the head's sown "embedding" (penultimate activations) of uint8 images."""
+    logits, state = model.apply(
+        variables, preprocess_input(images), train=False, mutable=["intermediates"]
+    )
+    return logits, state["intermediates"]["head"]["embedding"][0]
+
+
+def infer(
+    model: nn.Module,
+    variables: Mapping,
+    split: Split,
+    batch_size: int = BATCH_SIZE,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and the head's penultimate activations ("embedding") for every image of a split.
+
+    Batches are padded to one shape (compiled once per model and shape), padding dropped;
+    ``desc`` shows a progress bar under that name.
+    """
+
+    size = min(batch_size, len(split))
+    logits, embeddings = [], []
+    for batch in tqdm(batches(split, size, 1, shuffle=False), desc=desc, disable=desc is None,
+                      total=-(-len(split) // size), unit="batch"):
+        keep = batch["mask"][0] > 0
+        out_logits, out_embeddings = _forward(model, variables, batch["image"][0])
+        logits.append(np.asarray(out_logits)[keep])
+        embeddings.append(np.asarray(out_embeddings)[keep])
+    return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarray:
+    """One image file -> uint8 (image_size, image_size, 3), as training saw it.
+
+    Raises DataError naming the file when it cannot be read or is not an image.
+    """
+    try:
+        with open(path, "rb") as f:
+            pixels = decode(f.read(), color)
+    except FileNotFoundError as e:
+        raise DataError(f"cannot read the image {os.fspath(path)!r}: no such file") from e
+    except (OSError, NotAnImage, BadImage) as e:
+        raise DataError(f"cannot read the image {os.fspath(path)!r}: {e}") from e
+    rgb = np.broadcast_to(pixels, (*pixels.shape[:2], 3))
+    return resize_nearest(rgb[None], image_size)[0]
+
+
+def predict(
+    run: Run, images: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = BATCH_SIZE
+) -> np.ndarray:
+    """Class probabilities (N, K), columns in ``run.class_names`` order.
+
+    ``run`` is an ``xrayjax.training.Run`` (``load_run(DIR)``); ``images`` are file paths or
+    an already prepared uint8 array (N, S, S, 3) at the run's image size.
+    """
+    if isinstance(images, np.ndarray):
+        pixels = images
+    else:
+        pixels = np.stack([load_image(p, run.config.color, run.config.image_size) for p in images])
+    expected = (run.config.image_size, run.config.image_size, 3)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != expected:
+        raise ValueError(
+            f"images must be uint8 (N, {', '.join(map(str, expected))}), "
+            f"got {pixels.dtype} {pixels.shape}"
+        )
+    names = tuple(f"#{i}" for i in range(len(pixels)))
+    split = Split(pixels, np.zeros(len(pixels), np.int32), names)
+    logits, _ = infer(run.model, run.variables, split, batch_size)
+    return probabilities(logits)
+
+
+def _table(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> str:
+    width = max(len("image"), *(len(p) for p in paths))
+    cols = [max(len(c), 6) for c in class_names]
+    classes = "  ".join(f"{c:>{w}}" for c, w in zip(class_names, cols))
+    header = f"{'image':<{width}}  {classes}  predicted"
+    rows = [header, "-" * len(header)]
+    for path, row in zip(paths, probs):
+        cells = "  ".join(f"{p:>{w}.3f}" for p, w in zip(row, cols))
+        rows.append(f"{path:<{width}}  {cells}  {class_names[int(row.argmax())]}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: print class probabilities per image (a table, or JSON with --json)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m xrayjax.predict",
+        description="Class probabilities of chest X-ray images under a trained run. Any JPEG or "
+        "PNG (grayscale, RGB, RGBA, palette, 16-bit, CMYK) is decoded as the training data were.",
+    )
+    parser.add_argument("--run", required=True,
+                        help="run folder written by `python -m xrayjax.train --out DIR`")
+    parser.add_argument("--json", action="store_true", help="print JSON: one object per image with "
+                        "its probabilities per class and the predicted class")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"inference batch (default {BATCH_SIZE})")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run(args.run)
+        probs = predict(run, args.images, args.batch_size)
+    except (OSError, ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = run.class_names
+    if args.json:
+        print(json.dumps([
+            {"image": path, "probabilities": {c: float(p) for c, p in zip(names, row)},
+             "predicted": names[int(row.argmax())]}
+            for path, row in zip(args.images, probs)
+        ], indent=2))
+    else:
+        print(_table(args.images, probs, names))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

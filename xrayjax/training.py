@@ -1,0 +1,878 @@
+"""Training: frozen (or partly opened) ImageNet backbone, the report's head, data parallel.
+
+Design (flax examples/imagenet style): a :class:`TrainState` with ``batch_stats``; pure
+steps built by ``make_*_step`` that a benchmark or a multi-host driver can reuse.
+
+- The backbone runs data parallel (``jax.pmap`` over the devices, uint8 batches
+  preprocessed on device), BatchNorm in inference mode, under ``jax.lax.stop_gradient``
+  when frozen. Its features are all-gathered, so the head (cheap) sees the whole global
+  batch on every device: loss and accuracy are mask-weighted means over the global batch,
+  the head's BatchNorm uses the global statistics of the real (unpadded) samples, and the
+  dropout masks do not depend on the device count. D devices give the 1-device result.
+- Freezing is done by optax (``multi_transform`` with ``set_to_zero`` for frozen leaves)
+  and by differentiating only the trainable leaves, so frozen layers get no backward pass
+  and their weights and statistics stay bit-identical. ``fine_tune=N`` opens the last N
+  blocks of ``xrayjax.models.BLOCKS[arch]``; their BatchNorm stays in inference mode
+  (Keras' advice for fine-tuning), its scale and offset train.
+- Fast path: with a frozen backbone and no augmentation the backbone runs once per image,
+  its float32 features are cached (on device) and each epoch trains only the head, with
+  the same batches, loss and dropout keys as the full path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, traverse_util
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from xrayjax.data import DataConfig, DataError, batches, load_splits
+from xrayjax.models import ARCHS, BLOCKS, TASKS, create_backbone, create_head, create_model
+from xrayjax.porting import write_atomic
+from xrayjax.preprocessing import preprocess_input
+
+AXIS = "batch"
+ADAM_EPSILON = 1e-7  # Keras' Adam default (optax's is 1e-8)
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+CHECKPOINT_FILE = "checkpoint.msgpack"
+# Settings a resumed run may change (the device count and the fast path change results only
+# by float rounding); every other one must equal the checkpoint's run.
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features"}
+)
+
+
+def default_l2(arch: str, task: str) -> float:
+    """The report's L2 factor on the head's Dense kernels: none for vgg16 four_class."""
+    return 0.0 if (arch, task) == ("vgg16", "four_class") else 1e-3
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run (recorded in ``<out>/config.json``).
+
+    ``l2=None`` means the report's value for (arch, task): see :func:`default_l2`.
+    ``num_devices=None`` uses every local device. ``cache_features`` allows the fast path
+    (frozen backbone, no augmentation); False forces the full backbone pass every step.
+    """
+
+    arch: str = "vgg16"
+    task: str = "four_class"
+    data_dir: str | None = None
+    tfds_dir: str | None = None
+    color: str = "gray"
+    val_fraction: float = 0.2
+    image_size: int = 224
+    init: str = "imagenet"
+    weights_dir: str | None = None
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-4
+    l2: float | None = None
+    dropout: float = 0.5
+    augment: bool = False
+    bf16: bool = False
+    fine_tune: int = 0
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    num_devices: int | None = None
+    cache_features: bool = True
+    evaluate: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """A copy with ``l2`` and ``out`` filled in and every value checked."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.init not in ("imagenet", "random"):
+            raise ValueError(f"init must be 'imagenet' or 'random', got {self.init!r}")
+        if not 0 <= self.fine_tune <= len(BLOCKS[self.arch]):
+            raise ValueError(
+                f"fine_tune must be in [0, {len(BLOCKS[self.arch])}] for {self.arch} "
+                f"(its blocks: {', '.join(BLOCKS[self.arch])}), got {self.fine_tune}"
+            )
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        return dataclasses.replace(
+            self,
+            l2=default_l2(self.arch, self.task) if self.l2 is None else float(self.l2),
+            out=self.out or os.path.join("runs", f"{self.arch}_{self.task}"),
+        )
+
+
+class TrainState(train_state.TrainState):
+    """flax TrainState plus the BatchNorm statistics ({"backbone", "head"})."""
+
+    batch_stats: Any = None
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """The static half of a training step: modules and loss settings the steps close over."""
+
+    arch: str
+    task: str
+    backbone: nn.Module
+    head: nn.Module
+    l2: float
+    fine_tune: int = 0
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.fine_tune == 0
+
+
+def build_step_model(
+    arch: str,
+    task: str,
+    *,
+    dropout: float = 0.5,
+    bf16: bool = False,
+    l2: float | None = None,
+    fine_tune: int = 0,
+) -> StepModel:
+    """Backbone (bf16 compute when asked) and float32 head of (arch, task)."""
+    return StepModel(
+        arch=arch,
+        task=task,
+        backbone=create_backbone(arch, dtype=jnp.bfloat16 if bf16 else jnp.float32),
+        head=create_head(arch, task, dropout=dropout),
+        l2=default_l2(arch, task) if l2 is None else l2,
+        fine_tune=fine_tune,
+    )
+
+
+def trainable_mask(params: Mapping[str, Any], arch: str, fine_tune: int) -> Any:
+    """True for every head leaf and for backbone leaves of the last ``fine_tune`` blocks."""
+    opened = tuple(p + "_" for p in BLOCKS[arch][len(BLOCKS[arch]) - fine_tune:])
+    flat = traverse_util.flatten_dict(dict(params))
+    return traverse_util.unflatten_dict(
+        {k: k[0] == "head" or (fine_tune > 0 and k[1].startswith(opened)) for k in flat}
+    )
+
+
+def make_optimizer(params: Mapping[str, Any], arch: str, fine_tune: int, lr: float):
+    """Adam (Keras defaults) on trainable leaves, ``set_to_zero`` on frozen ones."""
+    labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable_mask(params, arch, fine_tune))
+    return optax.multi_transform(
+        {"trainable": optax.adam(lr, eps=ADAM_EPSILON), "frozen": optax.set_to_zero()}, labels
+    )
+
+
+def init_variables(
+    model: StepModel,
+    image_size: int,
+    *,
+    init: str = "imagenet",
+    weights_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``.
+
+    ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with
+    the porting command when missing); ``"random"`` initialises the backbone from ``seed``.
+    The head is always initialised from ``seed``.
+    """
+    backbone_key, head_key = jax.random.split(jax.random.key(seed))
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    if init == "imagenet":
+        from xrayjax.porting import load_pretrained
+
+        backbone_vars = load_pretrained(model.arch, weights_dir)
+    else:
+        backbone_vars = jax.jit(model.backbone.init)(backbone_key, x)
+    features = jax.eval_shape(model.backbone.apply, backbone_vars, x)
+    head_vars = jax.jit(model.head.init)(head_key, jnp.zeros(features.shape, jnp.float32))
+    return {
+        col: {"backbone": dict(backbone_vars.get(col, {})), "head": dict(head_vars.get(col, {}))}
+        for col in ("params", "batch_stats")
+    }
+
+
+def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:
+    """A fresh TrainState (float32 params, optimizer state of the trainable leaves only)."""
+    params = jax.tree.map(jnp.asarray, dict(variables["params"]))
+    return TrainState.create(
+        apply_fn=create_model(model.arch, model.task).apply,
+        params=params,
+        tx=make_optimizer(params, model.arch, model.fine_tune, lr),
+        batch_stats=jax.tree.map(jnp.asarray, dict(variables["batch_stats"])),
+    )
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
+    """Put ``tree`` on every device with the replicated sharding pmap's ``in_axes=None`` uses."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _mask_batchnorm(mask: jax.Array) -> Callable:
+    """Method interceptor giving every BatchNorm the sample mask (padding never counts)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            x = args[0]
+            kwargs = {**kwargs, "mask": (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))}
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def head_loss(
+    model: StepModel,
+    head_params: Any,
+    head_stats: Any,
+    features: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Mask-weighted mean cross-entropy + L2 on the head's Dense kernels (Keras semantics).
+
+    Training mode when ``rng`` (the dropout key) is given, else inference. Returns
+    ``(loss, (metrics, new_head_stats))``; metrics hold sums over the real samples
+    (``loss_sum`` = loss times count, ``correct``, ``count``).
+    """
+    train = rng is not None
+    variables = {"params": head_params}
+    if head_stats:
+        variables["batch_stats"] = head_stats
+    with nn.intercept_methods(_mask_batchnorm(mask)):
+        logits, updates = model.head.apply(
+            variables,
+            features,
+            train=train,
+            rngs={"dropout": rng} if train else None,
+            mutable=["batch_stats"] if train and head_stats else [],
+        )
+    if model.task == "binary":
+        per_sample = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
+        correct = (logits[:, 0] > 0).astype(jnp.int32) == labels
+    else:
+        per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = jnp.argmax(logits, axis=-1) == labels
+    count = jnp.sum(mask)
+    penalty = model.l2 * sum(
+        jnp.sum(jnp.square(layer["kernel"]))
+        for name, layer in head_params.items()
+        if name.startswith("dense")
+    )
+    loss = jnp.sum(mask * per_sample) / jnp.maximum(count, 1.0) + penalty
+    metrics = {
+        "loss_sum": loss * count,
+        "correct": jnp.sum(mask * correct),
+        "count": count,
+    }
+    return loss, (metrics, updates.get("batch_stats", head_stats))
+
+
+def _apply_gradients(state: TrainState, grads: Any, head_stats: Any) -> TrainState:
+    return state.apply_gradients(
+        grads=grads, batch_stats={"backbone": state.batch_stats["backbone"], "head": head_stats}
+    )
+
+
+def _split_trainable(model: StepModel, params: Any) -> tuple[dict, dict]:
+    flat = traverse_util.flatten_dict(dict(params))
+    mask = traverse_util.flatten_dict(trainable_mask(params, model.arch, model.fine_tune))
+    return {k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]}
+
+
+def _backbone_features(model: StepModel, params: Any, stats: Any, images: jax.Array) -> jax.Array:
+    """Backbone on a uint8 batch, preprocessed on device, BatchNorm in inference mode."""
+    variables = {"params": params}
+    if stats:
+        variables["batch_stats"] = stats
+    return model.backbone.apply(variables, preprocess_input(images), train=False)
+
+
+def _gather(x: jax.Array) -> jax.Array:
+    return jax.lax.all_gather(x, AXIS, tiled=True)
+
+
+def train_step(
+    model: StepModel, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on one device's shard (run under pmap with axis ``"batch"``)."""
+    trainable, frozen = _split_trainable(model, state.params)
+
+    def loss_fn(trainable):
+        params = traverse_util.unflatten_dict({**frozen, **trainable})
+        features = _backbone_features(
+            model, params["backbone"], state.batch_stats["backbone"], batch["image"]
+        )
+        if model.frozen_backbone:
+            features = jax.lax.stop_gradient(features)
+        return head_loss(
+            model,
+            params["head"],
+            state.batch_stats["head"],
+            _gather(features),
+            _gather(batch["label"]),
+            _gather(batch["mask"]),
+            rng,
+        )
+
+    (_, (metrics, head_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = jax.lax.pmean(grads, AXIS)
+    full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads}
+    return _apply_gradients(state, traverse_util.unflatten_dict(full_grads), head_stats), metrics
+
+
+def eval_step(model: StepModel, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Loss/accuracy sums of one global batch in inference mode (under pmap)."""
+    features = _backbone_features(
+        model, state.params["backbone"], state.batch_stats["backbone"], batch["image"]
+    )
+    _, (metrics, _) = head_loss(
+        model,
+        state.params["head"],
+        state.batch_stats["head"],
+        _gather(features),
+        _gather(batch["label"]),
+        _gather(batch["mask"]),
+        None,
+    )
+    return metrics
+
+
+def head_train_step(
+    model: StepModel,
+    state: TrainState,
+    features: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The fast path's step: :func:`train_step` on cached backbone features of a global batch."""
+    (_, (metrics, head_stats)), head_grads = jax.value_and_grad(
+        lambda p: head_loss(model, p, state.batch_stats["head"], features, labels, mask, rng),
+        has_aux=True,
+    )(state.params["head"])
+    grads = {"backbone": jax.tree.map(jnp.zeros_like, state.params["backbone"]), "head": head_grads}
+    return _apply_gradients(state, grads, head_stats), metrics
+
+
+def head_eval_step(
+    model: StepModel, state: TrainState, features: jax.Array, labels: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+    """The fast path's :func:`eval_step` on cached features."""
+    _, (metrics, _) = head_loss(
+        model, state.params["head"], state.batch_stats["head"], features, labels, mask, None
+    )
+    return metrics
+
+
+def make_train_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``step(state, batch, rng) -> (state, metrics)`` pmapped over ``devices``.
+
+    The state is replicated (``in_axes=None``; put it there with :func:`replicate`) and
+    donated; the batch has a leading device axis; metrics come back once.
+    """
+    return jax.pmap(
+        lambda state, batch, rng: train_step(model, state, batch, rng),
+        axis_name=AXIS,
+        in_axes=(None, 0, None),
+        out_axes=(None, None),
+        devices=devices,
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``step(state, batch) -> metrics`` pmapped over ``devices``."""
+    return jax.pmap(
+        lambda state, batch: eval_step(model, state, batch),
+        axis_name=AXIS,
+        in_axes=(None, 0),
+        out_axes=None,
+        devices=devices,
+    )
+
+
+def make_feature_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``features(backbone_variables, images) -> (D, B/D, h, w, C)`` float32, pmapped."""
+    return jax.pmap(
+        lambda variables, images: _backbone_features(
+            model, variables["params"], variables["batch_stats"], images
+        ),
+        axis_name=AXIS,
+        in_axes=(None, 0),
+        devices=devices,
+    )
+
+
+def make_head_steps(model: StepModel) -> tuple[Callable, Callable]:
+    """Jitted ``(head_train_step, head_eval_step)`` of the fast path (state donated)."""
+    return (
+        jax.jit(lambda s, f, y, m, r: head_train_step(model, s, f, y, m, r), donate_argnums=0),
+        jax.jit(lambda s, f, y, m: head_eval_step(model, s, f, y, m)),
+    )
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    """The dropout key of an epoch, from (seed, epoch) alone so a resumed run is exact."""
+    return jax.random.fold_in(jax.random.key(seed), epoch)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the final state, the history and the run's files."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+    run_dir: Path
+    config_path: Path
+    history_path: Path
+    checkpoint_path: Path
+    metrics: dict | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished (or interrupted) run read back by :func:`load_run`."""
+
+    config: TrainConfig
+    class_names: tuple[str, ...]
+    model: nn.Module
+    variables: dict[str, Any]
+    history: list[dict[str, float]]
+    run_dir: Path
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read ``config.json``, ``history.json`` and ``checkpoint.msgpack`` of a run folder."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir / name} is missing: {run_dir} is not a training run folder "
+                "(train one with `python -m xrayjax.train --out DIR`)"
+            )
+    meta = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = TrainConfig(**meta["config"])
+    checkpoint = _read_checkpoint(run_dir / CHECKPOINT_FILE)
+    state = checkpoint["state"]
+    return Run(
+        config=config,
+        class_names=tuple(meta["class_names"]),
+        model=create_model(config.arch, config.task, dropout=config.dropout),
+        variables={
+            "params": jax.tree.map(jnp.asarray, state["params"]),
+            "batch_stats": jax.tree.map(jnp.asarray, state.get("batch_stats") or {}),
+        },
+        history=_read_history(run_dir / HISTORY_FILE),
+        run_dir=run_dir,
+    )
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise ValueError(f"cannot read the checkpoint {path} ({e}); it is not a flax msgpack file") from e
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _versions() -> dict[str, str]:
+    import jaxlib
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _save_checkpoint(path: Path, state: TrainState, epoch: int, seed: int, history: list) -> None:
+    """Everything to resume: state (params, batch_stats, opt_state, step), epoch, key, history."""
+    payload = {
+        "state": serialization.to_state_dict(jax.device_get(state)),
+        "epoch": epoch,
+        "rng": np.asarray(jax.random.key_data(jax.random.key(seed))),
+        "history": json.dumps(history),
+    }
+    write_atomic(path, serialization.msgpack_serialize(payload))
+
+
+def _index_split(split: Any) -> Any:
+    """A split whose labels are row indices: ``batches`` of it give the order of ``split``."""
+    n = len(split)
+    return type(split)(np.zeros((n, 1, 1, 3), np.uint8), np.arange(n, dtype=np.int32), split.names)
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _features_fit_on_device(nbytes: int, device: jax.Device) -> bool:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return True  # CPU: device memory is host memory
+    return nbytes < 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+class _Trainer:
+    """One run's loop: batches in, steps, metrics out. Owns no files."""
+
+    def __init__(self, config: TrainConfig, model: StepModel, splits: Any, devices: list, log: Callable):
+        self.config, self.model, self.splits, self.devices, self.log = config, model, splits, devices, log
+        self.fast = config.cache_features and model.frozen_backbone and not config.augment
+        if self.fast:
+            self.head_train, self.head_eval = make_head_steps(model)
+        else:
+            self.train_fn = make_train_step(model, devices)
+            self.eval_fn = make_eval_step(model, devices)
+
+    def _batches(self, split: Any, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        c = self.config
+        return batches(
+            _index_split(split) if self.fast else split,
+            c.batch_size,
+            len(self.devices),
+            shuffle=shuffle,
+            seed=c.seed,
+            epoch=epoch,
+            augment=c.augment and shuffle,
+        )
+
+    def place(self, state: TrainState) -> TrainState:
+        if self.fast:
+            return jax.device_put(state, self.devices[0])
+        return replicate(state, self.devices)
+
+    def cache(self, state: TrainState) -> None:
+        """Backbone features of every split, once (the fast path)."""
+        feature_fn = make_feature_step(self.model, self.devices)
+        backbone = replicate(
+            {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+            self.devices,
+        )
+        self.features = {}
+        for name in ("train", "validation"):
+            split = getattr(self.splits, name)
+            chunks = []
+            total = math.ceil(len(split) / self.config.batch_size)
+            bar = tqdm(total=total, desc=f"features {name}", disable=self.log.quiet, leave=False)
+            for batch in batches(split, self.config.batch_size, len(self.devices), shuffle=False):
+                features = np.asarray(_flat(feature_fn(backbone, batch["image"])))
+                chunks.append(features[_flat(batch["mask"]) > 0])
+                bar.update()
+            bar.close()
+            features = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+            labels = split.labels
+            if _features_fit_on_device(features.nbytes, self.devices[0]):
+                features, labels = jax.device_put((features, labels), self.devices[0])
+            self.features[name] = (features, labels)
+        shape = self.features["train"][0].shape
+        self.log(f"cached backbone features of {len(self.splits.train)} + {len(self.splits.validation)} "
+                 f"images, {shape[1:]} each; training only the head each epoch")
+
+    def _head_batch(self, name: str, batch: dict[str, np.ndarray]) -> tuple:
+        features, labels = self.features[name]
+        index = _flat(batch["label"])
+        return features[index], labels[index], jnp.asarray(_flat(batch["mask"]))
+
+    def train_epoch(self, state: TrainState, epoch: int, bar: Any) -> tuple[TrainState, dict]:
+        key = epoch_key(self.config.seed, epoch)
+        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        for step, batch in enumerate(self._batches(self.splits.train, True, epoch)):
+            rng = jax.random.fold_in(key, step)
+            if self.fast:
+                state, metrics = self.head_train(state, *self._head_batch("train", batch), rng)
+            else:
+                state, metrics = self.train_fn(state, batch, rng)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            loss = metrics["loss_sum"] / max(metrics["count"], 1.0)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}"
+                )
+            for k in sums:
+                sums[k] += metrics[k]
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+        return state, sums
+
+    def evaluate(self, state: TrainState, name: str) -> dict:
+        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        for batch in self._batches(getattr(self.splits, name), False, 0):
+            if self.fast:
+                metrics = self.head_eval(state, *self._head_batch(name, batch))
+            else:
+                metrics = self.eval_fn(state, batch)
+            for k in sums:
+                sums[k] += float(metrics[k])
+        return sums
+
+
+def _rates(sums: Mapping[str, float]) -> tuple[float, float]:
+    count = max(sums["count"], 1.0)
+    return sums["loss_sum"] / count, sums["correct"] / count
+
+
+class _Log:
+    """Messages to stderr unless quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet or not sys.stderr.isatty()
+        self._silent = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self._silent:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _check_resume(config: TrainConfig, run_dir: Path) -> tuple[dict, list]:
+    """The checkpoint of ``run_dir`` after checking ``config`` continues its run."""
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {checkpoint_path}; start the run without --resume"
+        )
+    saved = json.loads((run_dir / CONFIG_FILE).read_text())["config"]
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"--resume: the run in {run_dir} was trained with other settings: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in changed)
+            + "; pass the same settings or choose another --out"
+        )
+    checkpoint = _read_checkpoint(checkpoint_path)
+    return checkpoint, json.loads(checkpoint["history"])
+
+
+def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
+    """Train a run as ``config`` says; ``splits`` (an ``xrayjax.data.Splits``) skips loading.
+
+    Writes ``config.json``, then per epoch ``history.json`` and ``checkpoint.msgpack`` into
+    ``config.out``; evaluates the test split at the end (``config.evaluate``).
+
+    Raises:
+        FileNotFoundError: missing ImageNet weights (the message says how to port them).
+        TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
+        ValueError: a bad setting, or ``resume`` with settings other than the run's.
+    """
+    config = config.resolved()
+    log = _Log(config.quiet)
+    devices = jax.local_devices()[: config.num_devices or jax.local_device_count()]
+    if config.num_devices and config.num_devices > len(devices):
+        raise ValueError(f"num_devices={config.num_devices} but only {len(devices)} local devices exist")
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"batch_size {config.batch_size} is not a multiple of the {len(devices)} devices; "
+            "pass --batch-size as a multiple or --num-devices"
+        )
+    run_dir = Path(config.out)
+    paths = {name: run_dir / name for name in (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE)}
+    if not config.resume and paths[CHECKPOINT_FILE].exists():
+        raise ValueError(
+            f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue it "
+            "or choose another --out"
+        )
+    checkpoint, history = _check_resume(config, run_dir) if config.resume else (None, [])
+
+    model = build_step_model(
+        config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
+        l2=config.l2, fine_tune=config.fine_tune,
+    )
+    if config.init == "random":
+        log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
+            "not from ImageNet")
+    variables = init_variables(
+        model, config.image_size, init=config.init, weights_dir=config.weights_dir, seed=config.seed
+    )
+    if splits is None:
+        splits = load_splits(
+            DataConfig(
+                task=config.task,
+                data_dir=config.data_dir,
+                tfds_dir=config.tfds_dir,
+                color=config.color,
+                val_fraction=config.val_fraction,
+                seed=config.seed,
+                image_size=config.image_size,
+            )
+        )
+    state = create_train_state(model, variables, config.lr)
+    start = 0
+    if checkpoint is not None:
+        state = serialization.from_state_dict(state, checkpoint["state"])
+        start = int(checkpoint["epoch"])
+        log(f"resuming {run_dir} after epoch {start}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(paths[CONFIG_FILE], {
+        "config": dataclasses.asdict(config),
+        "class_names": list(splits.class_names),
+        "device": f"{devices[0].platform}: {devices[0].device_kind}",
+        "num_devices": len(devices),
+        "versions": _versions(),
+    })
+
+    trainer = _Trainer(config, model, splits, devices, log)
+    state = trainer.place(state)
+    if trainer.fast and start < config.epochs:
+        trainer.cache(state)
+    steps = math.ceil(len(splits.train) / config.batch_size)
+    bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=log.quiet)
+    try:
+        for epoch in range(start, config.epochs):
+            began = time.perf_counter()
+            try:
+                state, train_sums = trainer.train_epoch(state, epoch, bar)
+            except TrainingDiverged as e:
+                kept = (f"the last good checkpoint (epoch {epoch}) is kept at {paths[CHECKPOINT_FILE]}"
+                        if epoch else "no checkpoint was written")
+                raise TrainingDiverged(
+                    f"{e}; training stopped and {kept}. Try a lower --lr (now {config.lr})"
+                    + (" or train without --bf16" if config.bf16 else "")
+                    + "."
+                ) from None
+            train_loss, train_acc = _rates(train_sums)
+            val_loss, val_acc = _rates(trainer.evaluate(state, "validation"))
+            history.append({
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "seconds": time.perf_counter() - began,
+            })
+            _save_checkpoint(paths[CHECKPOINT_FILE], state, epoch + 1, config.seed, history)
+            _write_json(paths[HISTORY_FILE], history)
+            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}",
+                            val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
+            if log.quiet:
+                log(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f} acc {train_acc:.3f} "
+                    f"val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
+    finally:
+        bar.close()
+
+    metrics = _evaluate(run_dir, splits, log) if config.evaluate else None
+    return TrainResult(
+        state=state,
+        history=history,
+        run_dir=run_dir,
+        config_path=paths[CONFIG_FILE],
+        history_path=paths[HISTORY_FILE],
+        checkpoint_path=paths[CHECKPOINT_FILE],
+        metrics=metrics,
+    )
+
+
+def _evaluate(run_dir: Path, splits: Any, log: _Log) -> dict | None:
+    """``xrayjax.evaluate.evaluate_run`` on the run's splits, when that module exists."""
+    try:
+        from xrayjax.evaluate import evaluate_run
+    except ImportError as e:
+        log(f"evaluation skipped: {e}")
+        return None
+    return evaluate_run(run_dir, splits=splits, quiet=log.quiet)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m xrayjax.train",
+        description="Train a chest X-ray classifier: a frozen ImageNet backbone and the report's "
+        "head, data parallel over all local devices. Writes config.json, history.json and "
+        "checkpoint.msgpack (every epoch) into --out, then evaluates the test split.",
+    )
+    p.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"backbone (default {d.arch})")
+    p.add_argument("--task", choices=TASKS, default=d.task,
+                   help="binary (covid/normal, Task 1) or four_class (default four_class)")
+    p.add_argument("--data-dir", help="dataset folder or zip (default ../shared/covid_xray next to the repo)")
+    p.add_argument("--tfds-dir", help="where the prepared TFDS data lives (default TFDS' own data dir)")
+    p.add_argument("--color", choices=("gray", "keep"), default=d.color,
+                   help="gray: every image to grayscale (default); keep: original colour modes")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"fraction of train held out for validation, stratified (default {d.val_fraction})")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help=f"input size in pixels (default {d.image_size}; smaller for quick runs)")
+    p.add_argument("--init", choices=("imagenet", "random"), default=d.init,
+                   help="backbone weights: ported ImageNet weights (default) or random")
+    p.add_argument("--weights-dir", help="folder of <arch>_imagenet_notop.msgpack (default the repo's weights/)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"global batch size, split over the devices (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--l2", type=float, default=None,
+                   help="L2 factor on the head's Dense kernels (default: 1e-3, but 0 for vgg16 four_class)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help=f"head dropout rate (default {d.dropout})")
+    p.add_argument("--augment", action="store_true",
+                   help="random rotation/shift/zoom of training images (default off; disables feature caching)")
+    p.add_argument("--bf16", action="store_true",
+                   help="backbone computes in bfloat16; head and loss stay float32 (default off)")
+    p.add_argument("--fine-tune", type=int, default=d.fine_tune, metavar="N",
+                   help="also train the last N backbone blocks (default 0: backbone frozen)")
+    p.add_argument("--no-cache-features", dest="cache_features", action="store_false",
+                   help="run the backbone every step even when it is frozen (default: cache its features)")
+    p.add_argument("--num-devices", type=int, help="use the first N local devices (default all)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the head init, data order, dropout and validation split (default {d.seed})")
+    p.add_argument("--out", help="run folder (default runs/<arch>_<task>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the test-set evaluation at the end")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: parse flags into a :class:`TrainConfig` and :func:`train`; errors as messages."""
+    args = _parser().parse_args(argv)
+    try:
+        result = train(TrainConfig(**vars(args)))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: continue the run with the same flags and --resume", file=sys.stderr)
+        return 130
+    last = result.history[-1] if result.history else None
+    if last:
+        print(f"done: {result.run_dir} (val_accuracy {last['val_accuracy']:.3f})")
+    return 0
