@@ -22,6 +22,7 @@ from xrayjax.models import (
     create_backbone,
     create_head,
     create_model,
+    fold_batchnorm,
     main,
 )
 from xrayjax.porting import merge_keras_weights
@@ -156,6 +157,20 @@ def test_parity_with_keras_every_stage(arch, task, images, keras_reference):
     assert rel_err_per_image(logits, ref["logits"]) <= RTOL
     # The two inputs differ, so the check is not on a constant output.
     assert not np.allclose(ref["logits"][0], ref["logits"][1])
+
+
+def test_folded_batchnorm_equals_keras(images, keras_reference):
+    """The steps' backbone (BatchNorm folded into the convs) still equals Keras."""
+    ref = keras_reference("resnet50", "four_class")
+    full = merge_keras_weights(template(create_model("resnet50", "four_class")), ref["weights"])
+    variables = {col: full[col]["backbone"] for col in ("params", "batch_stats")}
+    folded = fold_batchnorm(variables)
+    assert not any(name.endswith("_bn") for name in folded["params"])
+    assert not np.allclose(folded["params"]["conv1_conv"]["kernel"], variables["params"]["conv1_conv"]["kernel"])
+    out = jax.jit(create_backbone("resnet50", fold_bn=True).apply)(folded, images)
+    assert rel_err_per_image(out, ref["stages"]["conv5_block3_out"]) <= RTOL
+    with pytest.raises(ValueError, match="inference mode only"):
+        create_backbone("resnet50", fold_bn=True).apply(folded, images[:1], train=True)
 
 
 @pytest.mark.parametrize("arch,task", list(REPORT_COUNTS))

@@ -17,6 +17,12 @@ steps built by ``make_*_step`` that a benchmark or a multi-host driver can reuse
 - Fast path: with a frozen backbone and no augmentation the backbone runs once per image,
   its float32 features are cached (on device) and each epoch trains only the head, with
   the same batches, loss and dropout keys as the full path.
+- Multi-host (``xrayjax.distributed``): with several processes pmap maps over the devices
+  of every process, each process feeds its own slice of every global batch (all compute
+  the same batch order), so the collectives above span hosts and every process gets the
+  same metrics. On the fast path each process caches the features of its slice, they are
+  all-gathered, and every process trains the head on the whole batch. Only process 0
+  writes run files and evaluates.
 """
 
 from __future__ import annotations
@@ -43,8 +49,17 @@ from flax import serialization, traverse_util
 from flax.training import train_state
 from tqdm.auto import tqdm
 
+from xrayjax import distributed
 from xrayjax.data import DataConfig, DataError, batches, load_splits
-from xrayjax.models import ARCHS, BLOCKS, TASKS, create_backbone, create_head, create_model
+from xrayjax.models import (
+    ARCHS,
+    BLOCKS,
+    TASKS,
+    create_backbone,
+    create_head,
+    create_model,
+    fold_batchnorm,
+)
 from xrayjax.porting import write_atomic
 from xrayjax.preprocessing import preprocess_input
 
@@ -53,10 +68,11 @@ ADAM_EPSILON = 1e-7  # Keras' Adam default (optax's is 1e-8)
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
-# Settings a resumed run may change (the device count and the fast path change results only
-# by float rounding); every other one must equal the checkpoint's run.
+# Settings a resumed run may change (the device and process counts and the fast path change
+# results only by float rounding); every other one must equal the checkpoint's run.
 _RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features"}
+    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features",
+     "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
 
 
@@ -70,8 +86,11 @@ class TrainConfig:
     """Every setting of a run (recorded in ``<out>/config.json``).
 
     ``l2=None`` means the report's value for (arch, task): see :func:`default_l2`.
-    ``num_devices=None`` uses every local device. ``cache_features`` allows the fast path
-    (frozen backbone, no augmentation); False forces the full backbone pass every step.
+    ``num_devices=None`` uses every local device (of every process). ``cache_features``
+    allows the fast path (frozen backbone, no augmentation); False forces the full backbone
+    pass every step. ``coordinator``/``num_processes``/``process_id`` join a multi-process
+    run (None: from the environment, see :func:`xrayjax.distributed.from_args_and_env`);
+    the timeouts (seconds) bound waiting for peers at start and for a dead peer later.
     """
 
     arch: str = "vgg16"
@@ -98,6 +117,11 @@ class TrainConfig:
     num_devices: int | None = None
     cache_features: bool = True
     evaluate: bool = True
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    coordinator_timeout: int = 300
+    heartbeat_timeout: int = 100
 
     def resolved(self) -> TrainConfig:
         """A copy with ``l2`` and ``out`` filled in and every value checked."""
@@ -144,10 +168,16 @@ class StepModel:
     head: nn.Module
     l2: float
     fine_tune: int = 0
+    chunk: int = 0  # run the backbone over chunks of this many images per device (0: all)
 
     @property
     def frozen_backbone(self) -> bool:
         return self.fine_tune == 0
+
+    @property
+    def inference_backbone(self) -> nn.Module:
+        """The backbone as the steps run it: BatchNorm folded into the convs before it."""
+        return create_backbone(self.arch, dtype=self.backbone.dtype, fold_bn=True)
 
 
 def build_step_model(
@@ -158,6 +188,7 @@ def build_step_model(
     bf16: bool = False,
     l2: float | None = None,
     fine_tune: int = 0,
+    chunk: int = 0,
 ) -> StepModel:
     """Backbone (bf16 compute when asked) and float32 head of (arch, task)."""
     return StepModel(
@@ -167,6 +198,7 @@ def build_step_model(
         head=create_head(arch, task, dropout=dropout),
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
+        chunk=chunk,
     )
 
 
@@ -229,8 +261,13 @@ def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-    """Put ``tree`` on every device with the replicated sharding pmap's ``in_axes=None`` uses."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    """Put ``tree`` on every device with the replicated sharding pmap's ``in_axes=None`` uses.
+
+    Only this process's devices of ``devices`` get a copy: a multi-process pmap joins the
+    processes' (equal) copies itself, and no cross-host transfer is needed.
+    """
+    local = [devices[i] for i in distributed.local_positions(devices)]
+    mesh = jax.sharding.Mesh(np.asarray(local), (AXIS,))
     return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
@@ -307,11 +344,21 @@ def _split_trainable(model: StepModel, params: Any) -> tuple[dict, dict]:
 
 
 def _backbone_features(model: StepModel, params: Any, stats: Any, images: jax.Array) -> jax.Array:
-    """Backbone on a uint8 batch, preprocessed on device, BatchNorm in inference mode."""
-    variables = {"params": params}
-    if stats:
-        variables["batch_stats"] = stats
-    return model.backbone.apply(variables, preprocess_input(images), train=False)
+    """Backbone on a uint8 batch, preprocessed on device, BatchNorm in inference mode.
+
+    The BatchNorms are folded into their convs inside the step (a few cheap ops on the
+    weights), so conv, bias and ReLU run as one fused kernel over the activations.
+    """
+    variables = fold_batchnorm({"params": params, "batch_stats": stats or {}})
+
+    def features(x: jax.Array) -> jax.Array:
+        return model.inference_backbone.apply(variables, preprocess_input(x))
+
+    n, chunk = images.shape[0], model.chunk
+    if not chunk or n <= chunk or n % chunk:
+        return features(images)
+    out = jax.lax.map(features, images.reshape(n // chunk, chunk, *images.shape[1:]))
+    return out.reshape(n, *out.shape[2:])
 
 
 def _gather(x: jax.Array) -> jax.Array:
@@ -551,10 +598,15 @@ def _features_fit_on_device(nbytes: int, device: jax.Device) -> bool:
 
 
 class _Trainer:
-    """One run's loop: batches in, steps, metrics out. Owns no files."""
+    """One run's loop: batches in, steps, metrics out. Owns no files.
+
+    ``devices`` are those of every process (:func:`xrayjax.distributed.training_devices`);
+    the pmapped steps get this process's slice of each global batch.
+    """
 
     def __init__(self, config: TrainConfig, model: StepModel, splits: Any, devices: list, log: Callable):
         self.config, self.model, self.splits, self.devices, self.log = config, model, splits, devices, log
+        self.home = devices[distributed.local_positions(devices)[0]]  # this process's first device
         self.fast = config.cache_features and model.frozen_backbone and not config.augment
         if self.fast:
             self.head_train, self.head_eval = make_head_steps(model)
@@ -576,7 +628,7 @@ class _Trainer:
 
     def place(self, state: TrainState) -> TrainState:
         if self.fast:
-            return jax.device_put(state, self.devices[0])
+            return jax.device_put(state, self.home)
         return replicate(state, self.devices)
 
     def cache(self, state: TrainState) -> None:
@@ -593,14 +645,15 @@ class _Trainer:
             total = math.ceil(len(split) / self.config.batch_size)
             bar = tqdm(total=total, desc=f"features {name}", disable=self.log.quiet, leave=False)
             for batch in batches(split, self.config.batch_size, len(self.devices), shuffle=False):
-                features = np.asarray(_flat(feature_fn(backbone, batch["image"])))
+                local = distributed.local_shard(batch, self.devices)["image"]
+                features = _flat(distributed.gather_shards(feature_fn(backbone, local)))
                 chunks.append(features[_flat(batch["mask"]) > 0])
                 bar.update()
             bar.close()
             features = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
             labels = split.labels
-            if _features_fit_on_device(features.nbytes, self.devices[0]):
-                features, labels = jax.device_put((features, labels), self.devices[0])
+            if _features_fit_on_device(features.nbytes, self.home):
+                features, labels = jax.device_put((features, labels), self.home)
             self.features[name] = (features, labels)
         shape = self.features["train"][0].shape
         self.log(f"cached backbone features of {len(self.splits.train)} + {len(self.splits.validation)} "
@@ -619,7 +672,7 @@ class _Trainer:
             if self.fast:
                 state, metrics = self.head_train(state, *self._head_batch("train", batch), rng)
             else:
-                state, metrics = self.train_fn(state, batch, rng)
+                state, metrics = self.train_fn(state, distributed.local_shard(batch, self.devices), rng)
             metrics = {k: float(v) for k, v in metrics.items()}
             loss = metrics["loss_sum"] / max(metrics["count"], 1.0)
             if not math.isfinite(loss):
@@ -638,7 +691,7 @@ class _Trainer:
             if self.fast:
                 metrics = self.head_eval(state, *self._head_batch(name, batch))
             else:
-                metrics = self.eval_fn(state, batch)
+                metrics = self.eval_fn(state, distributed.local_shard(batch, self.devices))
             for k in sums:
                 sums[k] += float(metrics[k])
         return sums
@@ -685,23 +738,31 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     """Train a run as ``config`` says; ``splits`` (an ``xrayjax.data.Splits``) skips loading.
 
     Writes ``config.json``, then per epoch ``history.json`` and ``checkpoint.msgpack`` into
-    ``config.out``; evaluates the test split at the end (``config.evaluate``).
+    ``config.out``; evaluates the test split at the end (``config.evaluate``). In a
+    multi-process run it first joins the other processes; only process 0 writes and evaluates.
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
         ValueError: a bad setting, or ``resume`` with settings other than the run's.
+        xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
     """
     config = config.resolved()
-    log = _Log(config.quiet)
-    devices = jax.local_devices()[: config.num_devices or jax.local_device_count()]
-    if config.num_devices and config.num_devices > len(devices):
-        raise ValueError(f"num_devices={config.num_devices} but only {len(devices)} local devices exist")
+    distributed.initialize(distributed.from_args_and_env(
+        config.coordinator, config.num_processes, config.process_id,
+        initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,
+    ))
+    writer = distributed.is_main_process()
+    log = _Log(config.quiet or not writer)
+    devices = distributed.training_devices(config.num_devices)
     if config.batch_size % len(devices):
         raise ValueError(
-            f"batch_size {config.batch_size} is not a multiple of the {len(devices)} devices; "
-            "pass --batch-size as a multiple or --num-devices"
+            f"batch_size {config.batch_size} is not a multiple of the {len(devices)} devices"
+            + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
+            + "; pass --batch-size as a multiple or --num-devices"
         )
+    if jax.process_count() > 1:
+        log(f"{jax.process_count()} processes, {len(devices)} devices in all; process 0 writes {config.out}")
     run_dir = Path(config.out)
     paths = {name: run_dir / name for name in (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE)}
     if not config.resume and paths[CHECKPOINT_FILE].exists():
@@ -740,14 +801,16 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
         start = int(checkpoint["epoch"])
         log(f"resuming {run_dir} after epoch {start}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(paths[CONFIG_FILE], {
-        "config": dataclasses.asdict(config),
-        "class_names": list(splits.class_names),
-        "device": f"{devices[0].platform}: {devices[0].device_kind}",
-        "num_devices": len(devices),
-        "versions": _versions(),
-    })
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(paths[CONFIG_FILE], {
+            "config": dataclasses.asdict(config),
+            "class_names": list(splits.class_names),
+            "device": f"{devices[0].platform}: {devices[0].device_kind}",
+            "num_devices": len(devices),
+            "num_processes": jax.process_count(),
+            "versions": _versions(),
+        })
 
     trainer = _Trainer(config, model, splits, devices, log)
     state = trainer.place(state)
@@ -778,8 +841,9 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
                 "val_accuracy": val_acc,
                 "seconds": time.perf_counter() - began,
             })
-            _save_checkpoint(paths[CHECKPOINT_FILE], state, epoch + 1, config.seed, history)
-            _write_json(paths[HISTORY_FILE], history)
+            if writer:
+                _save_checkpoint(paths[CHECKPOINT_FILE], state, epoch + 1, config.seed, history)
+                _write_json(paths[HISTORY_FILE], history)
             bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}",
                             val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
             if log.quiet:
@@ -788,7 +852,8 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     finally:
         bar.close()
 
-    metrics = _evaluate(run_dir, splits, log) if config.evaluate else None
+    metrics = _evaluate(run_dir, splits, log) if config.evaluate and writer else None
+    distributed.wait_for_all("xrayjax.train: process 0 has written the run")
     return TrainResult(
         state=state,
         history=history,
@@ -815,8 +880,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m xrayjax.train",
         description="Train a chest X-ray classifier: a frozen ImageNet backbone and the report's "
-        "head, data parallel over all local devices. Writes config.json, history.json and "
-        "checkpoint.msgpack (every epoch) into --out, then evaluates the test split.",
+        "head, data parallel over all local devices (or over several hosts: see the multi-host "
+        "flags). Writes config.json, history.json and checkpoint.msgpack (every epoch) into --out, "
+        "then evaluates the test split.",
     )
     p.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"backbone (default {d.arch})")
     p.add_argument("--task", choices=TASKS, default=d.task,
@@ -847,7 +913,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train the last N backbone blocks (default 0: backbone frozen)")
     p.add_argument("--no-cache-features", dest="cache_features", action="store_false",
                    help="run the backbone every step even when it is frozen (default: cache its features)")
-    p.add_argument("--num-devices", type=int, help="use the first N local devices (default all)")
+    p.add_argument("--num-devices", type=int, help="use the first N local devices of each process (default all)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of the head init, data order, dropout and validation split (default {d.seed})")
     p.add_argument("--out", help="run folder (default runs/<arch>_<task>)")
@@ -855,6 +921,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the test-set evaluation at the end")
+    g = p.add_argument_group(
+        "multi-host", "Run the same command on every host, changing only --process-id. Without these "
+        "flags they come from the environment jax.distributed.initialize understands "
+        "(JAX_COORDINATOR_ADDRESS; SLURM's srun, Open MPI, Kubernetes, Cloud TPU). --batch-size stays "
+        "global; process 0 writes --out and evaluates; --resume needs its checkpoint on every host.")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's host and a free port that every host can reach")
+    g.add_argument("--num-processes", type=int, metavar="N", help="how many processes (hosts) take part")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (0 writes the run)")
+    g.add_argument("--coordinator-timeout", type=int, default=d.coordinator_timeout, metavar="S",
+                   help=f"give up when not every process has joined within S seconds (default {d.coordinator_timeout})")
+    g.add_argument("--heartbeat-timeout", type=int, default=d.heartbeat_timeout, metavar="S",
+                   help="stop every process about S seconds after one of them died "
+                   f"(default {d.heartbeat_timeout})")
     return p
 
 
@@ -866,13 +946,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, DataError) as e:
+    except (OSError, ValueError, DataError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: continue the run with the same flags and --resume", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        print(f"error: a collective with the other processes failed ({e}); another process has "
+              "probably died (see its log). Restart every process with the same flags and --resume "
+              "to continue from process 0's last checkpoint", file=sys.stderr)
+        return 1
     last = result.history[-1] if result.history else None
-    if last:
+    if last and distributed.is_main_process():
         print(f"done: {result.run_dir} (val_accuracy {last['val_accuracy']:.3f})")
     return 0

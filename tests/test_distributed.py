@@ -1,0 +1,200 @@
+"""Multi-process training on CPU: two local processes with 2 devices each (gloo collectives)
+equal one process with 4 devices, only process 0 writes, every process resumes from the same
+checkpoint; a missing peer or coordinator fails with a message instead of hanging; settings
+come from flags or from the launcher's environment.
+
+Run as ``python tests/test_distributed.py '<json>'`` this file is one worker process.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from xrayjax import distributed
+from xrayjax.training import train
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_training import _assert_close, _assert_history_close, _config, _splits  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROCESS_TIMEOUT = 240  # seconds; a guard against hangs, far above a normal run
+LAUNCHER_ENV = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS", "KUBERNETES_SERVICE_HOST")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_ENV)}
+    return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+
+
+def _run_processes(commands: list[list[str]], tmp: pathlib.Path, tag: str) -> list[tuple[int, str]]:
+    """Start every command at once; (exit status, stderr) of each, killing all on a hang."""
+    logs = [tmp / f"{tag}{i}.log" for i in range(len(commands))]
+    procs = []
+    for command, log in zip(commands, logs):
+        with open(log, "wb") as f:
+            procs.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{tag}: processes hung; logs:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+    return [(code, log.read_text()) for code, log in zip(codes, logs)]
+
+
+def _train_two_processes(tmp: pathlib.Path, tag: str, **overrides) -> list[dict]:
+    """Both processes train (out: ``multi<process id>``); each dumps params and history."""
+    port = _free_port()
+    jobs = [
+        {"tmp": str(tmp), "name": f"multi{i}", "dump": str(tmp / f"{tag}{i}.msgpack"),
+         "config": {**overrides, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                    "process_id": i, "coordinator_timeout": 60}}
+        for i in range(2)
+    ]
+    results = _run_processes([[sys.executable, __file__, json.dumps(job)] for job in jobs], tmp, tag)
+    for code, log in results:
+        assert code == 0, log[-4000:]
+    return [serialization.msgpack_restore(pathlib.Path(job["dump"]).read_bytes()) for job in jobs]
+
+
+def _worker(job: dict) -> None:
+    result = train(_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), _splits("binary"))
+    state = serialization.to_state_dict(jax.device_get(result.state))
+    payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
+    pathlib.Path(job["dump"]).write_bytes(serialization.msgpack_serialize(payload))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """vgg16 binary, 10 images in global batches of 4: epoch 1 on the full path, then resumed
+    to epoch 2 on the cached-feature path; one process with 4 devices vs two with 2 each."""
+    tmp = tmp_path_factory.mktemp("dist")
+    splits = _splits("binary")
+    single1 = train(_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
+    single2 = train(_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
+    multi1 = _train_two_processes(tmp, "epoch1", epochs=1, cache_features=False)
+    process1_files = sorted(p.name for p in (tmp / "multi1").glob("*"))
+    shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)  # process 1's host gets a copy
+    copied = (tmp / "multi1" / "checkpoint.msgpack").read_bytes()
+    multi2 = _train_two_processes(tmp, "epoch2", epochs=2, resume=True)
+    return {"tmp": tmp, "single": (single1, single2), "multi": (multi1, multi2),
+            "process1_files": process1_files, "copied": copied}
+
+
+def test_two_processes_equal_one_process(runs):
+    single1, single2 = runs["single"]
+    for single, multi in zip((single1, single2), runs["multi"]):
+        reference = jax.device_get(single.state)
+        for dump in multi:
+            _assert_close(dump["params"], serialization.to_state_dict(reference.params), 1e-5)
+            _assert_close(dump["opt_state"], serialization.to_state_dict(reference.opt_state), 1e-5)
+            _assert_history_close(json.loads(dump["history"]), single.history, 1e-5)
+    assert len(json.loads(runs["multi"][1][0]["history"])) == 2
+
+
+def test_only_process_zero_writes(runs):
+    tmp = runs["tmp"]
+    assert runs["process1_files"] == []
+    assert {p.name for p in (tmp / "multi0").glob("*")} >= {"config.json", "history.json", "checkpoint.msgpack"}
+    meta = json.loads((tmp / "multi0" / "config.json").read_text())
+    assert meta["num_devices"] == 4 and meta["num_processes"] == 2
+    assert len(json.loads((tmp / "multi0" / "history.json").read_text())) == 2
+    # Process 1 resumed from its copy of the epoch-1 checkpoint and left it untouched.
+    assert (tmp / "multi1" / "checkpoint.msgpack").read_bytes() == runs["copied"]
+    assert len(json.loads((tmp / "multi1" / "history.json").read_text())) == 1
+
+
+def test_missing_peer_or_coordinator_fails_with_message(tmp_path):
+    """Process 0 whose peer never comes, and process 1 whose coordinator is not there."""
+    commands = [
+        [sys.executable, "-m", "xrayjax.train", "--init", "random", "--image-size", "32", "--quiet",
+         "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", str(i),
+         "--coordinator-timeout", "10", "--out", str(tmp_path / f"run{i}")]
+        for i in range(2)
+    ]
+    for i, (code, log) in enumerate(_run_processes(commands, tmp_path, "alone")):
+        assert code == distributed.EXIT_NOT_JOINED, log[-3000:]
+        assert f"error: process {i} of 2 via flags at coordinator 127.0.0.1:" in log
+        assert "could not reach all processes within 10 s" in log and "--coordinator-timeout" in log
+        assert not (tmp_path / f"run{i}").exists()
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(LAUNCHER_ENV):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_single_process_without_flags_or_launcher(clean_env):
+    cfg = distributed.from_args_and_env()
+    assert not cfg.enabled
+    distributed.initialize(cfg)  # a no-op: nothing joined
+    assert not jax.distributed.is_initialized()
+    assert not distributed.from_args_and_env("h:1", 1, 0).enabled
+
+
+def test_flags_and_their_errors(clean_env):
+    cfg = distributed.from_args_and_env("10.0.0.1:1234", 2, 1, initialization_timeout=20)
+    assert (cfg.launcher, cfg.coordinator, cfg.num_processes, cfg.process_id) == ("flags", "10.0.0.1:1234", 2, 1)
+    assert cfg.initialization_timeout == 20
+    with pytest.raises(distributed.DistributedError, match=r"needs --num-processes, --process-id too"):
+        distributed.from_args_and_env("10.0.0.1:1234")
+    with pytest.raises(distributed.DistributedError, match="must be HOST:PORT"):
+        distributed.from_args_and_env("10.0.0.1", 2, 0)
+    with pytest.raises(distributed.DistributedError, match=r"--process-id must be in \[0, 2\)"):
+        distributed.from_args_and_env("h:1", 2, 2)
+    with pytest.raises(distributed.DistributedError, match="initialization_timeout must be at least 1"):
+        distributed.from_args_and_env("h:1", 2, 0, initialization_timeout=0)
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:999")
+    cfg = distributed.from_args_and_env(None, 2, 0)
+    assert cfg.enabled and cfg.coordinator is None and "10.0.0.2:999" in cfg.describe()
+    with pytest.raises(distributed.DistributedError, match="needs --num-processes, --process-id"):
+        distributed.from_args_and_env()
+
+
+def test_slurm_is_detected_and_flags_win(clean_env):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    for key, value in slurm.items():
+        clean_env.setenv(key, value)
+    cfg = distributed.from_args_and_env()
+    assert cfg.enabled and cfg.launcher == "slurm"
+    assert (cfg.coordinator, cfg.num_processes, cfg.process_id) == (None, None, None)  # jax fills them
+    flagged = distributed.from_args_and_env(process_id=0)
+    assert flagged.launcher == "flags" and flagged.process_id == 0 and flagged.num_processes is None
+    clean_env.setenv("SLURM_NTASKS", "1")
+    assert not distributed.from_args_and_env().enabled
+
+
+def test_local_shard_and_devices():
+    devices = [types.SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)]
+    batch = {"image": np.arange(4 * 3).reshape(4, 3), "label": np.arange(4)}
+    shard = distributed.local_shard(batch, devices)  # this test runs as process 0
+    assert np.array_equal(shard["image"], batch["image"][:2]) and np.array_equal(shard["label"], [0, 1])
+    assert distributed.training_devices() == jax.local_devices()
+    assert distributed.training_devices(2) == jax.local_devices()[:2]
+    with pytest.raises(ValueError, match="num_devices=5 but only 4"):
+        distributed.training_devices(5)
+    assert distributed.is_main_process()
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

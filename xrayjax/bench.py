@@ -1,0 +1,202 @@
+"""Throughput benchmark of the real training step (``python -m xrayjax.bench``).
+
+The measured step is :func:`xrayjax.training.make_train_step` as training runs it: a uint8
+batch preprocessed on device, the frozen backbone forward (no backward pass through it), the
+head forward and backward, and the Adam update, pmapped over the local devices. Timing is
+steady state: compile first, warm up, then the median of several timed windows, each ended
+by ``block_until_ready``. Inputs rotate over a few random batches so no cache holds them.
+One JSON line per configuration goes to stdout and is appended to ``experiments/bench.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from xrayjax.models import ARCHS, TASKS
+from xrayjax.training import (
+    build_step_model,
+    create_train_state,
+    init_variables,
+    make_train_step,
+    replicate,
+)
+
+# The report's (arch, task) pairs: Task 1 and the three models of Task 2.
+REPORT_MODELS = (("vgg16", "binary"), ("vgg16", "four_class"), ("vgg19", "four_class"),
+                 ("resnet50", "four_class"))
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "experiments" / "bench.jsonl"
+_NUM_CLASSES = {"binary": 2, "four_class": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to measure: the grid of models x dtypes x global batch sizes, and how long."""
+
+    models: tuple[tuple[str, str], ...] = REPORT_MODELS
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    batches: tuple[int, ...] = (32, 256)
+    image_size: int = 224
+    warmup: int = 3
+    steps: int = 10
+    repeats: int = 5
+    input_sets: int = 3
+    seed: int = 0
+    chunk: int = 0
+
+
+def _device_batches(cfg: BenchConfig, task: str, batch: int, devices: list) -> list[dict]:
+    """``cfg.input_sets`` random uint8 global batches, already on ``devices`` as pmap lays them."""
+    rng = np.random.default_rng(cfg.seed)
+    d, size = len(devices), cfg.image_size
+    place = jax.pmap(lambda x: x, devices=devices)
+    return [
+        place({
+            "image": rng.integers(0, 256, (d, batch // d, size, size, 3), np.uint8),
+            "label": rng.integers(0, _NUM_CLASSES[task], (d, batch // d)).astype(np.int32),
+            "mask": np.ones((d, batch // d), np.float32),
+        })
+        for _ in range(cfg.input_sets)
+    ]
+
+
+def _memory_gb(compiled: Any) -> float | None:
+    """Peak device memory of the compiled step from XLA's memory analysis."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    peak = getattr(analysis, "peak_memory_in_bytes", 0) or (
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
+    )
+    return round(peak / 2**30, 3)
+
+
+def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) -> dict[str, Any]:
+    """Measure one configuration; returns the JSON record."""
+    devices = jax.local_devices()
+    if batch % len(devices):
+        raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
+    model = build_step_model(arch, task, bf16=dtype == "bf16", chunk=cfg.chunk)
+    variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
+    state = replicate(create_train_state(model, variables, lr=1e-4), devices)
+    inputs = _device_batches(cfg, task, batch, devices)
+    rng = jax.random.key(cfg.seed)
+
+    step = make_train_step(model, devices)
+    start = time.perf_counter()
+    compiled = step.lower(state, inputs[0], rng).compile()
+    compile_s = time.perf_counter() - start
+
+    feed = itertools.cycle(inputs)
+    for _ in range(cfg.warmup):
+        state, metrics = compiled(state, next(feed), rng)
+    jax.block_until_ready((state, metrics))
+    windows = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        for _ in range(cfg.steps):
+            state, metrics = compiled(state, next(feed), rng)
+        jax.block_until_ready((state, metrics))
+        windows.append(time.perf_counter() - start)
+    loss = float(metrics["loss_sum"]) / float(metrics["count"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"{arch} {task} {dtype} batch {batch}: the loss is {loss}")
+    return {
+        "arch": arch,
+        "task": task,
+        "dtype": dtype,
+        "batch": batch,
+        **({"chunk": cfg.chunk} if cfg.chunk else {}),
+        "images_per_s": round(batch * cfg.steps / statistics.median(windows), 1),
+        "compile_s": round(compile_s, 2),
+        "peak_mem_gb": _memory_gb(compiled),
+        "device": f"{devices[0].device_kind} x{len(devices)}",
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run(cfg: BenchConfig, out: Path | None = DEFAULT_OUT) -> list[dict[str, Any]]:
+    """Every configuration of ``cfg``; each record printed and appended to ``out``."""
+    records = []
+    for (arch, task), dtype, batch in itertools.product(cfg.models, cfg.dtypes, cfg.batches):
+        record = bench_one(cfg, arch, task, dtype, batch)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(line + "\n")
+        records.append(record)
+    return records
+
+
+def _model(text: str) -> tuple[str, str]:
+    arch, _, task = text.partition(":")
+    task = task or "four_class"
+    if arch not in ARCHS or task not in TASKS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ARCH[:TASK] with ARCH in {ARCHS} and TASK in {TASKS}"
+        )
+    return arch, task
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m xrayjax.bench",
+        description="Images per second of the real training step (frozen backbone forward on "
+        "uint8 input, head forward/backward, Adam update), steady state. One JSON line per "
+        "configuration on stdout, appended to --out. Timings vary from run to run: compare "
+        "figures from the same device and JAX version only.",
+    )
+    d = BenchConfig()
+    p.add_argument("--models", nargs="+", type=_model, default=list(d.models), metavar="ARCH[:TASK]",
+                   help="models to measure (default: the report's four: vgg16:binary "
+                   "vgg16:four_class vgg19:four_class resnet50:four_class)")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=list(d.dtypes),
+                   help="backbone compute dtype; the head and loss are always float32 (default: both)")
+    p.add_argument("--batches", nargs="+", type=int, default=list(d.batches),
+                   help="global batch sizes (default: 32 256)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="input side (default 224)")
+    p.add_argument("--steps", type=int, default=d.steps, help="steps per timed window (default 10)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="timed windows; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default 3)")
+    p.add_argument("--chunk", type=int, default=d.chunk,
+                   help="run the backbone over chunks of this many images per device (default 0: "
+                   "the whole per-device batch at once)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"JSON-lines file the records are appended to (default {DEFAULT_OUT})")
+    p.add_argument("--no-save", action="store_true", help="print only, append nothing")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = BenchConfig(
+        models=tuple(args.models), dtypes=tuple(args.dtypes), batches=tuple(args.batches),
+        image_size=args.image_size, chunk=args.chunk, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+    )
+    try:
+        run(cfg, None if args.no_save else args.out)
+    except (ValueError, FloatingPointError) as err:
+        print(f"xrayjax.bench: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Multi-host data parallel: JAX's distributed runtime, this process's data shard, who writes.
+
+Every process runs the same command. :func:`initialize` joins JAX's distributed runtime
+before anything touches a device; ``jax.pmap`` then maps over the devices of every process
+(:func:`training_devices`), each process feeds its own slice of every global batch
+(:func:`local_shard`; all processes compute the same batch order from the same seed, so the
+data needs no communication) and collectives span all processes. Only the main process
+(:func:`is_main_process`) writes run files.
+
+Settings come from flags, else from what ``jax.distributed.initialize`` detects itself:
+``JAX_COORDINATOR_ADDRESS`` (and ``JAX_COORDINATOR_PORT``, ``JAX_LOCAL_DEVICE_IDS``) and the
+launchers it knows (SLURM ``srun``, Open MPI, Kubernetes, Cloud TPU). Failures are bounded:
+a process that cannot gather every peer within ``initialization_timeout`` stops with a message
+saying what to check; once running, JAX's heartbeats stop every process within about
+``heartbeat_timeout`` seconds when one dies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+EXIT_NOT_JOINED = 3  # exit status of a process that could not join its peers in time
+
+
+class DistributedError(RuntimeError):
+    """Bad or incomplete multi-process settings; the message says what to pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How this process joins a multi-process run (``launcher=None``: single process).
+
+    ``None`` in ``coordinator``/``num_processes``/``process_id`` leaves the value to
+    ``jax.distributed.initialize``'s own detection (``launcher`` names what it detects).
+    Timeouts are in seconds.
+    """
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+    shutdown_timeout: int = 300
+    launcher: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.launcher is not None
+
+    def describe(self) -> str:
+        """``process 1 of 2 via flags at host:1234`` (unknown parts as ``?``)."""
+        process_id, count, coordinator = (
+            "?" if v is None else v
+            for v in (self.process_id, self.num_processes, self.coordinator or os.environ.get(COORDINATOR_ENV))
+        )
+        return f"process {process_id} of {count} via {self.launcher} at coordinator {coordinator}"
+
+
+def _check_coordinator(address: str, source: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise DistributedError(
+            f"{source} must be HOST:PORT (e.g. 10.0.0.1:1234, the host of process 0 and a free "
+            f"port), got {address!r}"
+        )
+
+
+def detect_launcher() -> tuple[str, int | None] | None:
+    """``(name, process count)`` of the cluster launcher JAX's auto-detection recognises.
+
+    Asks JAX's own cluster environments (SLURM, Open MPI, Kubernetes, Cloud TPU), so this
+    agrees with what ``jax.distributed.initialize()`` would do; ``None`` outside a launcher.
+    """
+    try:
+        from jax._src import clusters
+
+        environments = clusters.ClusterEnv._cluster_types
+    except (ImportError, AttributeError):  # a JAX without the registry: rely on flags
+        return None
+    for env in environments:
+        if env.opt_in_only_method or not env.is_env_present():
+            continue
+        try:
+            count = int(env.get_process_count())
+        except Exception:  # some launchers learn the count only while initializing
+            count = None
+        return env.name, count
+    return None
+
+
+def from_args_and_env(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    initialization_timeout: int = 300,
+    heartbeat_timeout: int = 100,
+    shutdown_timeout: int = 300,
+) -> DistributedConfig:
+    """The run's :class:`DistributedConfig`: flags win, else what JAX detects from the environment.
+
+    Single process (``launcher=None``) when nothing asks for more, or when the flags or the
+    launcher say one process. Raises :class:`DistributedError` for incomplete or bad settings.
+    """
+    for name, value in (
+        ("initialization_timeout", initialization_timeout),
+        ("heartbeat_timeout", heartbeat_timeout),
+        ("shutdown_timeout", shutdown_timeout),
+    ):
+        if value < 1:
+            raise DistributedError(f"{name} must be at least 1 second, got {value}")
+    if num_processes is not None and num_processes < 1:
+        raise DistributedError(f"--num-processes must be positive, got {num_processes}")
+    if process_id is not None and (
+        process_id < 0 or (num_processes is not None and process_id >= num_processes)
+    ):
+        raise DistributedError(
+            f"--process-id must be in [0, {num_processes or 'N'}) (one distinct id per process), "
+            f"got {process_id}"
+        )
+    if coordinator is not None:
+        _check_coordinator(coordinator, "--coordinator")
+    elif os.environ.get(COORDINATOR_ENV):
+        _check_coordinator(os.environ[COORDINATOR_ENV], COORDINATOR_ENV)
+
+    detected = detect_launcher()
+    flags = (coordinator, num_processes, process_id)
+    if any(v is not None for v in flags):
+        launcher = "flags"
+    elif os.environ.get(COORDINATOR_ENV):
+        launcher = COORDINATOR_ENV
+    elif detected is not None:
+        launcher = detected[0]
+    else:
+        return DistributedConfig(initialization_timeout=initialization_timeout,
+                                 heartbeat_timeout=heartbeat_timeout, shutdown_timeout=shutdown_timeout)
+    if detected is None:
+        missing = [
+            flag
+            for flag, value, env in (
+                ("--coordinator", coordinator, os.environ.get(COORDINATOR_ENV)),
+                ("--num-processes", num_processes, None),
+                ("--process-id", process_id, None),
+            )
+            if value is None and env is None
+        ]
+        if missing:
+            raise DistributedError(
+                f"multi-process training needs {', '.join(missing)} too (no cluster launcher such as "
+                "SLURM's srun was detected to supply them): pass --coordinator HOST:PORT "
+                "--num-processes N --process-id I on every process"
+            )
+    count = num_processes if num_processes is not None else (detected[1] if detected else None)
+    if count == 1:
+        launcher = None
+    return DistributedConfig(
+        coordinator=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        shutdown_timeout=shutdown_timeout,
+        launcher=launcher,
+    )
+
+
+def _give_up(cfg: DistributedConfig) -> None:
+    """Watchdog: JAX aborts with a C++ stack trace when peers never come; say why first."""
+    print(
+        f"error: {cfg.describe()} could not reach all processes within "
+        f"{cfg.initialization_timeout} s. Check that every process was started with the same "
+        "--coordinator HOST:PORT and --num-processes and a distinct --process-id, that HOST is "
+        "process 0's host and PORT is open to every host; raise --coordinator-timeout when "
+        "hosts start far apart.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_NOT_JOINED)
+
+
+def initialize(cfg: DistributedConfig) -> None:
+    """Join the distributed runtime (no-op for a single process or when already joined).
+
+    Must run before anything touches a device. CPU collectives go through gloo. When the
+    peers are not all there within ``cfg.initialization_timeout`` the process prints what to
+    check and exits with status :data:`EXIT_NOT_JOINED` (it never hangs).
+    """
+    if not cfg.enabled or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    watchdog = threading.Timer(cfg.initialization_timeout, _give_up, args=(cfg,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            initialization_timeout=cfg.initialization_timeout,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+            shutdown_timeout_seconds=cfg.shutdown_timeout,
+        )
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DistributedError(
+            f"cannot join the distributed run as {cfg.describe()}: {e}. "
+            "Multi-process settings must be applied before any JAX computation."
+        ) from e
+    finally:
+        watchdog.cancel()
+
+
+def is_main_process() -> bool:
+    """True on the process that writes checkpoints, history, config and figures."""
+    return jax.process_index() == 0
+
+
+def training_devices(num_local: int | None = None) -> list[jax.Device]:
+    """The first ``num_local`` (default all) devices of every process, grouped by process.
+
+    This is the device order ``jax.pmap`` maps over; one process gives its local devices.
+    """
+    per_process = [jax.local_devices(process_index=p) for p in range(jax.process_count())]
+    available = min(len(devices) for devices in per_process)
+    n = num_local or available
+    if n > available:
+        raise ValueError(f"num_devices={n} but only {available} local devices exist per process")
+    return [d for devices in per_process for d in devices[:n]]
+
+
+def local_positions(devices: Sequence[Any]) -> list[int]:
+    """Positions in ``devices`` of this process's devices (the rows of a batch it feeds)."""
+    return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+
+
+def local_shard(batch: Mapping[str, np.ndarray], devices: Sequence[Any]) -> dict[str, np.ndarray]:
+    """This process's part of a global batch with a leading device axis over ``devices``."""
+    rows = local_positions(devices)
+    if len(rows) == len(devices):
+        return dict(batch)
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def gather_shards(local: Any) -> np.ndarray:
+    """The global array of per-process shards (leading device axis), on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def wait_for_all(name: str) -> None:
+    """Block until every process reaches this point (e.g. while process 0 evaluates)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
