@@ -109,6 +109,10 @@ def test_run_folder_and_load_run(vgg_runs):
     assert meta["num_devices"] == 4 and meta["class_names"] == ["covid", "normal"]
     assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(meta["versions"])
     assert json.loads(result.history_path.read_text()) == result.history
+    # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
+    assert json.loads((result.run_dir / "timings.json").read_text()) == result.timings
+    assert {"compile", "features", "train"} <= set(result.timings)
+    assert "features" not in vgg_runs["full4"].timings and vgg_runs["full4"].timings["compile"] > 0
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
     _assert_close(run.variables["params"], result.state.params, 0.0)

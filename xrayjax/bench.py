@@ -54,7 +54,6 @@ class BenchConfig:
     repeats: int = 5
     input_sets: int = 3
     seed: int = 0
-    chunk: int = 0
 
 
 def _device_batches(cfg: BenchConfig, task: str, batch: int, devices: list) -> list[dict]:
@@ -89,7 +88,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
     devices = jax.local_devices()
     if batch % len(devices):
         raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
-    model = build_step_model(arch, task, bf16=dtype == "bf16", chunk=cfg.chunk)
+    model = build_step_model(arch, task, bf16=dtype == "bf16")
     variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
     state = replicate(create_train_state(model, variables, lr=1e-4), devices)
     inputs = _device_batches(cfg, task, batch, devices)
@@ -119,7 +118,6 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
         "task": task,
         "dtype": dtype,
         "batch": batch,
-        **({"chunk": cfg.chunk} if cfg.chunk else {}),
         "images_per_s": round(batch * cfg.steps / statistics.median(windows), 1),
         "compile_s": round(compile_s, 2),
         "peak_mem_gb": _memory_gb(compiled),
@@ -175,9 +173,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help="timed windows; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default 3)")
-    p.add_argument("--chunk", type=int, default=d.chunk,
-                   help="run the backbone over chunks of this many images per device (default 0: "
-                   "the whole per-device batch at once)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"JSON-lines file the records are appended to (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="print only, append nothing")
@@ -188,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = BenchConfig(
         models=tuple(args.models), dtypes=tuple(args.dtypes), batches=tuple(args.batches),
-        image_size=args.image_size, chunk=args.chunk, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+        image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
     )
     try:
         run(cfg, None if args.no_save else args.out)

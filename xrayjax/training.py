@@ -28,6 +28,7 @@ steps built by ``make_*_step`` that a benchmark or a multi-host driver can reuse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,6 +69,8 @@ ADAM_EPSILON = 1e-7  # Keras' Adam default (optax's is 1e-8)
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
+FROZEN_FILE = "frozen.msgpack"
+TIMINGS_FILE = "timings.json"
 # Settings a resumed run may change (the device and process counts and the fast path change
 # results only by float rounding); every other one must equal the checkpoint's run.
 _RESUMABLE_CHANGES = frozenset(
@@ -168,7 +171,6 @@ class StepModel:
     head: nn.Module
     l2: float
     fine_tune: int = 0
-    chunk: int = 0  # run the backbone over chunks of this many images per device (0: all)
 
     @property
     def frozen_backbone(self) -> bool:
@@ -188,7 +190,6 @@ def build_step_model(
     bf16: bool = False,
     l2: float | None = None,
     fine_tune: int = 0,
-    chunk: int = 0,
 ) -> StepModel:
     """Backbone (bf16 compute when asked) and float32 head of (arch, task)."""
     return StepModel(
@@ -198,7 +199,6 @@ def build_step_model(
         head=create_head(arch, task, dropout=dropout),
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
-        chunk=chunk,
     )
 
 
@@ -350,15 +350,7 @@ def _backbone_features(model: StepModel, params: Any, stats: Any, images: jax.Ar
     weights), so conv, bias and ReLU run as one fused kernel over the activations.
     """
     variables = fold_batchnorm({"params": params, "batch_stats": stats or {}})
-
-    def features(x: jax.Array) -> jax.Array:
-        return model.inference_backbone.apply(variables, preprocess_input(x))
-
-    n, chunk = images.shape[0], model.chunk
-    if not chunk or n <= chunk or n % chunk:
-        return features(images)
-    out = jax.lax.map(features, images.reshape(n // chunk, chunk, *images.shape[1:]))
-    return out.reshape(n, *out.shape[2:])
+    return model.inference_backbone.apply(variables, preprocess_input(images))
 
 
 def _gather(x: jax.Array) -> jax.Array:
@@ -501,6 +493,7 @@ class TrainResult:
     history_path: Path
     checkpoint_path: Path
     metrics: dict | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -526,8 +519,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             )
     meta = json.loads((run_dir / CONFIG_FILE).read_text())
     config = TrainConfig(**meta["config"])
-    checkpoint = _read_checkpoint(run_dir / CHECKPOINT_FILE)
-    state = checkpoint["state"]
+    state = _read_checkpoint(run_dir / CHECKPOINT_FILE)["state"]
     return Run(
         config=config,
         class_names=tuple(meta["class_names"]),
@@ -541,11 +533,41 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     )
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def _read_msgpack(path: Path) -> dict[str, Any]:
     try:
         return serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises several unrelated types on bad input
         raise ValueError(f"cannot read the checkpoint {path} ({e}); it is not a flax msgpack file") from e
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` with the run's frozen leaves (``frozen.msgpack``) merged in."""
+    checkpoint = _read_msgpack(path)
+    frozen_path = path.with_name(FROZEN_FILE)
+    if not frozen_path.is_file():
+        raise FileNotFoundError(f"{frozen_path} is missing: the run's frozen weights are needed with {path}")
+    frozen = _read_msgpack(frozen_path)
+    state = checkpoint["state"]
+    for col in ("params", "batch_stats"):
+        merged = traverse_util.unflatten_dict(
+            {**traverse_util.flatten_dict(state[col]), **traverse_util.flatten_dict(frozen[col])}
+        )
+        state[col] = {part: merged.get(part, {}) for part in ("backbone", "head")}
+    return checkpoint
+
+
+def _split_frozen(model: StepModel, state: TrainState) -> tuple[dict, dict]:
+    """(moving, frozen) parts of ``state``'s params and batch_stats. Frozen leaves (those the
+    optimizer never opens, and the backbone's statistics) are written once, not every epoch."""
+    mask = traverse_util.flatten_dict(trainable_mask(state.params, model.arch, model.fine_tune))
+    params = traverse_util.flatten_dict(state.params)
+    moving = {k: v for k, v in params.items() if mask[k]}
+    frozen = {k: v for k, v in params.items() if not mask[k]}
+    stats = state.batch_stats
+    return (
+        {"params": traverse_util.unflatten_dict(moving), "batch_stats": {"backbone": {}, "head": stats["head"]}},
+        {"params": traverse_util.unflatten_dict(frozen), "batch_stats": {"backbone": stats["backbone"], "head": {}}},
+    )
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -569,10 +591,20 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _save_checkpoint(path: Path, state: TrainState, epoch: int, seed: int, history: list) -> None:
-    """Everything to resume: state (params, batch_stats, opt_state, step), epoch, key, history."""
+def _save_checkpoint(
+    path: Path, model: StepModel, state: TrainState, epoch: int, seed: int, history: list
+) -> None:
+    """Everything to resume: state (params, batch_stats, opt_state, step), epoch, key, history.
+
+    The frozen leaves go to ``frozen.msgpack`` once; each epoch rewrites only the rest (for
+    a frozen VGG19 that is 2 MB of head and optimizer state instead of 80 MB).
+    """
+    moving, frozen = _split_frozen(model, state)
+    frozen_path = path.with_name(FROZEN_FILE)
+    if epoch == 1:  # a fresh run: (over)write them, so no other run's file is ever reused
+        write_atomic(frozen_path, serialization.msgpack_serialize(jax.device_get(frozen)))
     payload = {
-        "state": serialization.to_state_dict(jax.device_get(state)),
+        "state": serialization.to_state_dict(jax.device_get(state.replace(**moving))),
         "epoch": epoch,
         "rng": np.asarray(jax.random.key_data(jax.random.key(seed))),
         "history": json.dumps(history),
@@ -597,6 +629,22 @@ def _features_fit_on_device(nbytes: int, device: jax.Device) -> bool:
     return nbytes < 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
+class Timings(dict):
+    """Wall seconds per phase of a run (``data_load``, ``compile``, ``features``, ``train``,
+    ``evaluate``), written to ``<out>/timings.json``; device work is synchronised inside."""
+
+    def add(self, name: str, seconds: float) -> None:
+        self[name] = round(self.get(name, 0.0) + seconds, 3)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - began)
+
+
 class _Trainer:
     """One run's loop: batches in, steps, metrics out. Owns no files.
 
@@ -604,8 +652,10 @@ class _Trainer:
     the pmapped steps get this process's slice of each global batch.
     """
 
-    def __init__(self, config: TrainConfig, model: StepModel, splits: Any, devices: list, log: Callable):
+    def __init__(self, config: TrainConfig, model: StepModel, splits: Any, devices: list, log: Callable,
+                 timings: Timings):
         self.config, self.model, self.splits, self.devices, self.log = config, model, splits, devices, log
+        self.timings = timings
         self.home = devices[distributed.local_positions(devices)[0]]  # this process's first device
         self.fast = config.cache_features and model.frozen_backbone and not config.augment
         if self.fast:
@@ -631,14 +681,46 @@ class _Trainer:
             return jax.device_put(state, self.home)
         return replicate(state, self.devices)
 
+    def _compiled(self, fn: Callable, *example: Any) -> Callable:
+        """``fn`` compiled ahead of time for ``example`` (timed as ``compile``; every batch
+        has one shape). Across processes a pmap lowered ahead of time expects global shapes
+        while each process feeds its local shard, so there ``fn`` compiles at its first call.
+        """
+        if jax.process_count() > 1:
+            return fn
+        with self.timings.phase("compile"):
+            return fn.lower(*example).compile()
+
+    def compile(self, state: TrainState) -> None:
+        """Compile the full path's steps ahead of time."""
+        example = distributed.local_shard(next(self._batches(self.splits.train, False, 0)), self.devices)
+        self.train_fn = self._compiled(self.train_fn, state, example, epoch_key(0, 0))
+        self.eval_fn = self._compiled(self.eval_fn, state, example)
+
+    def _compile_head_steps(self, state: TrainState) -> None:
+        features, labels = self.features["train"]
+        batch = self.config.batch_size
+        spec = (
+            jax.ShapeDtypeStruct((batch, *features.shape[1:]), features.dtype),
+            jax.ShapeDtypeStruct((batch,), labels.dtype),
+            jax.ShapeDtypeStruct((batch,), jnp.float32),
+        )
+        self.head_train = self._compiled(self.head_train, state, *spec, epoch_key(0, 0))
+        self.head_eval = self._compiled(self.head_eval, state, *spec)
+
     def cache(self, state: TrainState) -> None:
-        """Backbone features of every split, once (the fast path)."""
-        feature_fn = make_feature_step(self.model, self.devices)
+        """Backbone features of every split, once (the fast path); then compile the head steps."""
         backbone = replicate(
             {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
             self.devices,
         )
+        example = distributed.local_shard(
+            next(batches(self.splits.train, self.config.batch_size, len(self.devices), shuffle=False)),
+            self.devices,
+        )["image"]
+        feature_fn = self._compiled(make_feature_step(self.model, self.devices), backbone, example)
         self.features = {}
+        began = time.perf_counter()
         for name in ("train", "validation"):
             split = getattr(self.splits, name)
             chunks = []
@@ -655,6 +737,8 @@ class _Trainer:
             if _features_fit_on_device(features.nbytes, self.home):
                 features, labels = jax.device_put((features, labels), self.home)
             self.features[name] = (features, labels)
+        self.timings.add("features", time.perf_counter() - began)
+        self._compile_head_steps(state)
         shape = self.features["train"][0].shape
         self.log(f"cached backbone features of {len(self.splits.train)} + {len(self.splits.validation)} "
                  f"images, {shape[1:]} each; training only the head each epoch")
@@ -782,18 +866,20 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     variables = init_variables(
         model, config.image_size, init=config.init, weights_dir=config.weights_dir, seed=config.seed
     )
+    timings = Timings()
     if splits is None:
-        splits = load_splits(
-            DataConfig(
-                task=config.task,
-                data_dir=config.data_dir,
-                tfds_dir=config.tfds_dir,
-                color=config.color,
-                val_fraction=config.val_fraction,
-                seed=config.seed,
-                image_size=config.image_size,
+        with timings.phase("data_load"):
+            splits = load_splits(
+                DataConfig(
+                    task=config.task,
+                    data_dir=config.data_dir,
+                    tfds_dir=config.tfds_dir,
+                    color=config.color,
+                    val_fraction=config.val_fraction,
+                    seed=config.seed,
+                    image_size=config.image_size,
+                )
             )
-        )
     state = create_train_state(model, variables, config.lr)
     start = 0
     if checkpoint is not None:
@@ -812,10 +898,13 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
             "versions": _versions(),
         })
 
-    trainer = _Trainer(config, model, splits, devices, log)
+    trainer = _Trainer(config, model, splits, devices, log, timings)
     state = trainer.place(state)
-    if trainer.fast and start < config.epochs:
-        trainer.cache(state)
+    if start < config.epochs:
+        if trainer.fast:
+            trainer.cache(state)
+        else:
+            trainer.compile(state)
     steps = math.ceil(len(splits.train) / config.batch_size)
     bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=log.quiet)
     try:
@@ -842,8 +931,9 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
                 "seconds": time.perf_counter() - began,
             })
             if writer:
-                _save_checkpoint(paths[CHECKPOINT_FILE], state, epoch + 1, config.seed, history)
+                _save_checkpoint(paths[CHECKPOINT_FILE], model, state, epoch + 1, config.seed, history)
                 _write_json(paths[HISTORY_FILE], history)
+            timings.add("train", time.perf_counter() - began)
             bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}",
                             val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
             if log.quiet:
@@ -852,7 +942,13 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     finally:
         bar.close()
 
-    metrics = _evaluate(run_dir, splits, log) if config.evaluate and writer else None
+    metrics = None
+    if config.evaluate and writer:
+        with timings.phase("evaluate"):
+            metrics = _evaluate(run_dir, splits, log)
+    if writer:
+        _write_json(run_dir / TIMINGS_FILE, timings)
+    log("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     distributed.wait_for_all("xrayjax.train: process 0 has written the run")
     return TrainResult(
         state=state,
@@ -862,6 +958,7 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
         history_path=paths[HISTORY_FILE],
         checkpoint_path=paths[CHECKPOINT_FILE],
         metrics=metrics,
+        timings=dict(timings),
     )
 
 
