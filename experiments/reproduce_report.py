@@ -183,7 +183,8 @@ def write_results(rows: list[dict], color_rows: list[dict], args: argparse.Names
         lines += [
             f"### {r['model'].label}" + ("" if r["color"] == "gray" else " (`--color keep`)"),
             "",
-            f"Test accuracy {r['metrics']['accuracy']:.1%}; run folder `{r['run_dir']}`.",
+            f"Test accuracy {r['metrics']['accuracy']:.1%}; run folder "
+            f"`{Path(r['run_dir']).resolve().relative_to(Path(args.out).resolve())}` (not committed).",
             "",
             " ".join(f"[{name}]({rel}/{name}.png)" for name in FIGURES),
             "",

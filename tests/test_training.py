@@ -3,7 +3,6 @@ exact resume, clear stops (missing weights, NaN), fine-tuning opens only the las
 and a short run on the real data learns. CPU, tiny images, 4 virtual devices (conftest)."""
 
 import json
-import shutil
 
 import jax
 import numpy as np

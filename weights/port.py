@@ -24,7 +24,7 @@ from xrayjax import porting  # noqa: E402
 ARCHS = tuple(porting.PUBLISHED)
 _CHUNK = 1 << 20
 
-DESCRIPTION = f"""\
+DESCRIPTION = """\
 Convert Keras' ImageNet weights for a backbone (include_top=False) into the Flax variables
 that xrayjax loads: <out>/<arch>_imagenet_notop.msgpack (flax.serialization msgpack, no
 pickle) and a JSON sidecar <out>/<arch>_imagenet_notop.json (source file name, md5 of the

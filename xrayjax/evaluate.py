@@ -26,11 +26,11 @@ from sklearn.metrics import (
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
-from xrayjax.data import DataConfig, DataError, Split, Splits, load_splits
+from xrayjax.data import DataError, Split, Splits, load_splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.porting import write_atomic
 from xrayjax.predict import BATCH_SIZE, infer, probabilities
-from xrayjax.training import Run, TrainConfig, load_run
+from xrayjax.training import Run, load_run
 
 GRADCAM_IMAGES = 8
 
@@ -116,14 +116,6 @@ def gradcam_indices(labels: np.ndarray, count: int = GRADCAM_IMAGES) -> np.ndarr
     return np.array(sorted(picked), dtype=np.int64)
 
 
-def _data_config(config: TrainConfig, **overrides: str | None) -> DataConfig:
-    """The DataConfig a run was trained on: every DataConfig field the TrainConfig records."""
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    settings = {name: getattr(config, name) for name in names if hasattr(config, name)}
-    settings.update({key: value for key, value in overrides.items() if value is not None})
-    return DataConfig(**settings)
-
-
 def _test_predictions(split: Split, probs: np.ndarray, class_names: Sequence[str]) -> list[dict]:
     """One row per test image: file name, true and predicted class, class probabilities."""
     return [
@@ -193,7 +185,7 @@ def evaluate_run(
     run_dir = pathlib.Path(run_dir)
     cfg = run.config
     if splits is None:
-        splits = load_splits(_data_config(cfg))
+        splits = load_splits(cfg.data_config())
     class_names = tuple(run.class_names)
     if not len(splits.test):
         raise ValueError("the test split is empty: nothing to evaluate")
@@ -269,8 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         splits = None
         if args.data_dir or args.tfds_dir:
-            splits = load_splits(_data_config(load_run(args.run).config, data_dir=args.data_dir,
-                                              tfds_dir=args.tfds_dir))
+            run_config = load_run(args.run).config
+            moved = dataclasses.replace(run_config, data_dir=args.data_dir or run_config.data_dir,
+                                        tfds_dir=args.tfds_dir or run_config.tfds_dir)
+            splits = load_splits(moved.data_config())
         metrics = evaluate_run(args.run, splits, batch_size=args.batch_size, quiet=args.quiet)
     except (OSError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

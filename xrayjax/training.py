@@ -126,6 +126,18 @@ class TrainConfig:
     coordinator_timeout: int = 300
     heartbeat_timeout: int = 100
 
+    def data_config(self) -> DataConfig:
+        """The data settings of this run."""
+        return DataConfig(
+            task=self.task,
+            data_dir=self.data_dir,
+            tfds_dir=self.tfds_dir,
+            color=self.color,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            image_size=self.image_size,
+        )
+
     def resolved(self) -> TrainConfig:
         """A copy with ``l2`` and ``out`` filled in and every value checked."""
         if self.arch not in ARCHS:
@@ -869,17 +881,7 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     timings = Timings()
     if splits is None:
         with timings.phase("data_load"):
-            splits = load_splits(
-                DataConfig(
-                    task=config.task,
-                    data_dir=config.data_dir,
-                    tfds_dir=config.tfds_dir,
-                    color=config.color,
-                    val_fraction=config.val_fraction,
-                    seed=config.seed,
-                    image_size=config.image_size,
-                )
-            )
+            splits = load_splits(config.data_config())
     state = create_train_state(model, variables, config.lr)
     start = 0
     if checkpoint is not None:
