@@ -1,7 +1,7 @@
 """The chest X-ray data: a TFDS builder read without TensorFlow, splits, batches, augmentation.
 
-``python -m xrayjax.data prepare|audit`` is the command line. Importing this package does not
-import tensorflow-datasets; :func:`load_splits` does, on first call.
+``python -m xrayjax.data prepare|audit`` is the command line. Importing this package leaves
+tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 """
 
 from xrayjax.data.augment import AugmentConfig, augment_images
