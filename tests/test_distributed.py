@@ -23,8 +23,8 @@ from flax import serialization
 from xrayjax import distributed
 from xrayjax.training import train
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_training import _assert_close, _assert_history_close, _config, _splits  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the worker subprocess runs this file
+from training_helpers import assert_close, assert_history_close, tiny_config, tiny_splits  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds; a guard against hangs, far above a normal run
@@ -74,7 +74,7 @@ def _train_two_processes(tmp: pathlib.Path, tag: str, **overrides) -> list[dict]
 
 
 def _worker(job: dict) -> None:
-    result = train(_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), _splits("binary"))
+    result = train(tiny_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), tiny_splits("binary"))
     state = serialization.to_state_dict(jax.device_get(result.state))
     payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
     pathlib.Path(job["dump"]).write_bytes(serialization.msgpack_serialize(payload))
@@ -85,9 +85,9 @@ def runs(tmp_path_factory):
     """vgg16 binary, 10 images in global batches of 4: epoch 1 on the full path, then resumed
     to epoch 2 on the cached-feature path; one process with 4 devices vs two with 2 each."""
     tmp = tmp_path_factory.mktemp("dist")
-    splits = _splits("binary")
-    single1 = train(_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
-    single2 = train(_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
+    splits = tiny_splits("binary")
+    single1 = train(tiny_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
+    single2 = train(tiny_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
     multi1 = _train_two_processes(tmp, "epoch1", epochs=1, cache_features=False)
     process1_files = sorted(p.name for p in (tmp / "multi1").glob("*"))
     shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)  # process 1's host gets a copy
@@ -102,9 +102,9 @@ def test_two_processes_equal_one_process(runs):
     for single, multi in zip((single1, single2), runs["multi"]):
         reference = jax.device_get(single.state)
         for dump in multi:
-            _assert_close(dump["params"], serialization.to_state_dict(reference.params), 1e-5)
-            _assert_close(dump["opt_state"], serialization.to_state_dict(reference.opt_state), 1e-5)
-            _assert_history_close(json.loads(dump["history"]), single.history, 1e-5)
+            assert_close(dump["params"], serialization.to_state_dict(reference.params), 1e-5)
+            assert_close(dump["opt_state"], serialization.to_state_dict(reference.opt_state), 1e-5)
+            assert_history_close(json.loads(dump["history"]), single.history, 1e-5)
     assert len(json.loads(runs["multi"][1][0]["history"])) == 2
 
 

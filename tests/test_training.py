@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from xrayjax.data import DataConfig, Split, Splits, load_splits
+from training_helpers import SIZE, assert_close, assert_history_close, flat, tiny_config, tiny_splits
+from xrayjax.data import DataConfig, load_splits
 from xrayjax.models import BLOCKS, create_model
 from xrayjax.training import (
-    TrainConfig,
     TrainingDiverged,
     build_step_model,
     init_variables,
@@ -22,57 +22,16 @@ from xrayjax.training import (
     trainable_mask,
 )
 
-SIZE = 32
-
-
-def _split(rng: np.random.Generator, n: int, classes: int) -> Split:
-    images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-    labels = (np.arange(n) % classes).astype(np.int32)
-    return Split(images, labels, tuple(f"img{i}.png" for i in range(n)))
-
-
-def _splits(task: str, n_train: int = 10) -> Splits:
-    rng = np.random.default_rng(0)
-    classes = 2 if task == "binary" else 4
-    names = ("covid", "normal") if task == "binary" else ("covid", "normal", "pneumonia_bac", "pneumonia_vir")
-    return Splits(_split(rng, n_train, classes), _split(rng, 6, classes), _split(rng, 4, classes), names)
-
-
-def _config(tmp_path, name: str, **kw) -> TrainConfig:
-    base = dict(arch="vgg16", task="binary", init="random", image_size=SIZE, epochs=2,
-                batch_size=4, out=str(tmp_path / name), quiet=True, evaluate=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def _flat(tree) -> dict:
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _assert_close(a, b, tol: float) -> None:
-    a, b = _flat(a), _flat(b)
-    assert a.keys() == b.keys()
-    for k in a:
-        scale = max(1.0, float(np.max(np.abs(a[k]))))
-        assert np.max(np.abs(a[k] - b[k])) <= tol * scale, k
-
-
-def _assert_history_close(h1, h2, tol: float) -> None:
-    assert len(h1) == len(h2)
-    for e1, e2 in zip(h1, h2):
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-            assert e1[key] == pytest.approx(e2[key], rel=tol, abs=tol), key
-
-
 @pytest.fixture(scope="module")
 def vgg_runs(tmp_path_factory):
     """vgg16 binary, 2 epochs, 10 images in batches of 4 (last batch padded): full path on
     4 and on 1 device, and the cached-feature fast path."""
     tmp = tmp_path_factory.mktemp("vgg")
-    splits = _splits("binary")
+    splits = tiny_splits("binary")
     return {
-        "full4": train(_config(tmp, "full4", cache_features=False, num_devices=4), splits),
-        "full1": train(_config(tmp, "full1", cache_features=False, num_devices=1), splits),
-        "fast4": train(_config(tmp, "fast4", num_devices=4), splits),
+        "full4": train(tiny_config(tmp, "full4", cache_features=False, num_devices=4), splits),
+        "full1": train(tiny_config(tmp, "full1", cache_features=False, num_devices=1), splits),
+        "fast4": train(tiny_config(tmp, "fast4", num_devices=4), splits),
         "splits": splits,
         "tmp": tmp,
     }
@@ -83,22 +42,22 @@ def test_frozen_backbone_bit_identical_head_moves_vgg16(vgg_runs):
     model = build_step_model("vgg16", "binary")
     start = init_variables(model, SIZE, init="random", seed=0)
     final = jax.device_get(result.state.params)
-    for name, kernel in _flat(start["params"]["backbone"]).items():
-        assert np.array_equal(kernel, _flat(final["backbone"])[name]), name
-    moved = [not np.array_equal(v, _flat(final["head"])[k]) for k, v in _flat(start["params"]["head"]).items()]
+    for name, kernel in flat(start["params"]["backbone"]).items():
+        assert np.array_equal(kernel, flat(final["backbone"])[name]), name
+    moved = [not np.array_equal(v, flat(final["head"])[k]) for k, v in flat(start["params"]["head"]).items()]
     assert all(moved)
     assert int(result.state.step) == 2 * 3  # ceil(10 / 4) steps per epoch
 
 
 def test_four_devices_equal_one_device(vgg_runs):
-    _assert_history_close(vgg_runs["full4"].history, vgg_runs["full1"].history, 1e-5)
-    _assert_close(vgg_runs["full4"].state.params, vgg_runs["full1"].state.params, 1e-5)
+    assert_history_close(vgg_runs["full4"].history, vgg_runs["full1"].history, 1e-5)
+    assert_close(vgg_runs["full4"].state.params, vgg_runs["full1"].state.params, 1e-5)
 
 
 def test_cached_features_equal_full_path(vgg_runs):
-    _assert_history_close(vgg_runs["fast4"].history, vgg_runs["full4"].history, 1e-5)
-    _assert_close(vgg_runs["fast4"].state.params, vgg_runs["full4"].state.params, 1e-5)
-    _assert_close(vgg_runs["fast4"].state.opt_state, vgg_runs["full4"].state.opt_state, 1e-5)
+    assert_history_close(vgg_runs["fast4"].history, vgg_runs["full4"].history, 1e-5)
+    assert_close(vgg_runs["fast4"].state.params, vgg_runs["full4"].state.params, 1e-5)
+    assert_close(vgg_runs["fast4"].state.opt_state, vgg_runs["full4"].state.opt_state, 1e-5)
 
 
 def test_run_folder_and_load_run(vgg_runs):
@@ -114,7 +73,7 @@ def test_run_folder_and_load_run(vgg_runs):
     assert "features" not in vgg_runs["full4"].timings and vgg_runs["full4"].timings["compile"] > 0
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
-    _assert_close(run.variables["params"], result.state.params, 0.0)
+    assert_close(run.variables["params"], result.state.params, 0.0)
     images = vgg_runs["splits"].test.images
     logits = run.model.apply(run.variables, images.astype(np.float32), train=False)
     assert logits.shape == (len(images), 1)
@@ -122,23 +81,23 @@ def test_run_folder_and_load_run(vgg_runs):
 
 def test_resume_equals_uninterrupted_run(vgg_runs):
     tmp, splits = vgg_runs["tmp"], vgg_runs["splits"]
-    first = train(_config(tmp, "resumed", num_devices=4, epochs=1), splits)
+    first = train(tiny_config(tmp, "resumed", num_devices=4, epochs=1), splits)
     assert len(first.history) == 1
-    resumed = train(_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
+    resumed = train(tiny_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(vgg_runs["fast4"].history)
-    _assert_close(resumed.state.params, vgg_runs["fast4"].state.params, 0.0)
-    _assert_close(resumed.state.opt_state, vgg_runs["fast4"].state.opt_state, 0.0)
+    assert_close(resumed.state.params, vgg_runs["fast4"].state.params, 0.0)
+    assert_close(resumed.state.opt_state, vgg_runs["fast4"].state.opt_state, 0.0)
     with pytest.raises(ValueError, match="other settings: lr"):
-        train(_config(tmp, "resumed", num_devices=4, lr=1e-3, resume=True), splits)
+        train(tiny_config(tmp, "resumed", num_devices=4, lr=1e-3, resume=True), splits)
     with pytest.raises(ValueError, match="--resume"):
-        train(_config(tmp, "resumed", num_devices=4), splits)
+        train(tiny_config(tmp, "resumed", num_devices=4), splits)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # One step per epoch: epoch 1 is finite, its 1e30-sized Adam update blows up epoch 2.
-    config = _config(tmp_path, "nan", lr=1e30, batch_size=8, num_devices=4)
-    splits = _splits("binary", n_train=8)
+    config = tiny_config(tmp_path, "nan", lr=1e30, batch_size=8, num_devices=4)
+    splits = tiny_splits("binary", n_train=8)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1.*epoch 1\) is kept.*lower --lr"):
         train(config, splits)
     assert len(json.loads((tmp_path / "nan" / "history.json").read_text())) == 1
@@ -147,7 +106,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_missing_weights_message(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"weights/port.py --arch vgg16.*--init random"):
-        train(_config(tmp_path, "w", init="imagenet", weights_dir=str(tmp_path)), _splits("binary"))
+        train(tiny_config(tmp_path, "w", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
     code = main(["--arch", "vgg19", "--weights-dir", str(tmp_path), "--out", str(tmp_path / "cli"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
@@ -168,31 +127,31 @@ def test_trainable_mask_opens_last_blocks():
 
 
 def test_fine_tune_opens_only_the_last_block(tmp_path):
-    result = train(_config(tmp_path, "ft", task="four_class", fine_tune=1, epochs=1), _splits("four_class"))
+    result = train(tiny_config(tmp_path, "ft", task="four_class", fine_tune=1, epochs=1), tiny_splits("four_class"))
     start = init_variables(build_step_model("vgg16", "four_class"), SIZE, init="random", seed=0)
-    final = _flat(jax.device_get(result.state.params["backbone"]))
-    for name, value in _flat(start["params"]["backbone"]).items():
+    final = flat(jax.device_get(result.state.params["backbone"]))
+    for name, value in flat(start["params"]["backbone"]).items():
         assert np.array_equal(value, final[name]) == (not name.startswith("['block5_")), name
 
 
 def test_frozen_resnet50_weights_and_statistics_bit_identical(tmp_path):
     """BatchNorm in the backbone (frozen: statistics never move) and in the head (they move)."""
-    config = _config(tmp_path, "resnet", arch="resnet50", task="four_class", epochs=1,
+    config = tiny_config(tmp_path, "resnet", arch="resnet50", task="four_class", epochs=1,
                      cache_features=False, num_devices=2)
-    result = train(config, _splits("four_class", n_train=6))
+    result = train(config, tiny_splits("four_class", n_train=6))
     start = init_variables(build_step_model("resnet50", "four_class"), SIZE, init="random", seed=0)
     final = jax.device_get({"params": result.state.params, "batch_stats": result.state.batch_stats})
     for col in ("params", "batch_stats"):
-        backbone = _flat(final[col]["backbone"])
-        assert all(np.array_equal(v, backbone[k]) for k, v in _flat(start[col]["backbone"]).items()), col
-        head = _flat(final[col]["head"])
-        assert not any(np.array_equal(v, head[k]) for k, v in _flat(start[col]["head"]).items()), col
+        backbone = flat(final[col]["backbone"])
+        assert all(np.array_equal(v, backbone[k]) for k, v in flat(start[col]["backbone"]).items()), col
+        head = flat(final[col]["head"])
+        assert not any(np.array_equal(v, head[k]) for k, v in flat(start[col]["head"]).items()), col
 
 
 def test_real_data_training_loss_falls(data_root, tmp_path):
     splits = load_splits(DataConfig(task="binary", data_dir=str(data_root), tfds_dir=str(tmp_path / "tfds"),
                                     image_size=64))
-    config = _config(tmp_path, "real", image_size=64, epochs=4, batch_size=16, lr=1e-3)
+    config = tiny_config(tmp_path, "real", image_size=64, epochs=4, batch_size=16, lr=1e-3)
     history = train(config, splits).history
     assert len(history) == 4
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]

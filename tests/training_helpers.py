@@ -1,0 +1,48 @@
+"""Tiny synthetic data, run settings and tree comparisons shared by the training tests."""
+
+import jax
+import numpy as np
+import pytest
+
+from xrayjax.data import Split, Splits
+from xrayjax.training import TrainConfig
+
+SIZE = 32
+
+
+def _split(rng: np.random.Generator, n: int, classes: int) -> Split:
+    images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return Split(images, labels, tuple(f"img{i}.png" for i in range(n)))
+
+
+def tiny_splits(task: str, n_train: int = 10) -> Splits:
+    rng = np.random.default_rng(0)
+    classes = 2 if task == "binary" else 4
+    names = ("covid", "normal") if task == "binary" else ("covid", "normal", "pneumonia_bac", "pneumonia_vir")
+    return Splits(_split(rng, n_train, classes), _split(rng, 6, classes), _split(rng, 4, classes), names)
+
+
+def tiny_config(tmp_path, name: str, **kw) -> TrainConfig:
+    base = dict(arch="vgg16", task="binary", init="random", image_size=SIZE, epochs=2,
+                batch_size=4, out=str(tmp_path / name), quiet=True, evaluate=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_close(a, b, tol: float) -> None:
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(1.0, float(np.max(np.abs(a[k]))))
+        assert np.max(np.abs(a[k] - b[k])) <= tol * scale, k
+
+
+def assert_history_close(h1, h2, tol: float) -> None:
+    assert len(h1) == len(h2)
+    for e1, e2 in zip(h1, h2):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert e1[key] == pytest.approx(e2[key], rel=tol, abs=tol), key
