@@ -132,7 +132,7 @@ def merge_keras_weights(
     Raises:
         WeightMismatchError: listing every missing, unexpected and shape-mismatched key.
     """
-    import jax.numpy as jnp
+    import jax
 
     extra = sorted(set(template) - set(_COLLECTIONS))
     if extra:
@@ -169,7 +169,7 @@ def merge_keras_weights(
             elif _shape(values[i]) != _shape(leaf):
                 mismatched.append((key, _shape(leaf), _shape(values[i])))
             else:
-                value = jnp.asarray(np.asarray(values[i], dtype=leaf.dtype))
+                value = jax.device_put(np.asarray(values[i], dtype=leaf.dtype))
                 filled[collection].setdefault(path, {})[entry] = value
         extra = enumerate(values[len(slots) :], len(slots))
         unexpected += [f"{name}[{i}] {_shape(v)}" for i, v in extra]

@@ -263,12 +263,12 @@ def init_variables(
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:
     """A fresh TrainState (float32 params, optimizer state of the trainable leaves only)."""
-    params = jax.tree.map(jnp.asarray, dict(variables["params"]))
+    params = jax.device_put(dict(variables["params"]))  # jnp.asarray would compile per shape
     return TrainState.create(
         apply_fn=create_model(model.arch, model.task).apply,
         params=params,
         tx=make_optimizer(params, model.arch, model.fine_tune, lr),
-        batch_stats=jax.tree.map(jnp.asarray, dict(variables["batch_stats"])),
+        batch_stats=jax.device_put(dict(variables["batch_stats"])),
     )
 
 
@@ -537,8 +537,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         class_names=tuple(meta["class_names"]),
         model=create_model(config.arch, config.task, dropout=config.dropout),
         variables={
-            "params": jax.tree.map(jnp.asarray, state["params"]),
-            "batch_stats": jax.tree.map(jnp.asarray, state.get("batch_stats") or {}),
+            "params": jax.device_put(state["params"]),
+            "batch_stats": jax.device_put(state.get("batch_stats") or {}),
         },
         history=_read_history(run_dir / HISTORY_FILE),
         run_dir=run_dir,
@@ -642,8 +642,9 @@ def _features_fit_on_device(nbytes: int, device: jax.Device) -> bool:
 
 
 class Timings(dict):
-    """Wall seconds per phase of a run (``data_load``, ``compile``, ``features``, ``train``,
-    ``evaluate``), written to ``<out>/timings.json``; device work is synchronised inside."""
+    """Wall seconds per phase of a run (``setup``: initial variables and optimizer state,
+    ``data_load``, ``compile``, ``features``, ``train``, ``evaluate``), written to
+    ``<out>/timings.json``; device work is synchronised inside."""
 
     def add(self, name: str, seconds: float) -> None:
         self[name] = round(self.get(name, 0.0) + seconds, 3)
@@ -875,14 +876,16 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     if config.init == "random":
         log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
             "not from ImageNet")
-    variables = init_variables(
-        model, config.image_size, init=config.init, weights_dir=config.weights_dir, seed=config.seed
-    )
     timings = Timings()
+    with timings.phase("setup"):
+        variables = init_variables(
+            model, config.image_size, init=config.init, weights_dir=config.weights_dir, seed=config.seed
+        )
     if splits is None:
         with timings.phase("data_load"):
             splits = load_splits(config.data_config())
-    state = create_train_state(model, variables, config.lr)
+    with timings.phase("setup"):
+        state = create_train_state(model, variables, config.lr)
     start = 0
     if checkpoint is not None:
         state = serialization.from_state_dict(state, checkpoint["state"])
