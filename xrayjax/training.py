@@ -61,7 +61,7 @@ from xrayjax.models import (
     create_model,
     fold_batchnorm,
 )
-from xrayjax.porting import write_atomic
+from xrayjax.porting import save_variables, write_atomic
 from xrayjax.preprocessing import preprocess_input
 
 AXIS = "batch"
@@ -571,10 +571,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 def _split_frozen(model: StepModel, state: TrainState) -> tuple[dict, dict]:
     """(moving, frozen) parts of ``state``'s params and batch_stats. Frozen leaves (those the
     optimizer never opens, and the backbone's statistics) are written once, not every epoch."""
-    mask = traverse_util.flatten_dict(trainable_mask(state.params, model.arch, model.fine_tune))
-    params = traverse_util.flatten_dict(state.params)
-    moving = {k: v for k, v in params.items() if mask[k]}
-    frozen = {k: v for k, v in params.items() if not mask[k]}
+    moving, frozen = _split_trainable(model, state.params)
     stats = state.batch_stats
     return (
         {"params": traverse_util.unflatten_dict(moving), "batch_stats": {"backbone": {}, "head": stats["head"]}},
@@ -612,9 +609,8 @@ def _save_checkpoint(
     a frozen VGG19 that is 2 MB of head and optimizer state instead of 80 MB).
     """
     moving, frozen = _split_frozen(model, state)
-    frozen_path = path.with_name(FROZEN_FILE)
     if epoch == 1:  # a fresh run: (over)write them, so no other run's file is ever reused
-        write_atomic(frozen_path, serialization.msgpack_serialize(jax.device_get(frozen)))
+        save_variables(frozen, path.with_name(FROZEN_FILE))
     payload = {
         "state": serialization.to_state_dict(jax.device_get(state.replace(**moving))),
         "epoch": epoch,
