@@ -1,6 +1,7 @@
 """Evaluation: metrics against hand-computed values, figures, Grad-CAM, prediction, evaluate_run."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,13 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from xrayjax import figures
-from xrayjax.data import DataConfig, Splits, load_splits
+from xrayjax.data import DataConfig, Split, Splits, load_splits
 from xrayjax.evaluate import compute_metrics, evaluate_run, gradcam_indices, tsne_points
 from xrayjax.evaluate import main as evaluate_main
 from xrayjax.gradcam import grad_cam
 from xrayjax.models import create_model
 from xrayjax.predict import main as predict_main
-from xrayjax.predict import predict
+from xrayjax.predict import backbone_features, predict
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.training import TrainConfig, load_run, train
 
@@ -147,6 +148,11 @@ def test_gradcam_on_a_four_class_model_has_image_shape_and_range():
     assert all(h.max() == pytest.approx(1.0) or h.max() == 0.0 for h in heat)
     expected = model.apply(variables, preprocess_input(images), train=False)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-3)
+    # from features computed beforehand (training's cache) only the head runs: same maps
+    features = backbone_features(model, variables, images)
+    heat_cached, logits_cached = grad_cam(model, variables, np.zeros_like(images), features=features)
+    np.testing.assert_allclose(heat_cached, heat, atol=1e-5)
+    np.testing.assert_allclose(logits_cached, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_binary_gradcam_flips_the_sign_for_class_zero():
@@ -203,6 +209,28 @@ def test_evaluate_run_writes_metrics_and_figures(tiny_run):
     assert "P(normal)" in metrics["probabilities"]
     for name in ("curves", "confusion", "tsne", "gradcam"):
         _assert_readable_png(run_dir / f"{name}.png")
+
+
+def test_evaluate_run_from_cached_features_runs_only_the_head(tiny_run, tmp_path):
+    run_dir, splits = tiny_run
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
+    run = load_run(run_dir)
+    features = {name: backbone_features(run.model, run.variables, getattr(splits, name).images)
+                for name in ("train", "validation", "test")}
+    expected = evaluate_run(run_dir, splits, quiet=True)
+    # Blank images: whatever the metrics say can only come from the features.
+    blank = Splits(*(Split(np.zeros_like(s.images), s.labels, s.names)
+                     for s in (splits.train, splits.validation, splits.test)), splits.class_names)
+    got = evaluate_run(run_dir, blank, quiet=True, features=features)
+    assert got["accuracy_by_split"] == expected["accuracy_by_split"]
+    assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+    for row, want in zip(got["test_predictions"], expected["test_predictions"]):
+        assert row["predicted"] == want["predicted"]
+        np.testing.assert_allclose(list(row["probabilities"].values()),
+                                   list(want["probabilities"].values()), atol=1e-5)
+    _assert_readable_png(run_dir / "gradcam.png")
+    with pytest.raises(ValueError, match="features of the test split: 2 rows for 12 images"):
+        evaluate_run(run_dir, splits, quiet=True, features={**features, "test": features["test"][:2]})
 
 
 def _write_modes(folder, source):

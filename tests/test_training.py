@@ -3,6 +3,7 @@ exact resume, clear stops (missing weights, NaN), fine-tuning opens only the las
 and a short run on the real data learns. CPU, tiny images, 4 virtual devices (conftest)."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 from flax import traverse_util
 
 from training_helpers import SIZE, assert_close, assert_history_close, flat, tiny_config, tiny_splits
-from xrayjax.data import DataConfig, load_splits
+from xrayjax import training
+from xrayjax.data import DataConfig, Splits, load_splits
+from xrayjax.evaluate import evaluate_run
 from xrayjax.models import BLOCKS, create_model
 from xrayjax.training import (
     TrainingDiverged,
@@ -31,7 +34,7 @@ def vgg_runs(tmp_path_factory):
     return {
         "full4": train(tiny_config(tmp, "full4", cache_features=False, num_devices=4), splits),
         "full1": train(tiny_config(tmp, "full1", cache_features=False, num_devices=1), splits),
-        "fast4": train(tiny_config(tmp, "fast4", num_devices=4), splits),
+        "fast4": train(tiny_config(tmp, "fast4", num_devices=4, evaluate=True), splits),
         "splits": splits,
         "tmp": tmp,
     }
@@ -60,6 +63,36 @@ def test_cached_features_equal_full_path(vgg_runs):
     assert_close(vgg_runs["fast4"].state.opt_state, vgg_runs["full4"].state.opt_state, 1e-5)
 
 
+def test_evaluation_at_the_end_uses_the_cached_features(vgg_runs, tmp_path):
+    # The fast path hands its cached backbone features (test split included) to the
+    # evaluation; the same run evaluated afresh through the backbone must agree.
+    result = vgg_runs["fast4"]
+    assert result.metrics["n"] == len(vgg_runs["splits"].test)
+    assert json.loads((result.run_dir / "metrics.json").read_text()) == result.metrics
+    again = evaluate_run(shutil.copytree(result.run_dir, tmp_path / "again"), vgg_runs["splits"], quiet=True)
+    assert again["accuracy_by_split"] == result.metrics["accuracy_by_split"]
+    for cached, fresh in zip(result.metrics["test_predictions"], again["test_predictions"]):
+        assert cached["predicted"] == fresh["predicted"]
+        np.testing.assert_allclose(list(cached["probabilities"].values()),
+                                   list(fresh["probabilities"].values()), atol=1e-5)
+
+
+def test_no_validation_split_and_features_too_big_for_the_device(vgg_runs, tmp_path, monkeypatch):
+    # An empty validation split (--val-fraction 0) trains on both paths; when the features
+    # would not fit in device memory the run falls back to the full path. Same training.
+    splits = vgg_runs["splits"]
+    no_val = Splits(splits.train, splits.validation.take(np.arange(0)), splits.test, splits.class_names)
+    fast = train(tiny_config(tmp_path, "fast", num_devices=4), no_val)
+    monkeypatch.setattr(training, "_features_fit_on_device", lambda *args: False)
+    full = train(tiny_config(tmp_path, "full", num_devices=4), no_val)
+    assert "features" in fast.timings and "features" not in full.timings
+    for run in (fast, full):
+        assert [e["val_accuracy"] for e in run.history] == [0.0, 0.0]
+        assert [e["train_loss"] for e in run.history] == pytest.approx(
+            [e["train_loss"] for e in vgg_runs["fast4"].history], rel=1e-5)
+    assert_close(fast.state.params, full.state.params, 1e-5)
+
+
 def test_run_folder_and_load_run(vgg_runs):
     result = vgg_runs["fast4"]
     meta = json.loads(result.config_path.read_text())
@@ -69,7 +102,7 @@ def test_run_folder_and_load_run(vgg_runs):
     assert json.loads(result.history_path.read_text()) == result.history
     # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
     assert json.loads((result.run_dir / "timings.json").read_text()) == result.timings
-    assert {"compile", "features", "train"} <= set(result.timings)
+    assert {"compile", "features", "train", "evaluate"} <= set(result.timings)
     assert "features" not in vgg_runs["full4"].timings and vgg_runs["full4"].timings["compile"] > 0
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
@@ -151,8 +184,10 @@ def test_frozen_resnet50_weights_and_statistics_bit_identical(tmp_path):
 def test_real_data_training_loss_falls(data_root, tmp_path):
     splits = load_splits(DataConfig(task="binary", data_dir=str(data_root), tfds_dir=str(tmp_path / "tfds"),
                                     image_size=64))
-    config = tiny_config(tmp_path, "real", image_size=64, epochs=4, batch_size=16, lr=1e-3)
+    # 10 epochs (cheap on the fast path): on random 64-px features the loss is noisy from
+    # epoch to epoch, by 10 it is below 0.65x the first for seeds 0, 1 and 2
+    config = tiny_config(tmp_path, "real", image_size=64, epochs=10, batch_size=16, lr=1e-3)
     history = train(config, splits).history
-    assert len(history) == 4
-    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
-    assert history[-1]["train_accuracy"] > 0.6
+    assert len(history) == 10
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["train_accuracy"] > 0.7

@@ -13,7 +13,8 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.manifold import TSNE
@@ -29,7 +30,7 @@ from xrayjax import figures
 from xrayjax.data import DataError, Split, Splits, load_splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.porting import write_atomic
-from xrayjax.predict import BATCH_SIZE, infer, probabilities
+from xrayjax.predict import BATCH_SIZE, infer, infer_features, probabilities
 from xrayjax.training import Run, load_run
 
 GRADCAM_IMAGES = 8
@@ -130,7 +131,12 @@ def _test_predictions(split: Split, probs: np.ndarray, class_names: Sequence[str
 
 
 def _write_figures(
-    run: Run, splits: Splits, outputs: dict, metrics: dict, run_dir: pathlib.Path
+    run: Run,
+    splits: Splits,
+    outputs: dict,
+    metrics: dict,
+    run_dir: pathlib.Path,
+    test_features: np.ndarray | None,
 ) -> dict[str, str]:
     """curves.png, confusion.png, tsne.png and gradcam.png into ``run_dir``; their names."""
     class_names = tuple(run.class_names)
@@ -157,7 +163,10 @@ def _write_figures(
         title=f"{title}\nt-SNE of the head's penultimate features",
     )
     chosen = gradcam_indices(splits.test.labels)
-    heat, logits = grad_cam(run.model, run.variables, splits.test.images[chosen])
+    heat, logits = grad_cam(
+        run.model, run.variables, splits.test.images[chosen],
+        features=None if test_features is None else np.asarray(test_features)[chosen],
+    )
     chosen_probs = probabilities(logits)
     figures.plot_gradcam(
         splits.test.images[chosen],
@@ -176,10 +185,13 @@ def evaluate_run(
     splits: Splits | None = None,
     batch_size: int = BATCH_SIZE,
     quiet: bool = False,
+    features: Mapping[str, Any] | None = None,
 ) -> dict:
     """Test metrics and the four figures of a run, written into ``run_dir``; returns the metrics.
 
     ``splits`` defaults to the data the run was trained on (its config.json settings).
+    ``features`` maps split names to the backbone's output for every image of that split, in
+    order (training's feature cache): given for all three splits, only the head runs here.
     """
     run = load_run(run_dir)
     run_dir = pathlib.Path(run_dir)
@@ -194,12 +206,20 @@ def evaluate_run(
             f"the data's classes {splits.class_names} differ from the run's {class_names} "
             f"({run_dir / 'config.json'}): evaluate with the task the run was trained on"
         )
-    outputs = {
-        name: infer(run.model, run.variables, split, batch_size,
-                    desc=None if quiet else f"evaluating {name}")
-        for name in ("train", "validation", "test")
-        if len(split := getattr(splits, name))
-    }
+    names = [name for name in ("train", "validation", "test") if len(getattr(splits, name))]
+    cached = features is not None and all(name in features for name in names)
+    if cached:
+        for name in names:
+            if len(features[name]) != len(getattr(splits, name)):
+                raise ValueError(f"features of the {name} split: {len(features[name])} rows for "
+                                 f"{len(getattr(splits, name))} images")
+        outputs = dict(zip(names, infer_features(run.model, run.variables, [features[n] for n in names])))
+    else:
+        outputs = {
+            name: infer(run.model, run.variables, getattr(splits, name), batch_size,
+                        desc=None if quiet else f"evaluating {name}")
+            for name in names
+        }
     probs = {name: probabilities(logits) for name, (logits, _) in outputs.items()}
     metrics = compute_metrics(splits.test.labels, probs["test"], class_names)
     metrics["probabilities"] = (
@@ -216,7 +236,9 @@ def evaluate_run(
         key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")
     }
     metrics["test_predictions"] = _test_predictions(splits.test, probs["test"], class_names)
-    metrics["figures"] = _write_figures(run, splits, outputs, metrics, run_dir)
+    metrics["figures"] = _write_figures(
+        run, splits, outputs, metrics, run_dir, features["test"] if cached else None
+    )
     write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
 

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from xrayjax.preprocessing import preprocess_input
-
-
-def _part(variables: Mapping, name: str) -> dict:
-    """The variables of one submodule ("backbone" or "head") of a Classifier."""
-    return {collection: tree[name] for collection, tree in variables.items() if name in tree}
+from xrayjax.models import submodule_variables
+from xrayjax.predict import backbone_features
 
 
 def grad_cam(
-    model: nn.Module, variables: Mapping, images: np.ndarray, classes: np.ndarray | None = None
+    model: nn.Module,
+    variables: Mapping,
+    images: np.ndarray,
+    classes: np.ndarray | None = None,
+    features: np.ndarray | jax.Array | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps for uint8 RGB images (N, S, S, 3) -> ((N, S, S) in [0, 1], logits).
 
@@ -31,20 +31,23 @@ def grad_cam(
     (one logit, the evidence for class 1) it is the logit for class 1 and minus the logit
     for class 0. Channel weights are the spatial mean of the score's gradient with respect
     to the feature map; the weighted sum is ReLU-ed, resized bilinearly to the image size
-    and divided by its maximum (an all-zero map stays zero).
+    and divided by its maximum (an all-zero map stays zero). ``features``: the backbone's
+    output for ``images`` when already computed (training's feature cache); the backbone
+    then does not run again.
     """
+    if features is None:
+        features = backbone_features(model, variables, jnp.asarray(images))
     targets = None if classes is None else jnp.asarray(classes, jnp.int32)
-    heatmaps, logits = _grad_cam(model, variables, jnp.asarray(images), targets)
+    heatmaps, logits = _grad_cam(
+        model.head, submodule_variables(variables, "head"), jnp.asarray(features), images.shape[1:3], targets
+    )
     return np.asarray(heatmaps), np.asarray(logits)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _grad_cam(
-    model: nn.Module, variables: Mapping, images: jax.Array, classes: jax.Array | None
+    head: nn.Module, head_vars: Mapping, features: jax.Array, size: tuple[int, int], classes: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
-    backbone, head = model.backbone, model.head
-    backbone_vars, head_vars = _part(variables, "backbone"), _part(variables, "head")
-    features = backbone.apply(backbone_vars, preprocess_input(images), train=False)
     logits = head.apply(head_vars, features, train=False)
     if classes is None:
         binary = logits.shape[-1] == 1
@@ -58,6 +61,6 @@ def _grad_cam(
 
     weights = jax.grad(score)(features).mean(axis=(1, 2))
     cam = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", features, weights))
-    cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), method="bilinear")
+    cam = jax.image.resize(cam, (cam.shape[0], *size), method="bilinear")
     peak = cam.max(axis=(1, 2), keepdims=True)
     return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0), logits

@@ -266,6 +266,11 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x, train=False), train)
 
 
+def submodule_variables(variables: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The variables of one submodule (``"backbone"`` or ``"head"``) of a :class:`Classifier`."""
+    return {collection: tree[name] for collection, tree in variables.items() if name in tree}
+
+
 # Registries, big_vision style: a name maps to a factory; unknown names list the valid ones.
 _BACKBONES: dict[str, Callable[[Any], nn.Module]] = {
     **{arch: functools.partial(VGG, depths) for arch, depths in _VGG_DEPTHS.items()},

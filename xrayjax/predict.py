@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from scipy.special import expit, softmax
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from xrayjax.data import DataError, Split, batches
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
+from xrayjax.models import submodule_variables
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.training import Run, load_run
 
@@ -46,14 +48,33 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(
-    model: nn.Module, variables: Mapping, images: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Logits and the head's sown "embedding" (penultimate activations) of uint8 images."""
-    logits, state = model.apply(
-        variables, preprocess_input(images), train=False, mutable=["intermediates"]
+def backbone_features(model: nn.Module, variables: Mapping, images: jax.Array) -> jax.Array:
+    """The backbone's output feature maps of uint8 images, given a Classifier's variables."""
+    return model.backbone.apply(
+        submodule_variables(variables, "backbone"), preprocess_input(images), train=False
     )
-    return logits, state["intermediates"]["head"]["embedding"][0]
+
+
+def _head_outputs(model: nn.Module, variables: Mapping, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits and the head's sown "embedding" (penultimate activations), inference mode."""
+    logits, state = model.head.apply(
+        submodule_variables(variables, "head"), features, train=False, mutable=["intermediates"]
+    )
+    return logits, state["intermediates"]["embedding"][0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model: nn.Module, variables: Mapping, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _head_outputs(model, variables, backbone_features(model, variables, images))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_features(
+    model: nn.Module, variables: Mapping, features: tuple[jax.Array, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    logits, embeddings = _head_outputs(model, variables, jnp.concatenate(features))
+    ends = np.cumsum([len(f) for f in features])[:-1]
+    return tuple(jnp.split(logits, ends)), tuple(jnp.split(embeddings, ends))
 
 
 def infer(
@@ -78,6 +99,18 @@ def infer(
         logits.append(np.asarray(out_logits)[keep])
         embeddings.append(np.asarray(out_embeddings)[keep])
     return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def infer_features(
+    model: nn.Module, variables: Mapping, features: Sequence[jax.Array | np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`infer` from backbone feature maps already computed (training's feature cache).
+
+    Only the head runs, once for all the arrays together (one small compilation); returns
+    ``(logits, embedding)`` per array, in order.
+    """
+    logits, embeddings = _forward_features(model, variables, tuple(features))
+    return [(np.asarray(lg), np.asarray(em)) for lg, em in zip(logits, embeddings)]
 
 
 def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarray:
