@@ -28,14 +28,17 @@ steps built by ``make_*_step`` that a benchmark or a multi-host driver can reuse
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -670,14 +673,18 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1,) + x.shape[2:])
 
 
+def _feature_shape(model: StepModel, image_size: int) -> tuple[int, ...]:
+    """The backbone's output shape for one image (traced for shapes only, nothing compiled)."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda k, x: model.backbone.init_with_output(k, x)[0], jax.random.key(0), x).shape[1:]
+
+
 def _features_fit_on_device(model: StepModel, image_size: int, rows: int, device: jax.Device) -> bool:
     """Whether ``rows`` float32 backbone outputs fit in half of ``device``'s free memory."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return True  # CPU: device memory is host memory
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    out = jax.eval_shape(lambda k, x: model.backbone.init_with_output(k, x)[0], jax.random.key(0), x)
-    nbytes = rows * math.prod(out.shape[1:]) * 4
+    nbytes = rows * math.prod(_feature_shape(model, image_size)) * 4
     return nbytes < 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
@@ -744,43 +751,29 @@ class _Trainer:
             return jax.device_put(state, self.home)
         return replicate(state, self.devices)
 
-    def _compiled(self, fn: Callable, *example: Any) -> Callable:
-        """``fn`` compiled ahead of time for ``example`` (timed as ``compile``; every batch
-        has one shape). Across processes a pmap lowered ahead of time expects global shapes
-        while each process feeds its local shard, so there ``fn`` compiles at its first call.
-        """
+    def _compiled(self, *jobs: tuple[Callable, tuple]) -> list[Callable]:
+        """Each ``(fn, example_args)`` compiled ahead of time (timed as ``compile``; every
+        batch has one shape): lowered in turn, then compiled on parallel threads, as XLA
+        compiles with the GIL released. Across processes a pmap lowered ahead of time
+        expects global shapes while each process feeds its local shard, so there each ``fn``
+        compiles at its first call."""
         if jax.process_count() > 1:
-            return fn
+            return [fn for fn, _ in jobs]
         with self.timings.phase("compile"):
-            return fn.lower(*example).compile()
+            lowered = [fn.lower(*example) for fn, example in jobs]
+            with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+                return list(pool.map(lambda program: program.compile(), lowered))
 
     def compile(self, state: TrainState) -> None:
-        """Compile the full path's steps ahead of time."""
-        example = distributed.local_shard(next(self._batches(self.splits.train, False, 0)), self.devices)
-        self.train_fn = self._compiled(self.train_fn, state, example, epoch_key(0, 0))
-        self.eval_fn = self._compiled(self.eval_fn, state, example)
-
-    def _compile_head_steps(self, state: TrainState) -> None:
-        self.head_train = self._compiled(self.head_train, state, *self._epoch_rows("train", False, 0),
-                                         epoch_key(0, 0))
-        if len(self.splits.validation):
-            self.head_eval = self._compiled(self.head_eval, state, *self._epoch_rows("validation", False, 0))
-
-    def _epoch_rows(self, name: str, shuffle: bool, epoch: int) -> tuple:
-        """The fast path's inputs for one pass over a split: its cached features and labels,
-        and each step's rows of them and padding mask (S, B)."""
-        steps = list(self._batches(getattr(self.splits, name), shuffle, epoch))
-        index = np.stack([_flat(batch["label"]) for batch in steps])
-        mask = np.stack([_flat(batch["mask"]) for batch in steps])
-        return (*self.features[name], index, mask)
-
-    def cache(self, state: TrainState) -> None:
-        """Backbone features of every split, once (the fast path); then compile the head steps.
-
-        The test split's are kept for the evaluation at the end (when the run evaluates), so
-        the backbone never runs twice on an image.
-        """
-        backbone = replicate(
+        """Compile the steps ahead of time: the full path's train and eval steps, or the fast
+        path's feature step and head epochs (for the feature shapes, traced without compiling)."""
+        if not self.fast:
+            example = distributed.local_shard(next(self._batches(self.splits.train, False, 0)), self.devices)
+            self.train_fn, self.eval_fn = self._compiled(
+                (self.train_fn, (state, example, epoch_key(0, 0))), (self.eval_fn, (state, example))
+            )
+            return
+        self.backbone = replicate(
             {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
             self.devices,
         )
@@ -788,7 +781,36 @@ class _Trainer:
             next(batches(self.splits.train, self.config.batch_size, len(self.devices), shuffle=False)),
             self.devices,
         )["image"]
-        feature_fn = self._compiled(make_feature_step(self.model, self.devices), backbone, example)
+        shape = _feature_shape(self.model, self.config.image_size)
+
+        def head_example(name: str) -> tuple:
+            labels = getattr(self.splits, name).labels
+            return (jax.ShapeDtypeStruct((len(labels), *shape), jnp.float32),
+                    jax.ShapeDtypeStruct(labels.shape, labels.dtype), *self._epoch_index(name, False, 0))
+
+        jobs = [(make_feature_step(self.model, self.devices), (self.backbone, example)),
+                (self.head_train, (state, *head_example("train"), epoch_key(0, 0)))]
+        if "validation" in self.cached_splits:
+            jobs.append((self.head_eval, (state, *head_example("validation"))))
+        self.feature_fn, self.head_train, *evaluation = self._compiled(*jobs)
+        if evaluation:
+            (self.head_eval,) = evaluation
+
+    def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each step's rows of a split's cached features and its padding mask, both (S, B)."""
+        steps = list(self._batches(getattr(self.splits, name), shuffle, epoch))
+        return np.stack([_flat(batch["label"]) for batch in steps]), np.stack([_flat(batch["mask"]) for batch in steps])
+
+    def _epoch_rows(self, name: str, shuffle: bool, epoch: int) -> tuple:
+        """The fast path's inputs for one pass over a split: features, labels, rows, mask."""
+        return (*self.features[name], *self._epoch_index(name, shuffle, epoch))
+
+    def cache(self) -> None:
+        """The fast path: backbone features of every split, once, after :meth:`compile`.
+
+        The test split's are kept for the evaluation at the end (when the run evaluates), so
+        the backbone never runs twice on an image.
+        """
         began = time.perf_counter()
         for name in self.cached_splits:
             split = getattr(self.splits, name)
@@ -797,17 +819,15 @@ class _Trainer:
             bar = tqdm(total=total, desc=f"features {name}", disable=self.log.quiet, leave=False)
             for batch in batches(split, self.config.batch_size, len(self.devices), shuffle=False):
                 local = distributed.local_shard(batch, self.devices)["image"]
-                features = _flat(distributed.gather_shards(feature_fn(backbone, local)))
+                features = _flat(distributed.gather_shards(self.feature_fn(self.backbone, local)))
                 chunks.append(features[_flat(batch["mask"]) > 0])
                 bar.update()
             bar.close()
             self.features[name] = jax.device_put((np.concatenate(chunks), split.labels), self.home)
         self.timings.add("features", time.perf_counter() - began)
-        self._compile_head_steps(state)
-        shape = self.features["train"][0].shape
         counts = " + ".join(f"{len(getattr(self.splits, name))} {name}" for name in self.cached_splits)
-        self.log(f"cached backbone features of {counts} images, {shape[1:]} each; training only "
-                 "the head each epoch")
+        shape = self.features["train"][0].shape[1:]
+        self.log(f"cached backbone features of {counts} images, {shape} each; training only the head")
 
     def train_epoch(self, state: TrainState, epoch: int, bar: Any) -> tuple[TrainState, dict]:
         key = epoch_key(self.config.seed, epoch)
@@ -963,10 +983,11 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
     trainer = _Trainer(config, model, splits, devices, log, timings)
     state = trainer.place(state)
     if start < config.epochs:
+        trainer.compile(state)
+        if config.evaluate and writer:
+            _import_in_background("xrayjax.evaluate")
         if trainer.fast:
-            trainer.cache(state)
-        else:
-            trainer.compile(state)
+            trainer.cache()
     steps = math.ceil(len(splits.train) / config.batch_size)
     bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=log.quiet)
     try:
@@ -1022,6 +1043,19 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
         metrics=metrics,
         timings=dict(timings),
     )
+
+
+def _import_in_background(module: str) -> None:
+    """Start importing ``module`` on a daemon thread. The evaluation's imports (scikit-learn,
+    matplotlib: 2 s on the CPU) then overlap the training, which mostly waits on XLA with
+    the GIL released; the ``import`` at the end waits for the thread or finds the module.
+    An ImportError is left for that ``import`` to report."""
+
+    def load() -> None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
 
 
 def _evaluate(run_dir: Path, splits: Any, log: _Log, features: dict[str, Any]) -> dict | None:
