@@ -15,8 +15,9 @@ steps built by ``make_*_step`` that a benchmark or a multi-host driver can reuse
   blocks of ``xrayjax.models.BLOCKS[arch]``; their BatchNorm stays in inference mode
   (Keras' advice for fine-tuning), its scale and offset train.
 - Fast path: with a frozen backbone and no augmentation the backbone runs once per image,
-  its float32 features are cached (on device) and each epoch trains only the head, with
-  the same batches, loss and dropout keys as the full path.
+  its float32 features are cached on device (the test split's too, for the evaluation at
+  the end) and each epoch trains only the head, with the same batches, loss and dropout
+  keys as the full path, as one compiled ``lax.scan`` over the epoch's steps.
 - Multi-host (``xrayjax.distributed``): with several processes pmap maps over the devices
   of every process, each process feeds its own slice of every global batch (all compute
   the same batch order), so the collectives above span hosts and every process gets the
