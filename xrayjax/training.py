@@ -254,7 +254,7 @@ def init_variables(
     CPU and GPU. The head is always initialised from ``seed`` with threefry.
     """
     head_key = jax.random.split(jax.random.key(seed))[1]
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    x = np.zeros((1, image_size, image_size, 3), np.float32)  # numpy: no compile for a constant
     if init == "imagenet":
         from xrayjax.porting import load_pretrained
 
@@ -262,7 +262,7 @@ def init_variables(
     else:
         backbone_vars = jax.jit(model.backbone.init)(jax.random.key(seed, impl="rbg"), x)
     features = jax.eval_shape(model.backbone.apply, backbone_vars, x)
-    head_vars = jax.jit(model.head.init)(head_key, jnp.zeros(features.shape, jnp.float32))
+    head_vars = jax.jit(model.head.init)(head_key, np.zeros(features.shape, np.float32))
     return {
         col: {"backbone": dict(backbone_vars.get(col, {})), "head": dict(head_vars.get(col, {}))}
         for col in ("params", "batch_stats")
@@ -270,12 +270,19 @@ def init_variables(
 
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:
-    """A fresh TrainState (float32 params, optimizer state of the trainable leaves only)."""
+    """A fresh TrainState (float32 params, optimizer state of the trainable leaves only).
+
+    ``TrainState.create`` with the optimizer's init compiled as one program: eagerly, every
+    zeros-like of a new shape compiles on its own.
+    """
     params = jax.device_put(dict(variables["params"]))  # jnp.asarray would compile per shape
-    return TrainState.create(
+    tx = make_optimizer(params, model.arch, model.fine_tune, lr)
+    return TrainState(
+        step=0,
         apply_fn=create_model(model.arch, model.task).apply,
         params=params,
-        tx=make_optimizer(params, model.arch, model.fine_tune, lr),
+        tx=tx,
+        opt_state=jax.jit(tx.init)(params),
         batch_stats=jax.device_put(dict(variables["batch_stats"])),
     )
 
