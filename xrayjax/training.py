@@ -651,24 +651,61 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _save_checkpoint(
+def _checkpoint_writer(
     path: Path, model: StepModel, state: TrainState, epoch: int, seed: int, history: list
-) -> None:
-    """Everything to resume: state (params, batch_stats, opt_state, step), epoch, key, history.
+) -> Callable[[], None]:
+    """A function writing everything to resume after ``epoch``: state (params, batch_stats,
+    opt_state, step), epoch, key, history.
 
-    The frozen leaves go to ``frozen.msgpack`` once; each epoch rewrites only the rest (for
-    a frozen VGG19 that is 2 MB of head and optimizer state instead of 80 MB).
+    The state is copied to the host now, because the next epoch takes over (donates) its
+    device buffers; the function then only serialises and writes, and can run on a thread
+    while that epoch trains. The frozen leaves go to ``frozen.msgpack`` once; each epoch
+    rewrites only the rest (for a frozen VGG19 that is 6 MB of head and optimizer state
+    instead of 86 MB).
     """
     moving, frozen = _split_frozen(model, state)
-    if epoch == 1:  # a fresh run: (over)write them, so no other run's file is ever reused
-        save_variables(frozen, path.with_name(FROZEN_FILE))
-    payload = {
-        "state": serialization.to_state_dict(jax.device_get(state.replace(**moving))),
-        "epoch": epoch,
-        "rng": np.asarray(jax.random.key_data(jax.random.key(seed))),
-        "history": json.dumps(history),
-    }
-    write_atomic(path, serialization.msgpack_serialize(payload))
+    host_state = serialization.to_state_dict(jax.device_get(state.replace(**moving)))
+    # a fresh run (over)writes the frozen leaves, so no other run's file is ever reused
+    host_frozen = jax.device_get(frozen) if epoch == 1 else None
+    history = json.dumps(history)
+
+    def write() -> None:
+        if host_frozen is not None:
+            save_variables(host_frozen, path.with_name(FROZEN_FILE))
+        payload = {
+            "state": host_state,
+            "epoch": epoch,
+            "rng": np.asarray(jax.random.key_data(jax.random.key(seed))),
+            "history": history,
+        }
+        write_atomic(path, serialization.msgpack_serialize(payload))
+
+    return write
+
+
+class _BackgroundWrites:
+    """File writes on one thread, in order, at most one batch in flight. ``close`` (also on
+    an error or Ctrl-C) waits for the last one, so a stopped run keeps its last checkpoint;
+    a failed write raises at the next ``submit`` or at ``close``."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xrayjax-writes")
+        self._pending: concurrent.futures.Future | None = None
+
+    def submit(self, *writes: Callable[[], None]) -> None:
+        self._wait()
+        self._pending = self._pool.submit(lambda: [write() for write in writes])
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _index_split(split: Any) -> Any:
@@ -998,6 +1035,7 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
             trainer.cache()
     steps = math.ceil(len(splits.train) / config.batch_size)
     bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=log.quiet)
+    writes = _BackgroundWrites()
     try:
         for epoch in range(start, config.epochs):
             began = time.perf_counter()
@@ -1022,8 +1060,10 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
                 "seconds": time.perf_counter() - began,
             })
             if writer:
-                _save_checkpoint(paths[CHECKPOINT_FILE], model, state, epoch + 1, config.seed, history)
-                _write_json(paths[HISTORY_FILE], history)
+                writes.submit(
+                    _checkpoint_writer(paths[CHECKPOINT_FILE], model, state, epoch + 1, config.seed, history),
+                    functools.partial(_write_json, paths[HISTORY_FILE], list(history)),
+                )
             timings.add("train", time.perf_counter() - began)
             bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}",
                             val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
@@ -1032,6 +1072,8 @@ def train(config: TrainConfig, splits: Any | None = None) -> TrainResult:
                     f"val_loss {val_loss:.4f} val_acc {val_acc:.3f}")
     finally:
         bar.close()
+        with timings.phase("train"):
+            writes.close()
 
     metrics = None
     if config.evaluate and writer:
