@@ -137,6 +137,24 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert len(load_run(tmp_path / "nan").history) == 1
 
 
+def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_one(tmp_path, monkeypatch):
+    # Checkpoints are written on a background thread; a failed write must still stop the
+    # run with its error, and the previous checkpoint must be intact.
+    real, written = training.write_atomic, []
+
+    def disk_full_at_epoch_2(path, data):
+        written.append(path.name)
+        if written.count("checkpoint.msgpack") == 2 and path.name == "checkpoint.msgpack":
+            raise OSError("No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(training, "write_atomic", disk_full_at_epoch_2)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(tmp_path, "full_disk", epochs=3), tiny_splits("binary"))
+    checkpoint = training._read_checkpoint(tmp_path / "full_disk" / "checkpoint.msgpack")
+    assert checkpoint["epoch"] == 1 and len(json.loads(checkpoint["history"])) == 1
+
+
 def test_missing_weights_message(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"weights/port.py --arch vgg16.*--init random"):
         train(tiny_config(tmp_path, "w", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
