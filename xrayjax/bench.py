@@ -118,6 +118,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
         "task": task,
         "dtype": dtype,
         "batch": batch,
+        "image_size": cfg.image_size,
         "images_per_s": round(batch * cfg.steps / statistics.median(windows), 1),
         "compile_s": round(compile_s, 2),
         "peak_mem_gb": _memory_gb(compiled),

@@ -1,0 +1,48 @@
+"""The benchmark on the CPU (4 virtual devices, conftest): records, the JSON-lines file, the CLI.
+No timing is asserted beyond being a finite positive number of the right type."""
+
+import json
+import math
+
+import pytest
+
+from xrayjax.bench import BenchConfig, main, run
+
+KEYS = {"arch", "task", "dtype", "batch", "image_size", "images_per_s", "compile_s", "peak_mem_gb",
+        "device", "jax", "date"}
+TINY = dict(image_size=32, warmup=1, steps=2, repeats=2, input_sets=2)
+
+
+def test_records_are_printed_and_appended(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    out.write_text('{"earlier": "record"}\n')
+    cfg = BenchConfig(models=(("vgg16", "binary"), ("resnet50", "four_class")), dtypes=("fp32", "bf16"),
+                      batches=(4,), **TINY)
+    records = run(cfg, out)
+    assert [(r["arch"], r["task"], r["dtype"]) for r in records] == [
+        ("vgg16", "binary", "fp32"), ("vgg16", "binary", "bf16"),
+        ("resnet50", "four_class", "fp32"), ("resnet50", "four_class", "bf16")]
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0]) == {"earlier": "record"}  # appended, never overwritten
+    assert [json.loads(line) for line in lines[1:]] == records
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    for r in records:
+        assert set(r) == KEYS
+        assert r["batch"] == 4 and r["image_size"] == 32 and r["device"] == "cpu x4"
+        assert isinstance(r["images_per_s"], float) and math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+        assert r["compile_s"] > 0
+
+
+def test_cli_no_save_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    args = ["--models", "vgg16:binary", "--dtypes", "fp32", "--image-size", "32", "--steps", "1",
+            "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    assert main([*args, "--batches", "4", "--no-save"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["arch"] == "vgg16" and record["task"] == "binary" and not out.exists()
+    # a global batch must split evenly over the 4 devices
+    assert main([*args, "--batches", "6"]) == 2
+    assert "batch 6 is not divisible by the 4 local devices" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--models", "vgg17"])
+    assert "expected ARCH[:TASK]" in capsys.readouterr().err
