@@ -724,12 +724,11 @@ def _feature_shape(model: StepModel, image_size: int) -> tuple[int, ...]:
     return jax.eval_shape(lambda k, x: model.backbone.init_with_output(k, x)[0], jax.random.key(0), x).shape[1:]
 
 
-def _features_fit_on_device(model: StepModel, image_size: int, rows: int, device: jax.Device) -> bool:
-    """Whether ``rows`` float32 backbone outputs fit in half of ``device``'s free memory."""
+def _features_fit_on_device(nbytes: int, device: jax.Device) -> bool:
+    """Whether ``nbytes`` of cached features fit in half of ``device``'s free memory."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return True  # CPU: device memory is host memory
-    nbytes = rows * math.prod(_feature_shape(model, image_size)) * 4
     return nbytes < 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
@@ -766,9 +765,9 @@ class _Trainer:
         self.cached_splits = tuple(name for name in ("train", "validation", "test")[:3 if config.evaluate else 2]
                                    if len(getattr(splits, name)))
         self.fast = config.cache_features and model.frozen_backbone and not config.augment
-        if self.fast and not _features_fit_on_device(
-            model, config.image_size, sum(len(getattr(splits, n)) for n in self.cached_splits), self.home
-        ):
+        self.feature_shape = _feature_shape(model, config.image_size) if self.fast else None
+        rows = sum(len(getattr(splits, n)) for n in self.cached_splits)
+        if self.fast and not _features_fit_on_device(rows * math.prod(self.feature_shape) * 4, self.home):
             self.fast = False
             log("the backbone features of the data would not fit in device memory: running the "
                 "backbone every step instead of caching its features")
@@ -826,7 +825,7 @@ class _Trainer:
             next(batches(self.splits.train, self.config.batch_size, len(self.devices), shuffle=False)),
             self.devices,
         )["image"]
-        shape = _feature_shape(self.model, self.config.image_size)
+        shape = self.feature_shape
 
         def head_example(name: str) -> tuple:
             labels = getattr(self.splits, name).labels
