@@ -27,7 +27,10 @@ import jax
 
 from xrayjax.data import DataError
 from xrayjax.porting import pretrained_path
-from xrayjax.training import TrainConfig, TrainingDiverged, train
+from xrayjax.config import TrainConfig
+from xrayjax.loop import TrainingDiverged
+from xrayjax.runfiles import read_history
+from xrayjax.train import run as train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +95,12 @@ def run_model(model: Model, args: argparse.Namespace, init: str, color: str) -> 
     else:
         print(f"== {model.label} (init {init}, color {color}) -> {run_dir}", flush=True)
     began = time.perf_counter()
-    result = train(config)
+    if config.resume and len(read_history(run_dir)) >= config.epochs:  # finished: reuse its evaluation
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        metrics = train_and_evaluate(config)
     seconds = time.perf_counter() - began
-    last = result.history[-1]
+    last = read_history(run_dir)[-1]
     figures = Path(args.out) / "figures" / (model.name + suffix)
     figures.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:
@@ -103,7 +109,7 @@ def run_model(model: Model, args: argparse.Namespace, init: str, color: str) -> 
     return {
         "model": model, "color": color, "seconds": seconds, "resumed": config.resume,
         "run_dir": run_dir, "figures": figures,
-        "train": last["train_accuracy"], "val": last["val_accuracy"], "metrics": result.metrics,
+        "train": last["train_accuracy"], "val": last["val_accuracy"], "metrics": metrics,
         "device": meta["device"], "num_devices": meta["num_devices"],
     }
 

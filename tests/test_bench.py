@@ -16,12 +16,11 @@ TINY = dict(image_size=32, warmup=1, steps=2, repeats=2, input_sets=2)
 def test_records_are_printed_and_appended(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
     out.write_text('{"earlier": "record"}\n')
-    cfg = BenchConfig(models=(("vgg16", "binary"), ("resnet50", "four_class")), dtypes=("fp32", "bf16"),
-                      batches=(4,), **TINY)
+    # resnet50 and the reference step are covered by tests/test_gpu_check.py's smoke run
+    cfg = BenchConfig(models=(("vgg16", "binary"),), dtypes=("fp32", "bf16"), batches=(4,), **TINY)
     records = run(cfg, out)
     assert [(r["arch"], r["task"], r["dtype"]) for r in records] == [
-        ("vgg16", "binary", "fp32"), ("vgg16", "binary", "bf16"),
-        ("resnet50", "four_class", "fp32"), ("resnet50", "four_class", "bf16")]
+        ("vgg16", "binary", "fp32"), ("vgg16", "binary", "bf16")]
     lines = out.read_text().splitlines()
     assert json.loads(lines[0]) == {"earlier": "record"}  # appended, never overwritten
     assert [json.loads(line) for line in lines[1:]] == records

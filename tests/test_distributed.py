@@ -21,7 +21,7 @@ import pytest
 from flax import serialization
 
 from xrayjax import distributed
-from xrayjax.training import train
+from xrayjax.loop import fit
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the worker subprocess runs this file
 from training_helpers import assert_close, assert_history_close, tiny_config, tiny_splits  # noqa: E402
@@ -74,7 +74,7 @@ def _train_two_processes(tmp: pathlib.Path, tag: str, **overrides) -> list[dict]
 
 
 def _worker(job: dict) -> None:
-    result = train(tiny_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), tiny_splits("binary"))
+    result = fit(tiny_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), tiny_splits("binary"))
     state = serialization.to_state_dict(jax.device_get(result.state))
     payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
     pathlib.Path(job["dump"]).write_bytes(serialization.msgpack_serialize(payload))
@@ -86,8 +86,8 @@ def runs(tmp_path_factory):
     to epoch 2 on the cached-feature path; one process with 4 devices vs two with 2 each."""
     tmp = tmp_path_factory.mktemp("dist")
     splits = tiny_splits("binary")
-    single1 = train(tiny_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
-    single2 = train(tiny_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
+    single1 = fit(tiny_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
+    single2 = fit(tiny_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
     multi1 = _train_two_processes(tmp, "epoch1", epochs=1, cache_features=False)
     process1_files = sorted(p.name for p in (tmp / "multi1").glob("*"))
     shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)  # process 1's host gets a copy

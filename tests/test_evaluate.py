@@ -11,15 +11,17 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from xrayjax import figures
+from xrayjax.config import TrainConfig
 from xrayjax.data import DataConfig, Split, Splits, load_splits
 from xrayjax.evaluate import compute_metrics, evaluate_run, gradcam_indices, tsne_points
 from xrayjax.evaluate import main as evaluate_main
 from xrayjax.gradcam import grad_cam
+from xrayjax.loop import fit
 from xrayjax.models import create_model
-from xrayjax.predict import main as predict_main
 from xrayjax.predict import backbone_features, predict
+from xrayjax.predict import main as predict_main
 from xrayjax.preprocessing import preprocess_input
-from xrayjax.training import TrainConfig, load_run, train
+from xrayjax.runfiles import load_run
 
 BINARY = ("covid", "normal")
 FOUR = ("covid", "normal", "pneumonia_bac", "pneumonia_vir")
@@ -191,7 +193,7 @@ def tiny_run(data_root, tmp_path_factory):
     config = TrainConfig(arch="vgg16", task="binary", data_dir=str(data_root), tfds_dir=tfds_dir,
                          image_size=32, init="random", epochs=2, batch_size=8, out=str(out),
                          quiet=True, evaluate=False)
-    train(config, splits=splits)
+    fit(config, splits=splits)
     return out, splits
 
 

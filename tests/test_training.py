@@ -1,6 +1,7 @@
-"""Training: frozen weights stay bit-identical, D devices = 1 device, fast path = full path,
-exact resume, clear stops (missing weights, NaN), fine-tuning opens only the last blocks,
-and a short run on the real data learns. CPU, tiny images, 4 virtual devices (conftest)."""
+"""The training loop and run folder: frozen weights stay bit-identical, D devices = 1 device,
+fast path = full path, exact resume, clear stops (missing weights, NaN, a full disk),
+fine-tuning opens only the last blocks, one evaluation per run (bf16 too), and a short run on
+the real data learns. CPU, tiny images, 4 virtual devices (conftest)."""
 
 import json
 import shutil
@@ -8,22 +9,18 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
+from flax import serialization, traverse_util
 
 from training_helpers import SIZE, assert_close, assert_history_close, flat, tiny_config, tiny_splits
-from xrayjax import training
+from xrayjax import runfiles
 from xrayjax.data import DataConfig, Splits, load_splits
 from xrayjax.evaluate import evaluate_run
+from xrayjax.loop import TrainingDiverged, fit
 from xrayjax.models import BLOCKS, create_model
-from xrayjax.training import (
-    TrainingDiverged,
-    build_step_model,
-    init_variables,
-    load_run,
-    main,
-    train,
-    trainable_mask,
-)
+from xrayjax.optim import trainable_mask
+from xrayjax.runfiles import load_run, read_checkpoint
+from xrayjax.steps import build_step_model, init_variables
+from xrayjax.train import main
 
 @pytest.fixture(scope="module")
 def vgg_runs(tmp_path_factory):
@@ -31,10 +28,12 @@ def vgg_runs(tmp_path_factory):
     4 and on 1 device, and the cached-feature fast path."""
     tmp = tmp_path_factory.mktemp("vgg")
     splits = tiny_splits("binary")
+    fast4 = fit(tiny_config(tmp, "fast4", num_devices=4, evaluate=True), splits)
     return {
-        "full4": train(tiny_config(tmp, "full4", cache_features=False, num_devices=4), splits),
-        "full1": train(tiny_config(tmp, "full1", cache_features=False, num_devices=1), splits),
-        "fast4": train(tiny_config(tmp, "fast4", num_devices=4, evaluate=True), splits),
+        "full4": fit(tiny_config(tmp, "full4", cache_features=False, num_devices=4), splits),
+        "full1": fit(tiny_config(tmp, "full1", cache_features=False, num_devices=1), splits),
+        "fast4": fast4,
+        "metrics": evaluate_run(fast4.run_dir, splits, quiet=True, features=fast4.features),
         "splits": splits,
         "tmp": tmp,
     }
@@ -63,46 +62,82 @@ def test_cached_features_equal_full_path(vgg_runs):
     assert_close(vgg_runs["fast4"].state.opt_state, vgg_runs["full4"].state.opt_state, 1e-5)
 
 
-def test_evaluation_at_the_end_uses_the_cached_features(vgg_runs, tmp_path):
-    # The fast path hands its cached backbone features (test split included) to the
-    # evaluation; the same run evaluated afresh through the backbone must agree.
-    result = vgg_runs["fast4"]
-    assert result.metrics["n"] == len(vgg_runs["splits"].test)
-    assert json.loads((result.run_dir / "metrics.json").read_text()) == result.metrics
-    again = evaluate_run(shutil.copytree(result.run_dir, tmp_path / "again"), vgg_runs["splits"], quiet=True)
-    assert again["accuracy_by_split"] == result.metrics["accuracy_by_split"]
-    for cached, fresh in zip(result.metrics["test_predictions"], again["test_predictions"]):
-        assert cached["predicted"] == fresh["predicted"]
-        np.testing.assert_allclose(list(cached["probabilities"].values()),
-                                   list(fresh["probabilities"].values()), atol=1e-5)
+def _assert_same_evaluation(a: dict, b: dict) -> None:
+    """Two metrics.json of one run: the same predictions and rates, probabilities to 1e-5."""
+    assert a["accuracy_by_split"] == b["accuracy_by_split"]
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["per_class"] == b["per_class"]
+    assert a["roc_auc"] == pytest.approx(b["roc_auc"], abs=1e-6)
+    for row, other in zip(a["test_predictions"], b["test_predictions"], strict=True):
+        assert row["predicted"] == other["predicted"]
+        np.testing.assert_allclose(list(row["probabilities"].values()), list(other["probabilities"].values()),
+                                   atol=1e-5)
 
 
-def test_no_validation_split_and_features_too_big_for_the_device(vgg_runs, tmp_path, monkeypatch):
-    # An empty validation split (--val-fraction 0) trains on both paths; when the features
-    # would not fit in device memory the run falls back to the full path. Same training.
+def test_evaluation_at_the_end_equals_evaluate_run(vgg_runs, tmp_path):
+    # The end of training evaluates from the cached backbone features (test split included);
+    # `python -m xrayjax.evaluate --run` on the same folder runs the backbone again.
+    metrics = vgg_runs["metrics"]
+    assert metrics["n"] == len(vgg_runs["splits"].test)
+    assert json.loads((vgg_runs["fast4"].run_dir / "metrics.json").read_text()) == metrics
+    again = evaluate_run(shutil.copytree(vgg_runs["fast4"].run_dir, tmp_path / "again"), vgg_runs["splits"],
+                         quiet=True)
+    _assert_same_evaluation(again, metrics)
+
+
+def test_bf16_run_is_evaluated_one_way(tmp_path):
+    # A --bf16 run: its metrics.json at the end of training (bf16 cached features) and a fresh
+    # evaluation of the run folder (which must rebuild the bf16 backbone, BatchNorm folded as
+    # in training, and run it at training's per-device batch, where bf16 rounding depends on it).
+    splits = tiny_splits("four_class")
+    config = tiny_config(tmp_path, "bf16", arch="resnet50", task="four_class", bf16=True, evaluate=True)
+    result = fit(config, splits)
+    at_the_end = evaluate_run(result.run_dir, splits, quiet=True, features=result.features)
+    assert load_run(result.run_dir).model.backbone.dtype == jax.numpy.bfloat16
+    _assert_same_evaluation(evaluate_run(result.run_dir, splits, quiet=True), at_the_end)
+
+
+def test_no_validation_split_on_both_paths(vgg_runs, tmp_path):
+    # An empty validation split (--val-fraction 0) trains on both paths, and the history
+    # says there was no validation instead of reporting 0.
     splits = vgg_runs["splits"]
     no_val = Splits(splits.train, splits.validation.take(np.arange(0)), splits.test, splits.class_names)
-    fast = train(tiny_config(tmp_path, "fast", num_devices=4), no_val)
-    monkeypatch.setattr(training, "_features_fit_on_device", lambda *args: False)
-    full = train(tiny_config(tmp_path, "full", num_devices=4), no_val)
+    fast = fit(tiny_config(tmp_path, "fast", num_devices=4), no_val)
+    full = fit(tiny_config(tmp_path, "full", num_devices=4, cache_features=False), no_val)
     assert "features" in fast.timings and "features" not in full.timings
     for run in (fast, full):
-        assert [e["val_accuracy"] for e in run.history] == [0.0, 0.0]
+        assert all("val_accuracy" not in e and "val_loss" not in e for e in run.history)
         assert [e["train_loss"] for e in run.history] == pytest.approx(
             [e["train_loss"] for e in vgg_runs["fast4"].history], rel=1e-5)
     assert_close(fast.state.params, full.state.params, 1e-5)
 
 
+def test_feature_pass_is_one_padded_stream(vgg_runs):
+    # 10 train + 6 validation + 4 test images in batches of 4: 5 backbone batches, not 3 + 2 + 1,
+    # and the cache keeps each split's rows in order.
+    result, splits = vgg_runs["fast4"], vgg_runs["splits"]
+    assert {name: len(f) for name, f in result.features.items()} == {"train": 10, "validation": 6, "test": 4}
+    run = load_run(result.run_dir)
+    from xrayjax.predict import backbone_features
+
+    for name in ("train", "validation", "test"):
+        fresh = backbone_features(run.model, run.variables, getattr(splits, name).images)
+        np.testing.assert_allclose(np.asarray(result.features[name]), fresh, rtol=1e-5, atol=1e-5)
+
+
 def test_run_folder_and_load_run(vgg_runs):
     result = vgg_runs["fast4"]
-    meta = json.loads(result.config_path.read_text())
+    meta = json.loads((result.run_dir / "config.json").read_text())
     assert meta["config"]["l2"] == 1e-3 and meta["config"]["init"] == "random"
     assert meta["num_devices"] == 4 and meta["class_names"] == ["covid", "normal"]
     assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(meta["versions"])
-    assert json.loads(result.history_path.read_text()) == result.history
+    assert json.loads((result.run_dir / "history.json").read_text()) == result.history
     # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
     assert json.loads((result.run_dir / "timings.json").read_text()) == result.timings
-    assert {"compile", "features", "train", "evaluate"} <= set(result.timings)
+    assert {"setup", "compile", "features", "train"} <= set(result.timings)
+    # the checkpoint holds the state and the epoch; the history lives in history.json only
+    payload = serialization.msgpack_restore((result.run_dir / "checkpoint.msgpack").read_bytes())
+    assert set(payload) == {"state", "epoch"} and set(payload["state"]) == {"step", "params", "batch_stats",
+                                                                          "opt_state"}
     assert "features" not in vgg_runs["full4"].timings and vgg_runs["full4"].timings["compile"] > 0
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
@@ -114,17 +149,19 @@ def test_run_folder_and_load_run(vgg_runs):
 
 def test_resume_equals_uninterrupted_run(vgg_runs):
     tmp, splits = vgg_runs["tmp"], vgg_runs["splits"]
-    first = train(tiny_config(tmp, "resumed", num_devices=4, epochs=1), splits)
+    first = fit(tiny_config(tmp, "resumed", num_devices=4, epochs=1), splits)
     assert len(first.history) == 1
-    resumed = train(tiny_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
+    resumed = fit(tiny_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(vgg_runs["fast4"].history)
     assert_close(resumed.state.params, vgg_runs["fast4"].state.params, 0.0)
     assert_close(resumed.state.opt_state, vgg_runs["fast4"].state.opt_state, 0.0)
     with pytest.raises(ValueError, match="other settings: lr"):
-        train(tiny_config(tmp, "resumed", num_devices=4, lr=1e-3, resume=True), splits)
+        fit(tiny_config(tmp, "resumed", num_devices=4, epochs=3, lr=1e-3, resume=True), splits)
     with pytest.raises(ValueError, match="--resume"):
-        train(tiny_config(tmp, "resumed", num_devices=4), splits)
+        fit(tiny_config(tmp, "resumed", num_devices=4), splits)
+    with pytest.raises(ValueError, match="already trained 2 epochs.*--epochs above 2"):
+        fit(tiny_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -132,15 +169,14 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(tmp_path, "nan", lr=1e30, batch_size=8, num_devices=4)
     splits = tiny_splits("binary", n_train=8)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1.*epoch 1\) is kept.*lower --lr"):
-        train(config, splits)
+        fit(config, splits)
     assert len(json.loads((tmp_path / "nan" / "history.json").read_text())) == 1
     assert len(load_run(tmp_path / "nan").history) == 1
 
 
 def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_one(tmp_path, monkeypatch):
-    # Checkpoints are written on a background thread; a failed write must still stop the
-    # run with its error, and the previous checkpoint must be intact.
-    real, written = training.write_atomic, []
+    # A failed write stops the run with its error; the previous checkpoint stays intact.
+    real, written = runfiles.write_atomic, []
 
     def disk_full_at_epoch_2(path, data):
         written.append(path.name)
@@ -148,16 +184,20 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_one(tmp_path, 
             raise OSError("No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(training, "write_atomic", disk_full_at_epoch_2)
+    monkeypatch.setattr(runfiles, "write_atomic", disk_full_at_epoch_2)
     with pytest.raises(OSError, match="No space left"):
-        train(tiny_config(tmp_path, "full_disk", epochs=3), tiny_splits("binary"))
-    checkpoint = training._read_checkpoint(tmp_path / "full_disk" / "checkpoint.msgpack")
-    assert checkpoint["epoch"] == 1 and len(json.loads(checkpoint["history"])) == 1
+        fit(tiny_config(tmp_path, "full_disk", epochs=3), tiny_splits("binary"))
+    _, epoch = read_checkpoint(tmp_path / "full_disk")
+    assert epoch == 1
+    # history.json is written first, so it may hold one epoch more; a resume keeps the first
+    assert len(json.loads((tmp_path / "full_disk" / "history.json").read_text())) == 2
+    resumed = fit(tiny_config(tmp_path, "full_disk", epochs=2, resume=True), tiny_splits("binary"))
+    assert [e["epoch"] for e in resumed.history] == [1, 2]
 
 
 def test_missing_weights_message(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"weights/port.py --arch vgg16.*--init random"):
-        train(tiny_config(tmp_path, "w", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
+        fit(tiny_config(tmp_path, "w", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
     code = main(["--arch", "vgg19", "--weights-dir", str(tmp_path), "--out", str(tmp_path / "cli"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
@@ -178,7 +218,7 @@ def test_trainable_mask_opens_last_blocks():
 
 
 def test_fine_tune_opens_only_the_last_block(tmp_path):
-    result = train(tiny_config(tmp_path, "ft", task="four_class", fine_tune=1, epochs=1), tiny_splits("four_class"))
+    result = fit(tiny_config(tmp_path, "ft", task="four_class", fine_tune=1, epochs=1), tiny_splits("four_class"))
     start = init_variables(build_step_model("vgg16", "four_class"), SIZE, init="random", seed=0)
     final = flat(jax.device_get(result.state.params["backbone"]))
     for name, value in flat(start["params"]["backbone"]).items():
@@ -189,7 +229,7 @@ def test_frozen_resnet50_weights_and_statistics_bit_identical(tmp_path):
     """BatchNorm in the backbone (frozen: statistics never move) and in the head (they move)."""
     config = tiny_config(tmp_path, "resnet", arch="resnet50", task="four_class", epochs=1,
                      cache_features=False, num_devices=2)
-    result = train(config, tiny_splits("four_class", n_train=6))
+    result = fit(config, tiny_splits("four_class", n_train=6))
     start = init_variables(build_step_model("resnet50", "four_class"), SIZE, init="random", seed=0)
     final = jax.device_get({"params": result.state.params, "batch_stats": result.state.batch_stats})
     for col in ("params", "batch_stats"):
@@ -205,7 +245,7 @@ def test_real_data_training_loss_falls(data_root, tmp_path):
     # 10 epochs (cheap on the fast path): on random 64-px features the loss is noisy from
     # epoch to epoch, by 10 it is below 0.65x the first for seeds 0, 1 and 2
     config = tiny_config(tmp_path, "real", image_size=64, epochs=10, batch_size=16, lr=1e-3)
-    history = train(config, splits).history
+    history = fit(config, splits).history
     assert len(history) == 10
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
     assert history[-1]["train_accuracy"] > 0.7

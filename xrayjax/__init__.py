@@ -2,8 +2,9 @@
 
 The public API is exported lazily, so ``import xrayjax`` is cheap and only the parts a
 caller touches are imported (the data module, for one, imports tensorflow-datasets).
-Training lives in :mod:`xrayjax.training`; ``xrayjax/train.py`` is only the
-``python -m xrayjax.train`` entry point.
+``xrayjax.fit(TrainConfig(...))`` trains (:mod:`xrayjax.loop`); ``xrayjax.train`` is the
+command-line module (``python -m xrayjax.train``), never a function, so no import can shadow
+the API.
 """
 
 from importlib import import_module
@@ -19,9 +20,11 @@ _EXPORTS = {
     "preprocess_input": "xrayjax.preprocessing",
     "port_keras_weights": "xrayjax.porting",
     "load_pretrained": "xrayjax.porting",
-    "train": "xrayjax.training",
-    "TrainConfig": "xrayjax.training",
-    "TrainResult": "xrayjax.training",
+    "fit": "xrayjax.loop",
+    "TrainConfig": "xrayjax.config",
+    "TrainResult": "xrayjax.loop",
+    "load_run": "xrayjax.runfiles",
+    "evaluate_run": "xrayjax.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

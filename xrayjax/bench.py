@@ -1,18 +1,22 @@
 """Throughput benchmark of the real training step (``python -m xrayjax.bench``).
 
-The measured step is :func:`xrayjax.training.make_train_step` as training runs it: a uint8
+The measured step is :func:`xrayjax.steps.make_train_step` as training runs it: a uint8
 batch preprocessed on device, the frozen backbone forward (no backward pass through it), the
 head forward and backward, and the Adam update, pmapped over the local devices. Timing is
 steady state: compile first, warm up, then the median of several timed windows, each ended
 by ``block_until_ready``. Inputs rotate over a few random batches so no cache holds them.
 One JSON line per configuration goes to stdout and is appended to ``experiments/bench.jsonl``.
+With ``--reference FILE`` (``experiments/plain_flax_step.py``) the plain-Flax reference step
+runs after each configuration in the same process, and the record holds the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import itertools
 import json
 import statistics
@@ -26,7 +30,7 @@ import jax
 import numpy as np
 
 from xrayjax.models import ARCHS, TASKS
-from xrayjax.training import (
+from xrayjax.steps import (
     build_step_model,
     create_train_state,
     init_variables,
@@ -39,6 +43,9 @@ REPORT_MODELS = (("vgg16", "binary"), ("vgg16", "four_class"), ("vgg19", "four_c
                  ("resnet50", "four_class"))
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "experiments" / "bench.jsonl"
 _NUM_CLASSES = {"binary": 2, "four_class": 4}
+# The reference step's name for each of the report's models (../shared/reference).
+_REFERENCE_TASK = {("vgg16", "binary"): "task1", ("vgg16", "four_class"): "arch1",
+                   ("vgg19", "four_class"): "arch2", ("resnet50", "four_class"): "arch3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,7 @@ class BenchConfig:
     repeats: int = 5
     input_sets: int = 3
     seed: int = 0
+    reference: str | None = None  # path of the plain-Flax reference step to time beside ours
 
 
 def _device_batches(cfg: BenchConfig, task: str, batch: int, devices: list) -> list[dict]:
@@ -113,7 +121,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
     loss = float(metrics["loss_sum"]) / float(metrics["count"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{arch} {task} {dtype} batch {batch}: the loss is {loss}")
-    return {
+    record = {
         "arch": arch,
         "task": task,
         "dtype": dtype,
@@ -126,6 +134,22 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
     }
+    if cfg.reference:
+        record.update(_reference(cfg, arch, task, dtype, batch, record["images_per_s"]))
+    return record
+
+
+def _reference(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int, ours: float) -> dict[str, Any]:
+    """The reference step's images/s for the same configuration, timed in this process."""
+    spec = importlib.util.spec_from_file_location("plain_flax_step", cfg.reference)
+    if spec is None or not Path(cfg.reference).is_file():
+        raise ValueError(f"--reference {cfg.reference}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(sys.stderr):  # its own JSON line must not mix with ours
+        theirs = module.run(_REFERENCE_TASK[(arch, task)], arch, batch, dtype == "bf16",
+                            steps=cfg.steps * cfg.repeats, image_size=cfg.image_size)["img_s"]
+    return {"reference_images_per_s": theirs, "vs_reference": round(ours / theirs, 3)}
 
 
 def run(cfg: BenchConfig, out: Path | None = DEFAULT_OUT) -> list[dict[str, Any]]:
@@ -177,6 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"JSON-lines file the records are appended to (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="print only, append nothing")
+    p.add_argument("--reference", metavar="FILE",
+                   help="also time the plain-Flax reference step in FILE (experiments/plain_flax_step.py) "
+                   "for each configuration, in this process, and record the ratio")
     return p
 
 
@@ -185,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BenchConfig(
         models=tuple(args.models), dtypes=tuple(args.dtypes), batches=tuple(args.batches),
         image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+        reference=args.reference,
     )
     try:
         run(cfg, None if args.no_save else args.out)

@@ -30,8 +30,8 @@ from xrayjax import figures
 from xrayjax.data import DataError, Split, Splits, load_splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.porting import write_atomic
-from xrayjax.predict import BATCH_SIZE, infer, infer_features, probabilities
-from xrayjax.training import Run, load_run
+from xrayjax.predict import infer, infer_features, probabilities
+from xrayjax.runfiles import Run, load_run
 
 GRADCAM_IMAGES = 8
 
@@ -183,7 +183,7 @@ def _write_figures(
 def evaluate_run(
     run_dir: str | os.PathLike,
     splits: Splits | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int | None = None,
     quiet: bool = False,
     features: Mapping[str, Any] | None = None,
 ) -> dict:
@@ -192,6 +192,8 @@ def evaluate_run(
     ``splits`` defaults to the data the run was trained on (its config.json settings).
     ``features`` maps split names to the backbone's output for every image of that split, in
     order (training's feature cache): given for all three splits, only the head runs here.
+    Otherwise the backbone runs in batches of ``batch_size``, by default the per-device batch
+    training used, so the features (and a bf16 run's rounding) equal training's.
     """
     run = load_run(run_dir)
     run_dir = pathlib.Path(run_dir)
@@ -216,7 +218,7 @@ def evaluate_run(
         outputs = dict(zip(names, infer_features(run.model, run.variables, [features[n] for n in names])))
     else:
         outputs = {
-            name: infer(run.model, run.variables, getattr(splits, name), batch_size,
+            name: infer(run.model, run.variables, getattr(splits, name), batch_size or run.feature_batch,
                         desc=None if quiet else f"evaluating {name}")
             for name in names
         }
@@ -276,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir",
                         help="dataset location, if not where the run was trained (folder or zip)")
     parser.add_argument("--tfds-dir", help="prepared-data folder, if not the run's")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"inference batch (default {BATCH_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="inference batch (default: the run's per-device training batch, so the "
+                        "backbone's features equal training's to the last bit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:

@@ -39,14 +39,16 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Accuracy and loss per epoch, train vs validation, in two panels (from history.json)."""
+    """Accuracy and loss per epoch, train vs validation, in two panels (from history.json).
+    A run without a validation split has no validation curve."""
     if not history:
         raise ValueError("plot_curves: the training history is empty (no epoch finished)")
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train")
-        ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", ms=3, label="validation")
+        if all(f"val_{metric}" in h for h in history):
+            ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", ms=3, label="validation")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)

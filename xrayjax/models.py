@@ -24,6 +24,9 @@ BACKBONE_BN_MOMENTUM = 0.99
 # Keras BatchNormalization defaults, used by the resnet50 four_class head.
 HEAD_BN_EPSILON = 1e-3
 HEAD_BN_MOMENTUM = 0.99
+# Keras' Dense and Conv2D default kernel initialiser (biases: zeros, as Flax's default; Keras'
+# BatchNormalization starts from gamma 1, beta 0, mean 0, variance 1, as Flax's does).
+KERAS_KERNEL_INIT = nn.initializers.glorot_uniform()
 
 _VGG_DEPTHS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 _VGG_WIDTHS = (64, 128, 256, 512, 512)
@@ -119,6 +122,7 @@ def _conv(
         strides=(stride, stride),
         padding=padding,
         dtype=dtype,
+        kernel_init=KERAS_KERNEL_INIT,
         name=name,
     )(x)
 
@@ -126,11 +130,13 @@ def _conv(
 def _batch_norm(
     x: jax.Array, train: bool, name: str, dtype: Any, epsilon: float, momentum: float
 ) -> jax.Array:
-    """Keras BatchNormalization: running statistics unless ``train``."""
+    """Keras BatchNormalization: running statistics unless ``train``; in training the batch
+    variance is two-pass, as Keras' ``ops.moments``."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=momentum,
         epsilon=epsilon,
+        use_fast_variance=False,
         dtype=dtype,
         name=name,
     )(x)
@@ -245,13 +251,14 @@ class Head(KerasLayers):
         else:
             x = self.global_average_pooling(x, name="global_average_pooling2d")
         drop = functools.partial(nn.Dropout, self.dropout, deterministic=not train)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=KERAS_KERNEL_INIT)
         if self.dropout_first:
             x = drop(name="dropout")(x)
         for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=_keras_name("dense", i))(x))
+            x = nn.relu(dense(width, name=_keras_name("dense", i))(x))
             x = drop(name=_keras_name("dropout", i + self.dropout_first))(x)
         self.sow("intermediates", "embedding", x)
-        x = nn.Dense(self.outputs, dtype=self.dtype, name=_keras_name("dense", len(self.hidden)))(x)
+        x = dense(self.outputs, name=_keras_name("dense", len(self.hidden)))(x)
         return x.astype(jnp.float32)
 
 
@@ -341,6 +348,17 @@ def fold_batchnorm(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {"params": folded}
 
 
+def frozen_features(backbone: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    """The backbone's output in inference mode with its BatchNorms folded into the convs.
+
+    Training, evaluation, prediction and Grad-CAM all run the frozen backbone through this
+    one function, so an image has the same features everywhere (bf16 runs included).
+    """
+    if isinstance(backbone, ResNet):
+        backbone = backbone.clone(fold_bn=True)
+    return backbone.apply(fold_batchnorm(variables), x)
+
+
 def create_head(arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32) -> nn.Module:
     """The report's head for (``arch``, ``task``); returns logits (N, 1) or (N, 4)."""
     _check_name("arch", arch, ARCHS)
@@ -353,10 +371,11 @@ def create_head(arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.flo
 def create_model(
     arch: str, task: str = "four_class", dropout: float = 0.5, dtype: Any = jnp.float32
 ) -> Classifier:
-    """Full classifier; variables sit under ``backbone`` and ``head``."""
+    """Full classifier; variables sit under ``backbone`` and ``head``. ``dtype`` is the
+    backbone's compute dtype; the head computes in float32, as in training."""
     return Classifier(
         backbone=create_backbone(arch, dtype=dtype),
-        head=create_head(arch, task, dropout=dropout, dtype=dtype),
+        head=create_head(arch, task, dropout=dropout),
     )
 
 

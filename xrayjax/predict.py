@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from xrayjax.data import DataError, Split, batches
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
-from xrayjax.models import submodule_variables
+from xrayjax.models import frozen_features, submodule_variables
 from xrayjax.preprocessing import preprocess_input
-from xrayjax.training import Run, load_run
+from xrayjax.runfiles import Run, load_run
 
 BATCH_SIZE = 32
 
@@ -49,10 +49,9 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def backbone_features(model: nn.Module, variables: Mapping, images: jax.Array) -> jax.Array:
-    """The backbone's output feature maps of uint8 images, given a Classifier's variables."""
-    return model.backbone.apply(
-        submodule_variables(variables, "backbone"), preprocess_input(images), train=False
-    )
+    """The backbone's output feature maps of uint8 images, given a Classifier's variables, computed
+    as training computes them (:func:`xrayjax.models.frozen_features`)."""
+    return frozen_features(model.backbone, submodule_variables(variables, "backbone"), preprocess_input(images))
 
 
 def _head_outputs(model: nn.Module, variables: Mapping, features: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,14 +85,12 @@ def infer(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and the head's penultimate activations ("embedding") for every image of a split.
 
-    Batches are padded to one shape (compiled once per model and shape), padding dropped;
-    ``desc`` shows a progress bar under that name.
+    Every batch is padded to ``batch_size`` (one compiled shape; the backbone's rounding can
+    depend on it), padding dropped; ``desc`` shows a progress bar under that name.
     """
-
-    size = min(batch_size, len(split))
     logits, embeddings = [], []
-    for batch in tqdm(batches(split, size, 1, shuffle=False), desc=desc, disable=desc is None,
-                      total=-(-len(split) // size), unit="batch"):
+    for batch in tqdm(batches(split, batch_size, 1, shuffle=False), desc=desc, disable=desc is None,
+                      total=-(-len(split) // batch_size), unit="batch"):
         keep = batch["mask"][0] > 0
         out_logits, out_embeddings = _forward(model, variables, batch["image"][0])
         logits.append(np.asarray(out_logits)[keep])
@@ -134,7 +131,7 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities (N, K), columns in ``run.class_names`` order.
 
-    ``run`` is an ``xrayjax.training.Run`` (``load_run(DIR)``); ``images`` are file paths or
+    ``run`` is an ``xrayjax.runfiles.Run`` (``load_run(DIR)``); ``images`` are file paths or
     an already prepared uint8 array (N, S, S, 3) at the run's image size.
     """
     if isinstance(images, np.ndarray):
@@ -149,7 +146,7 @@ def predict(
         )
     names = tuple(f"#{i}" for i in range(len(pixels)))
     split = Split(pixels, np.zeros(len(pixels), np.int32), names)
-    logits, _ = infer(run.model, run.variables, split, batch_size)
+    logits, _ = infer(run.model, run.variables, split, min(batch_size, len(split)))
     return probabilities(logits)
 
 

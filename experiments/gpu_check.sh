@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check of experiments/bench.md in one call on the lent machine (issue 15):
+#   1. installs the carried wheels (.whl: tensorflow-datasets and what the GPU image lacks);
+#   2. reads the carried prepared dataset (.tfds), or prepares it;
+#   3. times the training step beside the plain-Flax reference step, in one process per group:
+#      the report's three models bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32;
+#   4. times each VGG conv layer (experiments/vgg_layers.py);
+#   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
+#      --smoke runs it once, at 32 px for 2 epochs;
+#   6. appends every record to experiments/bench.jsonl (device, JAX version, date) and prints
+#      one summary table. Everything also goes to $OUT (the device tool brings it back).
+#
+#   bash experiments/gpu_check.sh           # on the GPU: about 5 minutes on an H100
+#   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+out=${OUT:-$(mktemp -d)}
+work=$(mktemp -d)  # run folders (too big to bring back through $OUT)
+mkdir -p "$out"
+if [ -d .whl ] && ! python3 -c "import tensorflow_datasets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller grid
+  tfds=${TFDS_DIR:-$work/tfds}
+  records="$out/bench.jsonl"                  # a smoke run never touches the repository's records
+  tiny=(--image-size 32 --warmup 1 --steps 1 --repeats 1 --batches 4)
+  groups=("--models vgg16:binary resnet50:four_class --dtypes bf16 ${tiny[*]}")
+  archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32); runs=(cold)
+else
+  tfds=${TFDS_DIR:-.tfds}
+  records=experiments/bench.jsonl
+  groups=("--models vgg16:binary vgg19:four_class resnet50:four_class --dtypes bf16 --batches 256"
+          "--models vgg16:binary --dtypes fp32 --batches 256"
+          "--models resnet50:four_class --dtypes bf16 --batches 32"
+          "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches
+  archs=(vgg16 vgg19); layers=(); e2e=(--epochs 50); runs=(cold warm)
+fi
+touch "$records"
+first=$(wc -l <"$records")
+log() { echo "== $*" | tee -a "$out/gpu_check.log"; }
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true; } | tee -a "$out/gpu_check.log"
+
+if [ "$smoke" = 0 ]; then  # the smoke run's training prepares the one config it needs itself
+  log "prepared data in $tfds"
+  python3 -m xrayjax.data prepare --tfds-dir "$tfds" 2>&1 | tail -n 3 | tee -a "$out/gpu_check.log"
+fi
+
+log "step throughput beside the plain-Flax reference"
+for group in "${groups[@]}"; do
+  # shellcheck disable=SC2086  # a group is a list of flags
+  python3 -m xrayjax.bench $group --reference experiments/plain_flax_step.py --out "$records" 2>>"$out/gpu_check.log"
+done
+
+log "per-layer times of the VGG backbones"
+for arch in "${archs[@]}"; do
+  python3 experiments/vgg_layers.py --arch "$arch" --out "$out/vgg_layers.jsonl" "${layers[@]}" \
+    | tee -a "$out/gpu_check.log"
+done
+
+for run in "${runs[@]}"; do
+  log "end to end: the README's vgg19 command, $run"
+  start=$(date +%s.%N)
+  python3 -m xrayjax.train --arch vgg19 --init random --tfds-dir "$tfds" --out "$work/e2e_$run" --quiet \
+    "${e2e[@]}" | tee -a "$out/gpu_check.log"
+  wall=$(python3 -c "print($(date +%s.%N) - $start)")
+  python3 experiments/gpu_check.py e2e "$work/e2e_$run" "$run" "$wall" "$records"
+done
+
+tail -n +"$((first + 1))" "$records" >"$out/new_records.jsonl"
+log "summary"
+python3 experiments/gpu_check.py summary "$records" "$first" | tee -a "$out/gpu_check.log"

@@ -1,0 +1,147 @@
+"""A run's settings: :class:`TrainConfig`, and the command line generated from its fields.
+
+Each field carries its help text (and, where the flag is not ``--field-name``, its flag) in
+its metadata, so defaults and help live in one place: ``python -m xrayjax.train --help`` is
+built from this class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from xrayjax.data import DataConfig
+from xrayjax.models import ARCHS, BLOCKS, TASKS
+
+MAX_IMAGE_SIZE = 1024  # prepared images are 224 px; beyond this only memory grows
+MULTI_HOST = "multi-host"
+_MULTI_HOST_HELP = (
+    "Run the same command on every host, changing only --process-id. Without these flags they "
+    "come from the environment jax.distributed.initialize understands (JAX_COORDINATOR_ADDRESS; "
+    "SLURM's srun, Open MPI, Kubernetes, Cloud TPU). --batch-size stays global; process 0 writes "
+    "--out and evaluates; --resume needs its checkpoint on every host."
+)
+
+
+def default_l2(arch: str, task: str) -> float:
+    """The report's L2 factor on the head's Dense kernels: none for vgg16 four_class."""
+    return 0.0 if (arch, task) == ("vgg16", "four_class") else 1e-3
+
+
+def _field(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help; ``cli`` may hold flag, choices, metavar, group."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run (recorded in ``<out>/config.json``); see each field's help."""
+
+    arch: str = _field("vgg16", "backbone", choices=ARCHS)
+    task: str = _field("four_class", "binary (covid/normal, Task 1) or four_class", choices=TASKS)
+    data_dir: str | None = _field(None, "dataset folder or zip (default: ../shared/covid_xray next to the repo)")
+    tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
+    color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
+                        choices=("gray", "keep"))
+    val_fraction: float = _field(0.2, "fraction of train held out for validation, stratified")
+    image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE} (smaller: quicker runs)")
+    init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
+                       "(Keras' initialisers)", choices=("imagenet", "random"))
+    weights_dir: str | None = _field(None, "folder of <arch>_imagenet_notop.msgpack (default: the repo's weights/)")
+    epochs: int = _field(30, "epochs to train (with --resume: the total, not the ones to add)")
+    batch_size: int = _field(32, "global batch size, split over the devices (a multiple of their number)")
+    lr: float = _field(1e-4, "Adam learning rate, > 0 (Keras' Adam: beta_1 0.9, beta_2 0.999, epsilon 1e-7)")
+    l2: float | None = _field(None, "L2 factor on the head's Dense kernels, >= 0 (default: 1e-3, but 0 for "
+                              "vgg16 four_class, as in the report)")
+    dropout: float = _field(0.5, "head dropout rate, in [0, 1)")
+    augment: bool = _field(False, "random rotation/shift/zoom of training images (disables feature caching)")
+    bf16: bool = _field(False, "backbone computes in bfloat16; head and loss stay float32")
+    fine_tune: int = _field(0, "also train the last N backbone blocks (0: backbone frozen)", metavar="N")
+    seed: int = _field(0, "seed (>= 0) of the initialisation, data order, dropout and validation split")
+    out: str | None = _field(None, "run folder (default: runs/<arch>_<task>)")
+    resume: bool = _field(False, "continue the run in --out from its checkpoint")
+    quiet: bool = _field(False, "no progress bars or messages")
+    num_devices: int | None = _field(None, "use the first N local devices of each process (default: all)",
+                                     metavar="N")
+    cache_features: bool = _field(True, "run the backbone every step even when it is frozen "
+                                  "(default: compute its features once and train only the head)",
+                                  flag="--no-cache-features")
+    evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
+    coordinator: str | None = _field(None, "address of process 0's host and a free port that every "
+                                     "host can reach", metavar="HOST:PORT", group=MULTI_HOST)
+    num_processes: int | None = _field(None, "how many processes (hosts) take part", metavar="N",
+                                       group=MULTI_HOST)
+    process_id: int | None = _field(None, "this process's id, 0..N-1 (0 writes the run)", metavar="I",
+                                    group=MULTI_HOST)
+    coordinator_timeout: int = _field(300, "give up when not every process has joined within S seconds",
+                                      metavar="S", group=MULTI_HOST)
+    heartbeat_timeout: int = _field(100, "stop every process about S seconds after one of them died",
+                                    metavar="S", group=MULTI_HOST)
+
+    def data_config(self) -> DataConfig:
+        """The data settings of this run."""
+        return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
+                          val_fraction=self.val_fraction, seed=self.seed, image_size=self.image_size)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with ``l2`` and ``out`` filled in, after checking every value.
+
+        Raises ValueError naming the flag and its allowed range.
+        """
+        checks = (
+            (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
+            (self.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
+            (self.init in ("imagenet", "random"), "init", "imagenet or random"),
+            (0 <= self.fine_tune <= len(BLOCKS.get(self.arch, ())), "fine_tune",
+             f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
+            (self.epochs >= 1, "epochs", "at least 1"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (32 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+             f"in [32, {MAX_IMAGE_SIZE}] (32: the five stride-2 stages of every backbone)"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
+            (self.l2 is None or (math.isfinite(self.l2) and self.l2 >= 0), "l2", "a number >= 0"),
+            (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
+            (self.seed >= 0, "seed", "a non-negative integer"),
+            (self.num_devices is None or self.num_devices >= 1, "num_devices", "at least 1"),
+        )
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+        return dataclasses.replace(
+            self,
+            l2=default_l2(self.arch, self.task) if self.l2 is None else float(self.l2),
+            out=self.out or os.path.join("runs", f"{self.arch}_{self.task}"),
+        )
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def parser(prog: str = "python -m xrayjax.train", description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of :class:`TrainConfig`: one flag per field, its default and help."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    groups = {MULTI_HOST: p.add_argument_group(MULTI_HOST, _MULTI_HOST_HELP)}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        target = groups.get(meta.get("group"), p)
+        kwargs: dict[str, Any] = {"dest": field.name, "default": field.default}
+        if isinstance(field.default, bool):
+            kwargs["action"] = "store_false" if field.default else "store_true"
+            help = meta["help"]
+        else:
+            kwargs["type"] = {"str": str, "int": int, "float": float}[str(field.type).split(" |")[0]]
+            kwargs.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+            shown = "" if field.default is None or "(default" in meta["help"] else f" (default: {field.default})"
+            help = meta["help"] + shown
+        target.add_argument(_flag(field), help=help.replace("%", "%%"), **kwargs)
+    return p
+
+
+def from_args(argv: Sequence[str] | None = None, **parser_kw: Any) -> TrainConfig:
+    """Parse the command line into a :class:`TrainConfig` (argparse exits on unknown flags)."""
+    return TrainConfig(**vars(parser(**parser_kw).parse_args(argv)))

@@ -1,0 +1,321 @@
+"""The training loop: :func:`fit` runs a :class:`~xrayjax.config.TrainConfig` epoch by epoch.
+
+It joins the other processes of a multi-host run, builds the steps of
+:mod:`xrayjax.steps`, feeds them batches, checks every loss, and after each epoch writes the
+history and a checkpoint (:mod:`xrayjax.runfiles`, process 0 only). With a frozen backbone and
+no augmentation (the fast path) the backbone runs once over every image and each epoch
+trains only the head. Evaluation is not part of the loop: see :mod:`xrayjax.evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+from tqdm.auto import tqdm
+
+from xrayjax import distributed, runfiles
+from xrayjax.config import TrainConfig
+from xrayjax.data import Split, Splits, batches, load_splits
+from xrayjax.steps import (
+    StepModel,
+    TrainState,
+    build_step_model,
+    create_train_state,
+    epoch_key,
+    init_variables,
+    make_eval_step,
+    make_feature_step,
+    make_head_steps,
+    make_train_step,
+    replicate,
+)
+
+SPLITS = ("train", "validation", "test")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`fit` returns. ``features``: the fast path's cached backbone output per split
+    (in split order), for ``xrayjax.evaluate.evaluate_run(..., features=...)``."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+    run_dir: Path
+    splits: Splits
+    features: dict[str, jax.Array]
+    timings: dict[str, float]
+
+
+class Timings(dict):
+    """Wall seconds per phase (``setup``, ``data_load``, ``compile``, ``features``, ``train``,
+    then ``evaluate`` from the CLI), written to ``<out>/timings.json``."""
+
+    def add(self, name: str, seconds: float) -> None:
+        self[name] = round(self.get(name, 0.0) + seconds, 3)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - began)
+
+
+class Log:
+    """Messages to stderr unless quiet; ``bars`` says whether progress bars are shown."""
+
+    def __init__(self, quiet: bool):
+        self.silent = quiet
+        self.bars = not quiet and sys.stderr.isatty()
+
+    def __call__(self, message: str) -> None:
+        if not self.silent:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _rates(sums: Mapping[str, float]) -> tuple[float, float]:
+    count = max(sums["count"], 1.0)
+    return sums["loss_sum"] / count, sums["correct"] / count
+
+
+class Trainer:
+    """One run's steps over its data: compile, cache features, train an epoch, evaluate a split.
+
+    ``devices`` are those of every process (:func:`xrayjax.distributed.training_devices`); the
+    pmapped steps get this process's slice of each global batch. Owns no files.
+    """
+
+    def __init__(self, config: TrainConfig, model: StepModel, splits: Splits, devices: list, timings: Timings):
+        self.config, self.model, self.splits, self.devices, self.timings = config, model, splits, devices, timings
+        self.home = devices[distributed.local_positions(devices)[0]]  # this process's first device
+        self.fast = config.cache_features and model.frozen_backbone and not config.augment
+        # the splits whose features the fast path caches (test: for the evaluation after training)
+        self.cached = [n for n in SPLITS[:3 if config.evaluate else 2] if len(getattr(splits, n))]
+        self.features: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def _batches(self, split: Split, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Global batches of ``split``; on the fast path their labels are row indices."""
+        if self.fast:
+            split = Split(np.zeros((len(split), 1, 1, 3), np.uint8), np.arange(len(split), dtype=np.int32), split.names)
+        c = self.config
+        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch,
+                       augment=c.augment and shuffle)
+
+    def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each step's rows of a split's cached features and its padding mask, both (S, B)."""
+        steps = list(self._batches(getattr(self.splits, name), shuffle, epoch))
+        return np.stack([_flat(b["label"]) for b in steps]), np.stack([_flat(b["mask"]) for b in steps])
+
+    def _compiled(self, fn: Callable, *example: Any) -> Callable:
+        """``fn`` compiled ahead of time (every batch has one shape), timed as ``compile``. Across
+        processes a pmap lowered ahead of time expects global shapes, so there it compiles at
+        its first call."""
+        if jax.process_count() > 1:
+            return fn
+        with self.timings.phase("compile"):
+            return fn.lower(*example).compile()
+
+    def place(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.home) if self.fast else replicate(state, self.devices)
+
+    def compile(self, state: TrainState) -> None:
+        """The full path's train and eval steps, or the fast path's head epochs."""
+        if not self.fast:
+            example = distributed.local_shard(next(self._batches(self.splits.train, False, 0)), self.devices)
+            self.train_fn = self._compiled(make_train_step(self.model, self.devices), state, example, epoch_key(0, 0))
+            self.eval_fn = self._compiled(make_eval_step(self.model, self.devices), state, example)
+            return
+        train_fn, eval_fn = make_head_steps(self.model)
+        shape = jax.eval_shape(self.model.backbone.init_with_output, jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3),
+                                                    jnp.float32))[0].shape[1:]
+
+        def example(name: str) -> tuple:
+            labels = getattr(self.splits, name).labels
+            return (jax.ShapeDtypeStruct((len(labels), *shape), jnp.float32),
+                    jax.ShapeDtypeStruct(labels.shape, labels.dtype), *self._epoch_index(name, False, 0))
+
+        self.head_train = self._compiled(train_fn, state, *example("train"), epoch_key(0, 0))
+        if "validation" in self.cached:
+            self.head_eval = self._compiled(eval_fn, state, *example("validation"))
+
+    def cache(self, state: TrainState, log: Log) -> None:
+        """The fast path: the backbone's features of every cached split, as one padded stream."""
+        parts = [getattr(self.splits, name) for name in self.cached]
+        stream = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), ())
+        backbone = replicate({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+                             self.devices)
+        step = make_feature_step(self.model, self.devices)
+        began, chunks = time.perf_counter(), []
+        for batch in tqdm(batches(stream, self.config.batch_size, len(self.devices), shuffle=False),
+                          total=math.ceil(len(stream) / self.config.batch_size), desc="backbone features",
+                          disable=not log.bars, leave=False):
+            local = distributed.local_shard(batch, self.devices)["image"]
+            chunks.append(_flat(distributed.gather_shards(step(backbone, local)))[_flat(batch["mask"]) > 0])
+        features = np.split(np.concatenate(chunks), np.cumsum([len(p) for p in parts])[:-1])
+        self.features = {name: jax.device_put((f, p.labels), self.home)
+                         for name, f, p in zip(self.cached, features, parts)}
+        self.timings.add("features", time.perf_counter() - began)
+        log(f"cached backbone features of {len(stream)} images ({' + '.join(self.cached)}), "
+            f"{features[0].shape[1:]} each; training only the head")
+
+    def train_epoch(self, state: TrainState, epoch: int, bar: Any) -> tuple[TrainState, dict]:
+        key = epoch_key(self.config.seed, epoch)
+        if self.fast:
+            state, metrics = self.head_train(state, *self.features["train"], *self._epoch_index("train", True, epoch),
+                                             key)
+            per_step = [{k: v[s] for k, v in metrics.items()} for s in range(len(metrics["count"]))]
+        else:
+            per_step = []
+            for step, batch in enumerate(self._batches(self.splits.train, True, epoch)):
+                state, metrics = self.train_fn(state, distributed.local_shard(batch, self.devices),
+                                               jax.random.fold_in(key, step))
+                per_step.append(metrics)
+        sums = dict.fromkeys(("loss_sum", "correct", "count"), 0.0)
+        for step, metrics in enumerate(jax.device_get(per_step)):
+            loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+            for k in sums:
+                sums[k] += float(metrics[k])
+            bar.update()
+        return state, sums
+
+    def evaluate(self, state: TrainState, name: str) -> dict[str, float]:
+        """Loss and accuracy sums over a split, inference mode."""
+        split = getattr(self.splits, name)
+        if not len(split):
+            per_call = []
+        elif self.fast:
+            per_call = [self.head_eval(state, *self.features[name], *self._epoch_index(name, False, 0))]
+        else:
+            per_call = [self.eval_fn(state, distributed.local_shard(b, self.devices))
+                        for b in self._batches(split, False, 0)]
+        return {k: float(sum(np.sum(m[k], dtype=np.float64) for m in jax.device_get(per_call)))
+                for k in ("loss_sum", "correct", "count")}
+
+
+def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | None
+           ) -> tuple[StepModel, TrainState, Splits, int, list]:
+    """The model, the initial (or resumed) state, the data, the first epoch and the history so far."""
+    run_dir = Path(config.out)
+    if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
+                         "it or choose another --out")
+    resumed = runfiles.check_resume(config, run_dir) if config.resume else None
+    model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
+                             l2=config.l2, fine_tune=config.fine_tune)
+    if config.init == "random":
+        log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
+            "not from ImageNet")
+    with timings.phase("setup"):
+        variables = init_variables(model, config.image_size, init=config.init, weights_dir=config.weights_dir,
+                                   seed=config.seed)
+    if splits is None:
+        with timings.phase("data_load"):
+            splits = load_splits(config.data_config())
+    with timings.phase("setup"):
+        state = create_train_state(model, variables, config.lr)
+    if resumed is None:
+        return model, state, splits, 0, []
+    saved, epoch, history = resumed
+    if epoch >= config.epochs:
+        raise ValueError(f"--resume: the run in {run_dir} has already trained {epoch} epochs; --epochs is the "
+                         f"total, so pass --epochs above {epoch} to train more")
+    log(f"resuming {run_dir} after epoch {epoch}")
+    return model, serialization.from_state_dict(state, saved), splits, epoch, history
+
+
+def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
+    """Train a run as ``config`` says; ``splits`` (``xrayjax.data.Splits``) skips loading the data.
+
+    Writes ``config.json``, then after every epoch ``history.json`` and ``checkpoint.msgpack``
+    into ``config.out`` (process 0 of a multi-process run only).
+
+    Raises:
+        FileNotFoundError: missing ImageNet weights (the message says how to port them).
+        TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
+        ValueError: a bad setting, or ``resume`` with settings other than the run's.
+        xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
+    """
+    config = config.resolved()
+    distributed.initialize(distributed.from_args_and_env(
+        config.coordinator, config.num_processes, config.process_id,
+        initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,
+    ))
+    writer = distributed.is_main_process()
+    log = Log(config.quiet or not writer)
+    devices = distributed.training_devices(config.num_devices)
+    if config.batch_size % len(devices):
+        raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the {len(devices)} devices; "
+                         "pass a multiple, or --num-devices")
+    if jax.process_count() > 1:
+        log(f"{jax.process_count()} processes, {len(devices)} devices in all; process 0 writes {config.out}")
+    timings = Timings()
+    model, state, splits, start, history = _start(config, log, timings, splits)
+    run_dir = Path(config.out)
+    if writer:
+        runfiles.write_config(run_dir, config, splits.class_names, devices)
+    trainer = Trainer(config, model, splits, devices, timings)
+    state = trainer.place(state)
+    if start < config.epochs:
+        trainer.compile(state)
+        if trainer.fast:
+            trainer.cache(state, log)
+    state = _train_epochs(config, trainer, state, start, history, log, writer)
+    if writer:
+        runfiles.write_json(run_dir / runfiles.TIMINGS_FILE, timings)
+    features = {name: f for name, (f, _) in trainer.features.items()}
+    return TrainResult(state, history, run_dir, splits, features, timings)
+
+
+def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, start: int, history: list,
+                  log: Log, writer: bool) -> TrainState:
+    """Epochs ``start..config.epochs``: train, validate, and write the history and checkpoint."""
+    run_dir = Path(config.out)
+    steps = math.ceil(len(trainer.splits.train) / config.batch_size)
+    bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=not log.bars)
+    with bar:
+        for epoch in range(start, config.epochs):
+            began = time.perf_counter()
+            try:
+                state, sums = trainer.train_epoch(state, epoch, bar)
+            except TrainingDiverged as e:
+                kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch
+                        else "no checkpoint was written")
+                raise TrainingDiverged(f"{e}; training stopped and {kept}. Try a lower --lr (now {config.lr})"
+                                       + (" or train without --bf16" if config.bf16 else "") + ".") from None
+            train_loss, train_acc = _rates(sums)
+            val = trainer.evaluate(state, "validation")
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                            **({"val_loss": _rates(val)[0], "val_accuracy": _rates(val)[1]} if val["count"] else {}),
+                            "seconds": time.perf_counter() - began})
+            if writer:
+                runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
+                runfiles.write_checkpoint(run_dir, trainer.model, state, epoch + 1, frozen=epoch == start == 0)
+            trainer.timings.add("train", time.perf_counter() - began)
+            shown = {k: f"{v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "seconds")}
+            bar.set_postfix(shown)
+            if not log.bars:
+                log(f"epoch {epoch + 1}/{config.epochs}: " + " ".join(f"{k} {v}" for k, v in shown.items()))
+    return state

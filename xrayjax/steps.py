@@ -1,0 +1,327 @@
+"""Pure training and evaluation steps, and the builders that compile them.
+
+flax examples/imagenet style: a :class:`TrainState` with ``batch_stats``, a static
+:class:`StepModel`, and ``make_*`` builders that a loop, a benchmark or a multi-host driver
+reuse. Nothing here reads files or loops over epochs.
+
+- The backbone runs data parallel (``jax.pmap`` over the devices, uint8 batches
+  preprocessed on device), in inference mode with its BatchNorms folded into the convs, under
+  ``stop_gradient`` when frozen. Its features are all-gathered, so the head (cheap) sees the
+  whole global batch on every device: loss and accuracy are mask-weighted means over the
+  global batch, the head's BatchNorm uses the statistics of the real (unpadded) samples, and
+  D devices give the 1-device result.
+- Freezing: optax masking (:func:`xrayjax.optim.make_optimizer`) and only the trainable leaves
+  differentiated, so frozen weights and statistics stay bit-identical.
+- The fast path trains the head on cached backbone features, one ``lax.scan`` per epoch,
+  with the batches, loss and dropout keys of the full path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct, traverse_util
+
+from xrayjax import distributed
+from xrayjax.config import default_l2
+from xrayjax.models import create_backbone, create_head, frozen_features
+from xrayjax.optim import make_optimizer, trainable_mask
+from xrayjax.preprocessing import preprocess_input
+
+AXIS = "batch"
+
+
+class TrainState(struct.PyTreeNode):
+    """Step count, parameters and BatchNorm statistics (each ``{"backbone", "head"}``), and the
+    optimizer with its state."""
+
+    step: jax.Array | int
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def apply_gradients(self, grads: Any, head_stats: Any) -> TrainState:
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            opt_state=opt_state,
+            batch_stats={"backbone": self.batch_stats["backbone"], "head": head_stats},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """The static half of a training step: modules and loss settings the steps close over."""
+
+    arch: str
+    task: str
+    backbone: nn.Module
+    head: nn.Module
+    l2: float
+    fine_tune: int = 0
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.fine_tune == 0
+
+
+def build_step_model(
+    arch: str,
+    task: str,
+    *,
+    dropout: float = 0.5,
+    bf16: bool = False,
+    l2: float | None = None,
+    fine_tune: int = 0,
+) -> StepModel:
+    """Backbone (bf16 compute when asked) and float32 head of (arch, task)."""
+    return StepModel(
+        arch=arch,
+        task=task,
+        backbone=create_backbone(arch, dtype=jnp.bfloat16 if bf16 else jnp.float32),
+        head=create_head(arch, task, dropout=dropout),
+        l2=default_l2(arch, task) if l2 is None else l2,
+        fine_tune=fine_tune,
+    )
+
+
+def init_variables(
+    model: StepModel,
+    image_size: int,
+    *,
+    init: str = "imagenet",
+    weights_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``.
+
+    ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with
+    the porting command when missing); ``"random"`` draws the backbone from ``seed`` with
+    JAX's ``rbg`` generator (fast to compile; its draws may differ between CPU and GPU). The
+    head is drawn from ``seed`` with threefry. Both use Keras' default initialisers.
+    """
+    head_key = jax.random.split(jax.random.key(seed))[1]
+    x = np.zeros((1, image_size, image_size, 3), np.float32)  # numpy: no compile for a constant
+    if init == "imagenet":
+        from xrayjax.porting import load_pretrained
+
+        backbone_vars = load_pretrained(model.arch, weights_dir)
+    else:
+        backbone_vars = jax.jit(model.backbone.init)(jax.random.key(seed, impl="rbg"), x)
+    features = jax.eval_shape(model.backbone.apply, backbone_vars, x)
+    head_vars = jax.jit(model.head.init)(head_key, np.zeros(features.shape, np.float32))
+    return {
+        col: {"backbone": dict(backbone_vars.get(col, {})), "head": dict(head_vars.get(col, {}))}
+        for col in ("params", "batch_stats")
+    }
+
+
+def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:
+    """A fresh TrainState; the optimizer's init is one compiled program, not one per shape."""
+    params = jax.device_put(dict(variables["params"]))  # jnp.asarray would compile per shape
+    tx = make_optimizer(params, model.arch, model.fine_tune, lr)
+    return TrainState(
+        step=0,
+        params=params,
+        batch_stats=jax.device_put(dict(variables["batch_stats"])),
+        opt_state=jax.jit(tx.init)(params),
+        tx=tx,
+    )
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
+    """Put ``tree`` on this process's ``devices`` as pmap's ``in_axes=None`` expects it."""
+    local = [devices[i] for i in distributed.local_positions(devices)]
+    mesh = jax.sharding.Mesh(np.asarray(local), (AXIS,))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _mask_batchnorm(mask: jax.Array) -> Callable:
+    """Method interceptor giving every BatchNorm the sample mask (padding never counts)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            x = args[0]
+            kwargs = {**kwargs, "mask": (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))}
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def head_loss(
+    model: StepModel,
+    head_params: Any,
+    head_stats: Any,
+    features: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Mask-weighted mean cross-entropy + L2 on the head's Dense kernels (Keras semantics).
+
+    Training mode when ``rng`` (the dropout key) is given, else inference. Returns
+    ``(loss, (metrics, new_head_stats))``; metrics are sums over the real samples
+    (``loss_sum`` = loss times count, ``correct``, ``count``).
+    """
+    train = rng is not None
+    variables = {"params": head_params, **({"batch_stats": head_stats} if head_stats else {})}
+    with nn.intercept_methods(_mask_batchnorm(mask)):
+        logits, updates = model.head.apply(
+            variables,
+            features,
+            train=train,
+            rngs={"dropout": rng} if train else None,
+            mutable=["batch_stats"] if train and head_stats else [],
+        )
+    if model.task == "binary":
+        per_sample = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
+        correct = (logits[:, 0] > 0).astype(jnp.int32) == labels
+    else:
+        per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = jnp.argmax(logits, axis=-1) == labels
+    count = jnp.sum(mask)
+    penalty = model.l2 * sum(
+        jnp.sum(jnp.square(layer["kernel"])) for name, layer in head_params.items() if name.startswith("dense")
+    )
+    loss = jnp.sum(mask * per_sample) / jnp.maximum(count, 1.0) + penalty
+    metrics = {"loss_sum": loss * count, "correct": jnp.sum(mask * correct), "count": count}
+    return loss, (metrics, updates.get("batch_stats", head_stats))
+
+
+def split_trainable(model: StepModel, params: Any) -> tuple[dict, dict]:
+    """(trainable, frozen) leaves of ``params`` as flat ``{path: leaf}`` dicts."""
+    flat = traverse_util.flatten_dict(dict(params))
+    mask = traverse_util.flatten_dict(trainable_mask(params, model.arch, model.fine_tune))
+    return {k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]}
+
+
+def _features(model: StepModel, params: Any, stats: Any, images: jax.Array) -> jax.Array:
+    """Backbone output of a uint8 batch, preprocessed on device (:func:`frozen_features`)."""
+    return frozen_features(model.backbone, {"params": params, "batch_stats": stats or {}}, preprocess_input(images))
+
+
+def _gather(x: jax.Array) -> jax.Array:
+    return jax.lax.all_gather(x, AXIS, tiled=True)
+
+
+def train_step(
+    model: StepModel, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on one device's shard (run under pmap with axis ``"batch"``)."""
+    trainable, frozen = split_trainable(model, state.params)
+
+    def loss_fn(trainable):
+        params = traverse_util.unflatten_dict({**frozen, **trainable})
+        features = _features(model, params["backbone"], state.batch_stats["backbone"], batch["image"])
+        if model.frozen_backbone:
+            features = jax.lax.stop_gradient(features)
+        return head_loss(model, params["head"], state.batch_stats["head"], _gather(features),
+                         _gather(batch["label"]), _gather(batch["mask"]), rng)
+
+    (_, (metrics, head_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = jax.lax.pmean(grads, AXIS)
+    full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads}
+    return state.apply_gradients(traverse_util.unflatten_dict(full_grads), head_stats), metrics
+
+
+def eval_step(model: StepModel, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Loss/accuracy sums of one global batch in inference mode (under pmap)."""
+    features = _features(model, state.params["backbone"], state.batch_stats["backbone"], batch["image"])
+    _, (metrics, _) = head_loss(model, state.params["head"], state.batch_stats["head"], _gather(features),
+                                _gather(batch["label"]), _gather(batch["mask"]), None)
+    return metrics
+
+
+def head_train_step(
+    model: StepModel, state: TrainState, features: jax.Array, labels: jax.Array, mask: jax.Array,
+    rng: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The fast path's step: :func:`train_step` on cached backbone features of a global batch."""
+    (_, (metrics, head_stats)), head_grads = jax.value_and_grad(
+        lambda p: head_loss(model, p, state.batch_stats["head"], features, labels, mask, rng), has_aux=True
+    )(state.params["head"])
+    grads = {"backbone": jax.tree.map(jnp.zeros_like, state.params["backbone"]), "head": head_grads}
+    return state.apply_gradients(grads, head_stats), metrics
+
+
+def head_train_epoch(
+    model: StepModel, state: TrainState, features: jax.Array, labels: jax.Array, index: jax.Array,
+    mask: jax.Array, key: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The fast path's epoch as one compiled loop of :func:`head_train_step`.
+
+    ``index`` and ``mask`` (S, B) pick step s's global batch from the cached ``features`` and
+    ``labels``; its dropout key is ``fold_in(key, s)``, as in the full path. Returns the state
+    and per-step metrics (S,).
+    """
+
+    def step(state: TrainState, xs: tuple) -> tuple[TrainState, dict[str, jax.Array]]:
+        s, rows, m = xs
+        return head_train_step(model, state, features[rows], labels[rows], m, jax.random.fold_in(key, s))
+
+    return jax.lax.scan(step, state, (jnp.arange(index.shape[0]), index, mask))
+
+
+def head_eval_epoch(
+    model: StepModel, state: TrainState, features: jax.Array, labels: jax.Array, index: jax.Array,
+    mask: jax.Array,
+) -> dict[str, jax.Array]:
+    """Inference-mode metrics of every batch (``index``, ``mask``: (S, B)) of cached features."""
+
+    def step(carry: None, xs: tuple) -> tuple[None, dict[str, jax.Array]]:
+        rows, m = xs
+        head = (state.params["head"], state.batch_stats["head"])
+        return carry, head_loss(model, *head, features[rows], labels[rows], m, None)[1][0]
+
+    return jax.lax.scan(step, None, (index, mask))[1]
+
+
+def make_train_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``step(state, batch, rng) -> (state, metrics)`` pmapped over ``devices``.
+
+    The state is replicated (``in_axes=None``; put it there with :func:`replicate`) and
+    donated; the batch has a leading device axis; metrics come back once.
+    """
+    return jax.pmap(
+        lambda state, batch, rng: train_step(model, state, batch, rng),
+        axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None), devices=devices, donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``step(state, batch) -> metrics`` pmapped over ``devices``."""
+    return jax.pmap(
+        lambda state, batch: eval_step(model, state, batch),
+        axis_name=AXIS, in_axes=(None, 0), out_axes=None, devices=devices,
+    )
+
+
+def make_feature_step(model: StepModel, devices: Sequence[jax.Device]) -> Callable:
+    """``features(backbone_variables, images) -> (D, B/D, h, w, C)`` float32, pmapped."""
+    return jax.pmap(
+        lambda variables, images: _features(model, variables["params"], variables["batch_stats"], images),
+        axis_name=AXIS, in_axes=(None, 0), devices=devices,
+    )
+
+
+def make_head_steps(model: StepModel) -> tuple[Callable, Callable]:
+    """Jitted ``(head_train_epoch, head_eval_epoch)`` of the fast path (state donated)."""
+    return (
+        jax.jit(functools.partial(head_train_epoch, model), donate_argnums=0),
+        jax.jit(functools.partial(head_eval_epoch, model)),
+    )
+
+
+def epoch_key(seed: int, epoch: int) -> jax.Array:
+    """The dropout key of an epoch, from (seed, epoch) alone so a resumed run is exact."""
+    return jax.random.fold_in(jax.random.key(seed), epoch)
