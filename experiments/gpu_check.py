@@ -1,7 +1,7 @@
 """Helpers of ``experiments/gpu_check.sh``: the end-to-end run's record, and the summary table.
 
     python experiments/gpu_check.py e2e RUN_DIR LABEL WALL_SECONDS RECORDS   # append one record
-    python experiments/gpu_check.py summary RECORDS FIRST_LINE              # print the table
+    python experiments/gpu_check.py summary RECORDS                         # print the table
 
 Targets are issue 15's, for one H100 at batch 256 in bf16; on another device the table says
 so and judges nothing.
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
             f.write(json.dumps(e2e_record(run_dir, label, wall)) + "\n")
         return 0
     if argv[:1] == ["summary"]:
-        lines = Path(argv[1]).read_text().splitlines()[int(argv[2]):]
+        lines = Path(argv[1]).read_text().splitlines()
         print(summary([json.loads(line) for line in lines if line.strip()]))
         return 0
     print(__doc__, file=sys.stderr)

@@ -7,8 +7,9 @@
 #   4. times each VGG conv layer (experiments/vgg_layers.py);
 #   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
 #      --smoke runs it once, at 32 px for 2 epochs;
-#   6. appends every record to experiments/bench.jsonl (device, JAX version, date) and prints
-#      one summary table. Everything also goes to $OUT (the device tool brings it back).
+#   6. writes every record (device, JAX version, date) to $OUT/bench.jsonl as it goes (the device
+#      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
+#      (not in a smoke run) and prints one summary table.
 #
 #   bash experiments/gpu_check.sh           # on the GPU: about 5 minutes on an H100
 #   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
@@ -28,23 +29,22 @@ else
 fi
 if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller grid
   tfds=${TFDS_DIR:-$work/tfds}
-  records="$out/bench.jsonl"                  # a smoke run never touches the repository's records
   tiny=(--image-size 32 --warmup 1 --steps 1 --repeats 1 --batches 4)
   groups=("--models vgg16:binary resnet50:four_class --dtypes bf16 ${tiny[*]}")
   archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32); runs=(cold)
 else
   tfds=${TFDS_DIR:-.tfds}
-  records=experiments/bench.jsonl
   groups=("--models vgg16:binary vgg19:four_class resnet50:four_class --dtypes bf16 --batches 256"
           "--models vgg16:binary --dtypes fp32 --batches 256"
           "--models resnet50:four_class --dtypes bf16 --batches 32"
           "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches
   archs=(vgg16 vgg19); layers=(); e2e=(--epochs 50); runs=(cold warm)
 fi
-touch "$records"
-first=$(wc -l <"$records")
+records="$out/bench.jsonl"  # this run's records; a full run appends them to experiments/ at the end
+: >"$records"
 log() { echo "== $*" | tee -a "$out/gpu_check.log"; }
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true; } | tee -a "$out/gpu_check.log"
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; } | tee -a "$out/gpu_check.log"
 
 if [ "$smoke" = 0 ]; then  # the smoke run's training prepares the one config it needs itself
   log "prepared data in $tfds"
@@ -72,6 +72,6 @@ for run in "${runs[@]}"; do
   python3 experiments/gpu_check.py e2e "$work/e2e_$run" "$run" "$wall" "$records"
 done
 
-tail -n +"$((first + 1))" "$records" >"$out/new_records.jsonl"
+[ "$smoke" = 1 ] || cat "$records" >>experiments/bench.jsonl
 log "summary"
-python3 experiments/gpu_check.py summary "$records" "$first" | tee -a "$out/gpu_check.log"
+python3 experiments/gpu_check.py summary "$records" | tee -a "$out/gpu_check.log"

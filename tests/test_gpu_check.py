@@ -15,7 +15,7 @@ def test_gpu_check_smoke(data_root, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    records = [json.loads(line) for line in (out / "new_records.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     bench = [r for r in records if "images_per_s" in r]
     assert [(r["arch"], r["dtype"], r["batch"]) for r in bench] == [("vgg16", "bf16", 4), ("resnet50", "bf16", 4)]
     for r in bench:
