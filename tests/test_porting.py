@@ -7,6 +7,7 @@ BatchNorm statistics), then copied with the dataset names of every published Ker
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -319,6 +320,36 @@ def test_wrong_arch_is_named(vgg16_file):
     ]
     assert not info.value.unexpected and not info.value.mismatched
     assert str(vgg16_file) in message and "another --arch" in message and "rerun with --arch vgg16" in message
+
+
+def _keras1_resnet_name(name: str) -> str:
+    """Keras 1's (2016) name of a keras.applications.ResNet50 layer: conv2_block1_1_conv -> res2a_branch2a."""
+    if name in ("conv1_conv", "conv1_bn"):
+        return {"conv1_conv": "conv1", "conv1_bn": "bn_conv1"}[name]
+    match = re.fullmatch(r"conv(\d)_block(\d)_(\d)_(conv|bn)", name)
+    if not match:
+        return name
+    stage, block, index, kind = match.groups()
+    branch = "branch1" if index == "0" else "branch2" + "abc"[int(index) - 1]
+    return f"{'res' if kind == 'conv' else 'bn'}{stage}{'abcdef'[int(block) - 1]}_{branch}"
+
+
+def test_2016_resnet50_file_is_recognised(keras_files, tmp_path):
+    # fchollet/deep-learning-models v0.2: today's file name, Keras 1's layer names
+    old = shutil.copy(keras_files("resnet50").h5, tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    with h5py.File(old, "r+") as f:
+        names = [_text(n) for n in f.attrs["layer_names"]]
+        for name in names:
+            if _keras1_resnet_name(name) != name:
+                f.move(name, _keras1_resnet_name(name))
+        f.attrs["layer_names"] = np.array([_keras1_resnet_name(n).encode() for n in names])
+        assert "res2a_branch2a" in f and "bn_conv1" in f
+    with pytest.raises(WeightMismatchError) as info:
+        porting.port_keras_weights("resnet50", old)
+    message = str(info.value)
+    assert "2016 ResNet50 file" in message and "epsilon 1e-3" in message
+    assert "keras-applications/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "another architecture" not in message and "another --arch" not in message
 
 
 def test_include_top_file_is_named(include_top_h5):

@@ -3,6 +3,7 @@ fast path = full path, exact resume, clear stops (missing weights, NaN, a full d
 fine-tuning opens only the last blocks, one evaluation per run (bf16 too), and a short run on
 the real data learns. CPU, tiny images, 4 virtual devices (conftest)."""
 
+import hashlib
 import json
 import shutil
 
@@ -134,10 +135,13 @@ def test_run_folder_and_load_run(vgg_runs):
     # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
     assert json.loads((result.run_dir / "timings.json").read_text()) == result.timings
     assert {"setup", "compile", "features", "train"} <= set(result.timings)
-    # the checkpoint holds the state and the epoch; the history lives in history.json only
+    # the checkpoint holds the state, the epoch and the files' sha256; the history lives in
+    # history.json only
     payload = serialization.msgpack_restore((result.run_dir / "checkpoint.msgpack").read_bytes())
-    assert set(payload) == {"state", "epoch"} and set(payload["state"]) == {"step", "params", "batch_stats",
-                                                                          "opt_state"}
+    assert set(payload) == {"state", "state_sha256", "epoch", "frozen_sha256"}
+    state = serialization.msgpack_restore(payload["state"])
+    assert set(state) == {"step", "params", "batch_stats", "opt_state"}
+    assert payload["frozen_sha256"] == hashlib.sha256((result.run_dir / "frozen.msgpack").read_bytes()).hexdigest()
     assert "features" not in vgg_runs["full4"].timings and vgg_runs["full4"].timings["compile"] > 0
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
@@ -187,8 +191,7 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_one(tmp_path, 
     monkeypatch.setattr(runfiles, "write_atomic", disk_full_at_epoch_2)
     with pytest.raises(OSError, match="No space left"):
         fit(tiny_config(tmp_path, "full_disk", epochs=3), tiny_splits("binary"))
-    _, epoch = read_checkpoint(tmp_path / "full_disk")
-    assert epoch == 1
+    assert read_checkpoint(tmp_path / "full_disk").epoch == 1
     # history.json is written first, so it may hold one epoch more; a resume keeps the first
     assert len(json.loads((tmp_path / "full_disk" / "history.json").read_text())) == 2
     resumed = fit(tiny_config(tmp_path, "full_disk", epochs=2, resume=True), tiny_splits("binary"))

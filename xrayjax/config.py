@@ -52,20 +52,22 @@ class TrainConfig:
     init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
                        "(Keras' initialisers)", choices=("imagenet", "random"))
     weights_dir: str | None = _field(None, "folder of <arch>_imagenet_notop.msgpack (default: the repo's weights/)")
-    epochs: int = _field(30, "epochs to train (with --resume: the total, not the ones to add)")
-    batch_size: int = _field(32, "global batch size, split over the devices (a multiple of their number)")
+    epochs: int = _field(30, "epochs to train, at least 1 (with --resume: the total, not the ones to add)")
+    batch_size: int = _field(32, "global batch size, split over the devices: at least 1, a multiple of "
+                             "their number, at most the number of training images")
     lr: float = _field(1e-4, "Adam learning rate, > 0 (Keras' Adam: beta_1 0.9, beta_2 0.999, epsilon 1e-7)")
     l2: float | None = _field(None, "L2 factor on the head's Dense kernels, >= 0 (default: 1e-3, but 0 for "
                               "vgg16 four_class, as in the report)")
     dropout: float = _field(0.5, "head dropout rate, in [0, 1)")
     augment: bool = _field(False, "random rotation/shift/zoom of training images (disables feature caching)")
     bf16: bool = _field(False, "backbone computes in bfloat16; head and loss stay float32")
-    fine_tune: int = _field(0, "also train the last N backbone blocks (0: backbone frozen)", metavar="N")
+    fine_tune: int = _field(0, "also train the last N backbone blocks, 0 to the backbone's number of blocks "
+                            "(0: backbone frozen)", metavar="N")
     seed: int = _field(0, "seed (>= 0) of the initialisation, data order, dropout and validation split")
     out: str | None = _field(None, "run folder (default: runs/<arch>_<task>)")
     resume: bool = _field(False, "continue the run in --out from its checkpoint")
     quiet: bool = _field(False, "no progress bars or messages")
-    num_devices: int | None = _field(None, "use the first N local devices of each process (default: all)",
+    num_devices: int | None = _field(None, "use the first N (>= 1) local devices of each process (default: all)",
                                      metavar="N")
     cache_features: bool = _field(True, "run the backbone every step even when it is frozen "
                                   "(default: compute its features once and train only the head)",
@@ -116,6 +118,17 @@ class TrainConfig:
             l2=default_l2(self.arch, self.task) if self.l2 is None else float(self.l2),
             out=self.out or os.path.join("runs", f"{self.arch}_{self.task}"),
         )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _flag(field: dataclasses.Field) -> str:

@@ -236,6 +236,19 @@ def training_devices(num_local: int | None = None) -> list[jax.Device]:
     return [d for devices in per_process for d in devices[:n]]
 
 
+def check_backend() -> None:
+    """Start JAX's backend, or raise ValueError saying how to fix ``JAX_PLATFORMS``."""
+    try:
+        jax.devices()
+    except Exception as e:  # JAX raises RuntimeError, or AssertionError when no platform starts
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"JAX cannot start the backend that JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} asks "
+            f"for ({reason}). Unset JAX_PLATFORMS (or set it to cpu), or install the JAX "
+            "build for that accelerator (e.g. pip install 'jax[cuda12]')"
+        ) from e
+
+
 def local_positions(devices: Sequence[Any]) -> list[int]:
     """Positions in ``devices`` of this process's devices (the rows of a batch it feeds)."""
     return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]

@@ -27,7 +27,9 @@ from sklearn.metrics import (
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
+from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split, Splits, load_splits
+from xrayjax.distributed import check_backend
 from xrayjax.gradcam import grad_cam
 from xrayjax.porting import write_atomic
 from xrayjax.predict import infer, infer_features, probabilities
@@ -278,12 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir",
                         help="dataset location, if not where the run was trained (folder or zip)")
     parser.add_argument("--tfds-dir", help="prepared-data folder, if not the run's")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="inference batch (default: the run's per-device training batch, so the "
                         "backbone's features equal training's to the last bit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
+        check_backend()
         splits = None
         if args.data_dir or args.tfds_dir:
             run_config = load_run(args.run).config

@@ -216,13 +216,17 @@ class Trainer:
 
 
 def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | None
-           ) -> tuple[StepModel, TrainState, Splits, int, list]:
-    """The model, the initial (or resumed) state, the data, the first epoch and the history so far."""
+           ) -> tuple[StepModel, TrainState, Splits, int, list, str | None]:
+    """The model, the initial (or resumed) state, the data, the first epoch, the history so far
+    and the sha256 of the run's ``frozen.msgpack`` (None for a fresh run)."""
     run_dir = Path(config.out)
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
                          "it or choose another --out")
-    resumed = runfiles.check_resume(config, run_dir) if config.resume else None
+    checkpoint, history = runfiles.check_resume(config, run_dir) if config.resume else (None, [])
+    if checkpoint is not None and checkpoint.epoch >= config.epochs:
+        raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
+                         f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
                              l2=config.l2, fine_tune=config.fine_tune)
     if config.init == "random":
@@ -234,28 +238,30 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
     if splits is None:
         with timings.phase("data_load"):
             splits = load_splits(config.data_config())
+    if config.batch_size > len(splits.train):
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(splits.train)} training "
+                         f"images; pass at most {len(splits.train)}")
     with timings.phase("setup"):
         state = create_train_state(model, variables, config.lr)
-    if resumed is None:
-        return model, state, splits, 0, []
-    saved, epoch, history = resumed
-    if epoch >= config.epochs:
-        raise ValueError(f"--resume: the run in {run_dir} has already trained {epoch} epochs; --epochs is the "
-                         f"total, so pass --epochs above {epoch} to train more")
-    log(f"resuming {run_dir} after epoch {epoch}")
-    return model, serialization.from_state_dict(state, saved), splits, epoch, history
+    if checkpoint is None:
+        return model, state, splits, 0, [], None
+    log(f"resuming {run_dir} after epoch {checkpoint.epoch}")
+    state = serialization.from_state_dict(state, checkpoint.state)
+    return model, state, splits, checkpoint.epoch, history, checkpoint.frozen_sha256
 
 
 def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
     """Train a run as ``config`` says; ``splits`` (``xrayjax.data.Splits``) skips loading the data.
 
-    Writes ``config.json``, then after every epoch ``history.json`` and ``checkpoint.msgpack``
-    into ``config.out`` (process 0 of a multi-process run only).
+    Locks ``config.out`` for the whole run, writes ``config.json``, then after every epoch
+    ``history.json`` and ``checkpoint.msgpack`` (process 0 of a multi-process run only). A
+    fresh run that stops before its first checkpoint leaves no files behind.
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
-        ValueError: a bad setting, or ``resume`` with settings other than the run's.
+        ValueError: a bad setting, ``resume`` with settings other than the run's, or a run
+            folder in use by another process (``xrayjax.runfiles.RunFolderError``).
         xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
     """
     config = config.resolved()
@@ -263,6 +269,7 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
         config.coordinator, config.num_processes, config.process_id,
         initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,
     ))
+    distributed.check_backend()
     writer = distributed.is_main_process()
     log = Log(config.quiet or not writer)
     devices = distributed.training_devices(config.num_devices)
@@ -271,26 +278,40 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
                          "pass a multiple, or --num-devices")
     if jax.process_count() > 1:
         log(f"{jax.process_count()} processes, {len(devices)} devices in all; process 0 writes {config.out}")
-    timings = Timings()
-    model, state, splits, start, history = _start(config, log, timings, splits)
     run_dir = Path(config.out)
-    if writer:
-        runfiles.write_config(run_dir, config, splits.class_names, devices)
-    trainer = Trainer(config, model, splits, devices, timings)
-    state = trainer.place(state)
-    if start < config.epochs:
-        trainer.compile(state)
-        if trainer.fast:
-            trainer.cache(state, log)
-    state = _train_epochs(config, trainer, state, start, history, log, writer)
-    if writer:
-        runfiles.write_json(run_dir / runfiles.TIMINGS_FILE, timings)
+    created = not run_dir.exists()
+    lock = runfiles.RunFolderLock(run_dir) if writer else None
+    if lock is not None and lock.note:
+        log(lock.note)
+    try:
+        timings = Timings()
+        model, state, splits, start, history, frozen_sha = _start(config, log, timings, splits)
+        if writer:
+            runfiles.write_config(run_dir, config, splits.class_names, devices)
+        trainer = Trainer(config, model, splits, devices, timings)
+        state = trainer.place(state)
+        if start < config.epochs:
+            trainer.compile(state)
+            if trainer.fast:
+                trainer.cache(state, log)
+        state = _train_epochs(config, trainer, state, start, history, log, writer, frozen_sha)
+        if writer:
+            runfiles.write_json(run_dir / runfiles.TIMINGS_FILE, timings)
+    except BaseException:
+        if lock is not None and not config.resume and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
+            lock.release()
+            lock = None
+            runfiles.remove_fresh_run(run_dir, created)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     features = {name: f for name, (f, _) in trainer.features.items()}
     return TrainResult(state, history, run_dir, splits, features, timings)
 
 
 def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, start: int, history: list,
-                  log: Log, writer: bool) -> TrainState:
+                  log: Log, writer: bool, frozen_sha: str | None) -> TrainState:
     """Epochs ``start..config.epochs``: train, validate, and write the history and checkpoint."""
     run_dir = Path(config.out)
     steps = math.ceil(len(trainer.splits.train) / config.batch_size)
@@ -312,7 +333,7 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, star
                             "seconds": time.perf_counter() - began})
             if writer:
                 runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
-                runfiles.write_checkpoint(run_dir, trainer.model, state, epoch + 1, frozen=epoch == start == 0)
+                frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, state, epoch + 1, frozen_sha)
             trainer.timings.add("train", time.perf_counter() - began)
             shown = {k: f"{v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "seconds")}
             bar.set_postfix(shown)

@@ -10,6 +10,7 @@ strict: every template entry is filled exactly once with an equal shape, or one
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ _COLLECTIONS = ("params", "batch_stats")
 # Layers with weights that only an include_top=True file holds (VGG fc1/fc2/predictions,
 # ResNet predictions).
 _TOP_LAYERS = frozenset({"fc1", "fc2", "predictions"})
+# Layer names of Keras 1's 2016 ResNet50 file (fchollet/deep-learning-models v0.2, md5
+# a268eb855778b3df3c7506639542a6af): same file name as today's, other names and BatchNorm eps.
+_KERAS1_RESNET_LAYER = re.compile(r"^(bn_conv1|(res|bn)[2-5][a-f]_branch(1|2[abc]))$")
+_KERAS1_RESNET_CAUSE = (
+    "this is Keras 1's 2016 ResNet50 file (fchollet/deep-learning-models release v0.2, md5 "
+    "a268eb855778b3df3c7506639542a6af: layers conv1, bn_conv1, res2a_branch2a, ...), which shares "
+    "today's file name but not its layer names, and whose model used BatchNorm epsilon 1e-3. "
+    "Download today's file instead: https://storage.googleapis.com/tensorflow/keras-applications/"
+    "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 (md5 4d473c1dd8becc155b73f8504c6f6626)"
+)
 
 KeyPath = tuple[str, ...]
 
@@ -86,6 +97,8 @@ def _slots(
 
 
 def _likely_cause(missing_layers: set[str], unexpected_layers: set[str], mismatched: bool) -> str:
+    if sum(bool(_KERAS1_RESNET_LAYER.match(n)) for n in unexpected_layers) >= 2:
+        return _KERAS1_RESNET_CAUSE
     causes = []
     if unexpected_layers & _TOP_LAYERS:
         causes.append(

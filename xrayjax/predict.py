@@ -23,9 +23,11 @@ from flax import linen as nn
 from scipy.special import expit, softmax
 from tqdm.auto import tqdm
 
+from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split, batches
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
+from xrayjax.distributed import check_backend
 from xrayjax.models import frozen_features, submodule_variables
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.runfiles import Run, load_run
@@ -163,7 +165,8 @@ def _table(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: print class probabilities per image (a table, or JSON with --json)."""
+    """CLI: print class probabilities per image (a table, or JSON with --json). Every readable
+    image is predicted; each unreadable one is named with its reason, and the exit status is 1."""
     parser = argparse.ArgumentParser(
         prog="python -m xrayjax.predict",
         description="Class probabilities of chest X-ray images under a trained run. Any JPEG or "
@@ -173,26 +176,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run folder written by `python -m xrayjax.train --out DIR`")
     parser.add_argument("--json", action="store_true", help="print JSON: one object per image with "
                         "its probabilities per class and the predicted class")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"inference batch (default {BATCH_SIZE})")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help=f"inference batch, at least 1 (default {BATCH_SIZE})")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     args = parser.parse_args(argv)
     try:
+        check_backend()
         run = load_run(args.run)
-        probs = predict(run, args.images, args.batch_size)
     except (OSError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = run.class_names
-    if args.json:
-        print(json.dumps([
-            {"image": path, "probabilities": {c: float(p) for c, p in zip(names, row)},
-             "predicted": names[int(row.argmax())]}
-            for path, row in zip(args.images, probs)
-        ], indent=2))
-    else:
-        print(_table(args.images, probs, names))
-    return 0
+    pixels, paths, failures = [], [], []
+    for path in args.images:
+        try:
+            pixels.append(load_image(path, run.config.color, run.config.image_size))
+            paths.append(path)
+        except DataError as e:
+            failures.append(str(e))
+    if paths:
+        probs = predict(run, np.stack(pixels), args.batch_size)
+        names = run.class_names
+        if args.json:
+            print(json.dumps([
+                {"image": path, "probabilities": {c: float(p) for c, p in zip(names, row)},
+                 "predicted": names[int(row.argmax())]}
+                for path, row in zip(paths, probs)
+            ], indent=2))
+        else:
+            print(_table(paths, probs, names))
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of {len(args.images)} images could not be read; the others were predicted",
+              file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -5,15 +5,20 @@ A run folder holds ``config.json`` (settings, class names, device, versions),
 trainable parameters, the head's statistics and the optimizer state after the last epoch)
 and ``frozen.msgpack`` (the leaves that never change, written once). Every file is written
 atomically; ``history.json`` is written before the checkpoint, so it never holds fewer
-epochs than the checkpoint.
+epochs than the checkpoint. The checkpoint records the sha256 of its state and of
+``frozen.msgpack``, checked on every load. A run holds ``.lock`` (:class:`RunFolderLock`)
+from start to end, so no two processes ever write one folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import platform
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from flax import linen as nn
 
 from xrayjax.config import TrainConfig
 from xrayjax.models import create_model
-from xrayjax.porting import save_variables, write_atomic
+from xrayjax.porting import write_atomic
 from xrayjax.steps import StepModel, TrainState, split_trainable
 
 CONFIG_FILE = "config.json"
@@ -35,6 +40,7 @@ HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
 FROZEN_FILE = "frozen.msgpack"
 TIMINGS_FILE = "timings.json"
+LOCK_FILE = ".lock"
 # Settings a resumed run may change (device and process counts and the fast path change
 # results only by float rounding); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
@@ -44,7 +50,59 @@ RESUMABLE_CHANGES = frozenset(
 
 
 class RunFolderError(ValueError):
-    """A run folder that cannot be read or continued; the message names the file."""
+    """A run folder that cannot be read, continued or used now; the message names the file."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for a whole run: ``flock`` on ``<run>/.lock``.
+
+    A second process is refused, naming the holder. The OS drops the lock of a process that
+    dies, however it dies; the holder it names is then taken over, and ``note`` says so.
+    Creating it creates the folder, and removes the temporary files of writes that a killed
+    run left behind (``note`` counts them).
+    """
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunFolderError(f"run folder {run_dir} is in use by {holder}; wait for that run to end "
+                                 "or choose another --out") from None
+        self._file.seek(0)
+        previous = self._file.read().strip()
+        notes = [f"took over the lock of {run_dir} left by {previous}, which is no longer running"] if previous else []
+        stale = sorted(run_dir.glob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write from {run_dir}")
+        self.note = "; ".join(notes) or None
+        self._write(f"process {os.getpid()} (host {socket.gethostname()})")
+
+    def _write(self, text: str) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(text)
+        self._file.flush()
+
+    def release(self) -> None:
+        self._write("")  # a clean end leaves no holder to report
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def remove_fresh_run(run_dir: Path, created: bool) -> None:
+    """Undo a fresh run that stopped before its first checkpoint: its files, and the folder
+    if this run created it."""
+    for name in (CONFIG_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE, LOCK_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 @dataclasses.dataclass
@@ -124,44 +182,80 @@ def _moving_and_frozen(model: StepModel, state: TrainState) -> tuple[dict, dict]
     )
 
 
-def write_checkpoint(run_dir: Path, model: StepModel, state: TrainState, epoch: int, *, frozen: bool) -> None:
-    """``checkpoint.msgpack`` after ``epoch``; ``frozen.msgpack`` too when ``frozen`` (a fresh
-    run's first checkpoint, so no other run's file is ever reused)."""
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read back: the state dict (frozen leaves merged in), its epoch, and the
+    sha256 of the run's ``frozen.msgpack``."""
+
+    state: dict[str, Any]
+    epoch: int
+    frozen_sha256: str
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_checkpoint(run_dir: Path, model: StepModel, state: TrainState, epoch: int,
+                     frozen_sha256: str | None) -> str:
+    """``checkpoint.msgpack`` after ``epoch``; first ``frozen.msgpack`` when ``frozen_sha256`` is
+    None (a fresh run's first checkpoint, so no other run's file is ever reused). Returns the
+    sha256 of ``frozen.msgpack``, which the checkpoint records beside its own state's."""
     moving, fixed = jax.device_get(_moving_and_frozen(model, state))
-    if frozen:
-        save_variables(fixed, run_dir / FROZEN_FILE)
-    payload = {"state": serialization.to_state_dict(jax.device_get(state.replace(**moving))), "epoch": epoch}
+    if frozen_sha256 is None:
+        frozen_bytes = serialization.msgpack_serialize(jax.tree.map(np.asarray, fixed))
+        write_atomic(run_dir / FROZEN_FILE, frozen_bytes)
+        frozen_sha256 = _sha256(frozen_bytes)
+    state_bytes = serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(state.replace(**moving))))
+    payload = {"state": state_bytes, "state_sha256": _sha256(state_bytes), "epoch": epoch,
+               "frozen_sha256": frozen_sha256}
     write_atomic(run_dir / CHECKPOINT_FILE, serialization.msgpack_serialize(payload))
+    return frozen_sha256
 
 
-def _read_msgpack(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run folder {path.parent} is incomplete")
+    return path.read_bytes()
+
+
+def _restore(data: bytes, path: Path) -> dict[str, Any]:
     try:
-        return serialization.msgpack_restore(path.read_bytes())
+        return serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises several unrelated types on bad input
-        raise RunFolderError(f"cannot read {path} ({e}): it is not a flax msgpack file") from e
+        raise RunFolderError(f"cannot read {path} ({e}): it is damaged or not a flax msgpack file") from e
 
 
-def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], int]:
-    """(state dict with the frozen leaves merged in, epoch) of the run's last checkpoint."""
-    checkpoint = _read_msgpack(run_dir / CHECKPOINT_FILE)
-    frozen = _read_msgpack(run_dir / FROZEN_FILE)
+def read_checkpoint(run_dir: Path) -> Checkpoint:
+    """The run's last checkpoint, after checking both files against the recorded sha256."""
+    path = run_dir / CHECKPOINT_FILE
+    payload = _restore(_read_bytes(path), path)
+    frozen_path = run_dir / FROZEN_FILE
+    frozen_bytes = _read_bytes(frozen_path)
     try:
-        state, epoch = checkpoint["state"], int(checkpoint["epoch"])
+        state_bytes, epoch = payload["state"], int(payload["epoch"])
+        recorded = {path: payload["state_sha256"], frozen_path: payload["frozen_sha256"]}
+    except (KeyError, TypeError) as e:
+        raise RunFolderError(f"{path} lacks {e}: it was written by another version of xrayjax or is "
+                             "damaged") from e
+    for damaged, data in ((path, state_bytes), (frozen_path, frozen_bytes)):
+        if _sha256(data) != recorded[damaged]:
+            raise RunFolderError(f"{damaged} is damaged: its sha256 differs from the one recorded when "
+                                 "it was written; restore it from a backup or train the run again")
+    state, frozen = _restore(state_bytes, path), _restore(frozen_bytes, frozen_path)
+    try:
         for col in ("params", "batch_stats"):
             merged = traverse_util.unflatten_dict(
                 {**traverse_util.flatten_dict(state[col]), **traverse_util.flatten_dict(frozen[col])}
             )
             state[col] = {part: merged.get(part, {}) for part in ("backbone", "head")}
     except (KeyError, TypeError) as e:
-        raise RunFolderError(f"{run_dir / CHECKPOINT_FILE} or {FROZEN_FILE} lacks {e}: the run folder "
-                             "is damaged or from another version") from e
-    return state, epoch
+        raise RunFolderError(f"{path} or {frozen_path} lacks {e}: the run folder is damaged") from e
+    return Checkpoint(state, epoch, recorded[frozen_path])
 
 
-def check_resume(config: TrainConfig, run_dir: Path) -> tuple[dict, int, list]:
-    """(state dict, epoch, history) of ``run_dir`` after checking ``config`` continues its run."""
+def check_resume(config: TrainConfig, run_dir: Path) -> tuple[Checkpoint, list]:
+    """(checkpoint, history) of ``run_dir`` after checking ``config`` continues its run."""
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / CHECKPOINT_FILE}; start the run "
                                 "without --resume")
@@ -174,12 +268,12 @@ def check_resume(config: TrainConfig, run_dir: Path) -> tuple[dict, int, list]:
             + ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed)
             + "; pass the same settings or choose another --out"
         )
-    state, epoch = read_checkpoint(run_dir)
+    checkpoint = read_checkpoint(run_dir)
     history = read_history(run_dir)
-    if len(history) < epoch:
+    if len(history) < checkpoint.epoch:
         raise RunFolderError(f"{run_dir / HISTORY_FILE} has {len(history)} epochs but the checkpoint "
-                             f"{epoch}: the run folder is damaged")
-    return state, epoch, history[:epoch]
+                             f"{checkpoint.epoch}: the run folder is damaged")
+    return checkpoint, history[:checkpoint.epoch]
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -189,7 +283,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"{run_dir / CONFIG_FILE} is missing: {run_dir} is not a training run "
                                 "folder (train one with `python -m xrayjax.train --out DIR`)")
     config, class_names, num_devices = read_config(run_dir)
-    state, _ = read_checkpoint(run_dir)
+    state = read_checkpoint(run_dir).state
     return Run(
         config=config,
         class_names=class_names,

@@ -7,6 +7,7 @@ their defaults). From Python use ``xrayjax.fit(TrainConfig(...))`` and
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,8 @@ def run(config: TrainConfig) -> dict | None:
     distributed.wait_for_all("xrayjax.train: process 0 has written the run")
     if distributed.is_main_process():
         last = result.history[-1] if result.history else {}
-        validation = f", val_accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last else ""
+        validation = (f", val_accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last
+                      else ", no validation split")
         print(f"done: {result.run_dir} ({len(result.history)} epochs{validation})")
         if metrics is not None:
             print(summary(metrics))
@@ -57,9 +59,15 @@ def _interrupted_hint(config: TrainConfig) -> str:
     return ": no epoch finished, so nothing was kept"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: flags into a TrainConfig, :func:`run`; errors as one-line messages, never tracebacks."""
+    """CLI: flags into a TrainConfig, :func:`run`; errors as one-line messages, never tracebacks.
+    SIGTERM ends the run as Ctrl-C does (the last checkpoint is kept)."""
     config = from_args(argv, description=DESCRIPTION)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(config)
     except TrainingDiverged as e:

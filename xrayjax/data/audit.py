@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from xrayjax.data.decode import BadImage, NotAnImage, open_image, to_rgb
-from xrayjax.data.source import SOURCE_SPLITS, Source, SourceFile, resolve_source
+from xrayjax.data.source import SOURCE_SPLITS, DataError, Source, SourceFile, resolve_source
 
 HASH_SIDE = 16
 NEAR_BITS = 32
@@ -75,7 +75,10 @@ def hamming(hashes: np.ndarray) -> np.ndarray:
 
 
 def _inspect(source: Source, file: SourceFile) -> dict[str, Any]:
-    data = source.read(file)
+    try:
+        data = source.read(file)
+    except DataError as err:  # unreadable, e.g. a dangling or looping symlink
+        return {"status": "bad", "error": str(err), "sha256": None}
     info: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest()}
     try:
         image = open_image(data)
@@ -134,7 +137,8 @@ def audit(data_dir: str | None, workers: int = 4) -> dict[str, Any]:
 
     by_sha = collections.defaultdict(list)
     for m in unique:
-        by_sha[infos[m]["sha256"]].append(m)
+        if infos[m]["sha256"] is not None:  # unreadable files have no bytes to compare
+            by_sha[infos[m]["sha256"]].append(m)
     exact = [
         {"files": group, "scope": "across train/test" if len({split(g) for g in group}) > 1
          else f"within {split(group[0])}", "labels_differ": len({cls(g) for g in group}) > 1}

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -120,7 +122,7 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
                 return "ok", decode(source.read(task_file.file), color)
             except NotAnImage:
                 return "junk", None
-            except BadImage as err:
+            except (BadImage, DataError) as err:  # corrupt, or unreadable (e.g. a dangling symlink)
                 return "bad", err
 
         # PIL releases the GIL while decoding and resizing, so threads use every core.
@@ -132,10 +134,11 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
                 elif status == "bad":
                     if not self.skip_bad_images:
                         raise DataError(
-                            f"{where}: corrupt or truncated image ({value}). Replace or delete "
-                            f"the file, or pass --skip-bad-images to leave it out."
+                            f"{where}: unreadable, corrupt or truncated image ({value}). Replace or "
+                            f"delete the file, or pass --skip-bad-images to leave it out."
                         )
-                    warnings.warn(f"skipping {where}: {value}", BadImageWarning, stacklevel=2)
+                    reason = value if isinstance(value, DataError) else f"{where}: {value}"  # names it
+                    warnings.warn(f"skipping {reason}", BadImageWarning, stacklevel=2)
                     self.info.metadata["bad_images"].append(task_file.file.member)
                 else:
                     yield task_file.file.member, {
@@ -181,16 +184,23 @@ def prepare(task: str, color: str = "gray", data_dir: str | None = None,
         current = source.task_listing(task).fingerprint
         if stored != current:
             raise DataError(
-                f"{builder.data_dir} holds {builder.builder_config.name} prepared from "
-                f"{builder.info.metadata.get('source')}, which differs from {source}. Delete "
-                f"that folder to prepare again, or pass another --tfds-dir."
+                f"{builder.data_dir} holds {builder.builder_config.name} prepared from other files "
+                f"(names or sizes) than {source} holds now (it was prepared from "
+                f"{builder.info.metadata.get('source')}). Delete that folder to prepare again, or pass "
+                f"another --tfds-dir."
             )
         return builder
     builder.source_path = str(source.location)
     manual_dir = source.location.parent if source.is_zip else source.location
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
-    )
+    for stale in Path(builder.data_dir).parent.glob("incomplete.*"):  # an interrupted prepare's
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+        )
+    except PermissionError as err:
+        raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
+                        "pass a writable --tfds-dir") from err
     return builder
 
 

@@ -107,7 +107,11 @@ class Source:
                 for name in names:
                     path = pathlib.Path(dirpath, name)
                     rel = path.relative_to(self.location).as_posix()
-                    found.append(SourceFile(rel, path.stat().st_size))
+                    try:
+                        size = path.stat().st_size
+                    except OSError:  # a dangling or looping symlink: unreadable, found when read
+                        size = -1
+                    found.append(SourceFile(rel, size))
         return tuple(sorted(found, key=lambda f: f.member))
 
     def read(self, file: SourceFile) -> bytes:

@@ -1,0 +1,296 @@
+"""A hostile user's cases: no shared run folder, no traceback, no silent nonsense, nothing lost
+or half-written, damaged files named (issue 16). Tiny data, CPU."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import serialization
+
+from training_helpers import tiny_config, tiny_splits
+from xrayjax import runfiles
+from xrayjax.config import TrainConfig
+from xrayjax.data import DataError
+from xrayjax.data.__main__ import main as data_main
+from xrayjax.evaluate import main as evaluate_main
+from xrayjax.loop import fit
+from xrayjax.predict import main as predict_main
+from xrayjax.runfiles import RunFolderError, RunFolderLock, load_run
+from xrayjax.train import main as train_main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> pathlib.Path:
+    """A finished tiny run (vgg16 binary, 32 px, 2 epochs)."""
+    return fit(tiny_config(tmp_path_factory.mktemp("run"), "run"), tiny_splits("binary")).run_dir
+
+
+def _copy(run_dir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(run_dir, tmp_path / "copy"))
+
+
+# 1. one run folder, one process ------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    out = tmp_path / "shared"
+    holder = RunFolderLock(out)  # another run holds the folder
+    with pytest.raises(RunFolderError, match=rf"run folder {out} is in use by process {os.getpid()} \(host "):
+        fit(tiny_config(tmp_path, "shared"), tiny_splits("binary"))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
+    holder.release()
+    # a run killed with -9 leaves its name in .lock and a half-written temporary file
+    (out / ".lock").write_text("process 999999 (host elsewhere)")
+    (out / ".frozen.msgpack.x1y2.tmp").write_bytes(b"\0" * 1024)
+    lock = RunFolderLock(out)
+    assert "left by process 999999 (host elsewhere)" in lock.note and "removed 1 temporary file" in lock.note
+    assert not list(out.glob("*.tmp"))
+    lock.release()
+    result = fit(tiny_config(tmp_path, "shared", epochs=1), tiny_splits("binary"))
+    assert (result.run_dir / "checkpoint.msgpack").is_file() and (out / ".lock").read_text() == ""
+
+
+# 2, 4. settings refused up front, naming the flag, writing nothing --------------------------
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--image-size", "8"], "--image-size must be in [32, 1024]"),
+    (["--image-size", "100000"], "--image-size must be in [32, 1024]"),
+    (["--l2", "nan"], "--l2 must be a number >= 0, got nan"),
+    (["--l2", "-5"], "--l2 must be a number >= 0, got -5.0"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--num-devices", "0"], "--num-devices must be at least 1, got 0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+])
+def test_bad_settings_are_named_and_nothing_is_written(flags, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert train_main(["--init", "random", "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_batch_larger_than_the_data_is_refused_and_a_failed_start_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 100 is larger than the 10 training images"):
+        fit(tiny_config(tmp_path, "big", batch_size=100), tiny_splits("binary"))
+    assert not (tmp_path / "big").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made: kept, but emptied of the failed run's files
+    with pytest.raises(FileNotFoundError, match="weights/port.py"):
+        fit(tiny_config(tmp_path, "mine", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", **env}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_an_unavailable_jax_backend_is_a_message(run_dir, tmp_path):
+    for args in (["xrayjax.train", "--init", "random", "--out", str(tmp_path / "x")],
+                 ["xrayjax.predict", "--run", str(run_dir), "nothing.png"]):
+        done = _cli(args, JAX_PLATFORMS="cuda")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "JAX_PLATFORMS='cuda'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_and_evaluate_refuse_a_zero_batch(run_dir, capsys):
+    for main in (predict_main, evaluate_main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--run", str(run_dir), "--batch-size", "0", *(["a.png"] if main is predict_main else [])])
+        assert exit_info.value.code == 2
+        assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_without_a_validation_split_the_result_says_so(tmp_path, capsys, monkeypatch):
+    import xrayjax.train as cli
+
+    splits = tiny_splits("binary")
+    no_val = type(splits)(splits.train, splits.validation.take(np.arange(0)), splits.test, splits.class_names)
+    monkeypatch.setattr(cli, "fit", lambda config, fit=cli.fit: fit(config, no_val))
+    cli.run(tiny_config(tmp_path, "noval", epochs=1))
+    assert "(1 epochs, no validation split)" in capsys.readouterr().out
+    assert "val_accuracy" not in json.loads((tmp_path / "noval" / "history.json").read_text())[0]
+
+
+# 2, 3. damaged or foreign run folders are named --------------------------------------------
+
+def _edit_json(path: pathlib.Path, edit) -> None:
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize("damage", ["invalid_json", "missing_key", "unknown_key", "checkpoint_key", "history"])
+def test_a_damaged_run_folder_is_named(damage, run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    if damage == "invalid_json":
+        (run / "config.json").write_text('{"config": {"arch": "vgg16",}')
+        expected = f"{run / 'config.json'} is not valid JSON"
+    elif damage == "missing_key":
+        _edit_json(run / "config.json", lambda v: v.pop("class_names"))
+        expected = f"{run / 'config.json'} lacks 'config', 'class_names' or 'num_devices'"
+    elif damage == "unknown_key":
+        _edit_json(run / "config.json", lambda v: v["config"].update(mixup=0.2))
+        expected = f"{run / 'config.json'} has settings this version of xrayjax does not know: mixup"
+    elif damage == "checkpoint_key":
+        payload = serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
+        del payload["frozen_sha256"]
+        (run / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(payload))
+        expected = f"{run / 'checkpoint.msgpack'} lacks 'frozen_sha256'"
+    else:
+        (run / "history.json").write_text("[{")
+        expected = f"{run / 'history.json'} is not valid JSON"
+    with pytest.raises(RunFolderError) as info:
+        load_run(run)
+    assert expected in str(info.value)
+    assert evaluate_main(["--run", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+# 5. predict: every readable image, every failure named --------------------------------------
+
+def test_predict_reads_what_it_can_and_names_every_failure(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    (run / "history.json").unlink()  # predict does not need it
+    good = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50), np.uint8)).save(good)
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    missing = tmp_path / "gone.jpeg"
+    assert predict_main(["--run", str(run), str(junk), str(good), str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert str(good) in captured.out and str(junk) not in captured.out
+    assert f"'{junk}': not an image" in captured.err and f"'{missing}': no such file" in captured.err
+    assert "2 of 3 images could not be read" in captured.err
+
+
+# 6. rotten bytes are found ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["frozen.msgpack", "checkpoint.msgpack"])
+def test_rotten_bytes_of_the_same_size_are_named(name, run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    data = bytearray((run / name).read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # rot inside the weights, size unchanged
+    (run / name).write_bytes(bytes(data))
+    with pytest.raises(RunFolderError, match=f"{run / name} is damaged"):
+        load_run(run)
+    assert predict_main(["--run", str(run), "x.png"]) == 2
+    assert f"{run / name} is damaged" in capsys.readouterr().err
+
+
+# 2, 7. the data commands: symlinks, read-only output, interrupted preparation ---------------
+
+@pytest.fixture(scope="module")
+def small_dataset(data_root, tmp_path_factory) -> pathlib.Path:
+    """One real image per split and class in the challenge's layout."""
+    root = tmp_path_factory.mktemp("small")
+    for split in ("train", "test"):
+        for cls in ("covid", "normal", "pneumonia_bac", "pneumonia_vir"):
+            folder = root / "all" / split / cls
+            folder.mkdir(parents=True)
+            source = sorted((data_root / "all" / split / cls).glob("*.jp*g"))[:2 if split == "train" else 1]
+            for image in source:
+                shutil.copy(image, folder / image.name)
+    return root
+
+
+def test_dangling_and_looping_symlinks_are_unreadable_files(small_dataset, tmp_path, capsys):
+    data = pathlib.Path(shutil.copytree(small_dataset, tmp_path / "data", symlinks=True))
+    (data / "all" / "train" / "covid" / "ghost.png").symlink_to(tmp_path / "nowhere.png")
+    (data / "all" / "train" / "covid" / "loop.png").symlink_to("loop.png")
+    assert data_main(["audit", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "ghost.png" in out and "loop.png" in out
+    report = json.loads(_cli(["xrayjax.data", "audit", "--data-dir", str(data), "--json"]).stdout)
+    assert {pathlib.Path(u["file"]).name for u in report["unreadable"]} == {"ghost.png", "loop.png"}
+    tfds_dir = str(tmp_path / "tfds")
+    assert data_main(["prepare", "--data-dir", str(data), "--tfds-dir", tfds_dir]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert data_main(["prepare", "--data-dir", str(data), "--tfds-dir", tfds_dir, "--skip-bad-images"]) == 0
+
+
+def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(small_dataset, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from xrayjax.data import builder
+
+    tfds_dir = tmp_path / "tfds"
+    stale = tfds_dir / "covid_xray" / "four_class" / "incomplete.0123abcd_1.0.0"
+    stale.mkdir(parents=True)
+    (stale / "part.array_record").write_bytes(b"\0" * 100)
+    builder.prepare("four_class", data_dir=str(small_dataset), tfds_dir=str(tfds_dir))
+    assert not stale.exists()
+    changed = pathlib.Path(shutil.copytree(small_dataset, tmp_path / "changed"))
+    extra = next((changed / "all" / "train" / "covid").iterdir())
+    shutil.copy(extra, extra.with_name("extra_" + extra.name))
+    with pytest.raises(DataError, match=r"prepared from other files \(names or sizes\) than .*changed"):
+        builder.prepare("four_class", data_dir=str(changed), tfds_dir=str(tfds_dir))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(builder.CovidXray, "download_and_prepare", read_only)
+    with pytest.raises(DataError, match=r"cannot write the prepared data into .* pass a writable --tfds-dir"):
+        builder.prepare("binary", data_dir=str(small_dataset), tfds_dir=str(tmp_path / "readonly"))
+
+
+# 7. SIGTERM ends a run as Ctrl-C does -------------------------------------------------------
+
+def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+    command = [sys.executable, "-m", "xrayjax.train", "--init", "random", "--image-size", "32", "--epochs",
+               "100000", "--batch-size", "4", "--data-dir", str(small_dataset), "--tfds-dir",
+               str(tmp_path / "tfds"), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("epoch 2/"):
+                process.send_signal(signal.SIGTERM)
+                break
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1] == (
+        f"interrupted: continue the run with the same flags and --resume (its checkpoint is in {out})")
+    assert "Traceback" not in rest
+    assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
+
+
+def test_trainconfig_defaults_are_the_cli_defaults():
+    from xrayjax.config import parser
+
+    args = vars(parser().parse_args([]))
+    assert TrainConfig(**args) == TrainConfig()
+
+
+def test_help_documents_every_checked_bound():
+    from xrayjax.config import parser
+
+    text = " ".join(parser().format_help().split())
+    for bound in ("32 to 1024", "in [0, 1)", "Adam learning rate, > 0", "Dense kernels, >= 0", "seed (>= 0)",
+                  "epochs to train, at least 1", "at most the number of training images", "first N (>= 1)",
+                  "0 to the backbone's number of blocks"):
+        assert bound in text, bound
+
+
+def test_the_interrupted_hint_says_resume_only_when_a_checkpoint_exists(run_dir, tmp_path):
+    from xrayjax.train import _interrupted_hint
+
+    assert "--resume" in _interrupted_hint(TrainConfig(out=str(run_dir)))
+    assert _interrupted_hint(TrainConfig(out=str(tmp_path / "empty"))) == ": no epoch finished, so nothing was kept"
