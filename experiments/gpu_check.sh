@@ -3,7 +3,8 @@
 #   1. installs the carried wheels (.whl: tensorflow-datasets and what the GPU image lacks);
 #   2. reads the carried prepared dataset (.tfds), or prepares it;
 #   3. times the training step beside the plain-Flax reference step, in one process per group:
-#      the report's three models bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32;
+#      the report's three models bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32, vgg16
+#      bf16 at 512 (a candidate: larger per-device batches);
 #   4. times each VGG conv layer (experiments/vgg_layers.py);
 #   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
 #      --smoke runs it once, at 32 px for 2 epochs;
@@ -11,8 +12,15 @@
 #      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
 #      (not in a smoke run) and prints one summary table.
 #
-#   bash experiments/gpu_check.sh           # on the GPU: about 5 minutes on an H100
+# Before the call, here: `python -m xrayjax.data prepare --tfds-dir .tfds`, and into .whl the
+# wheels the GPU image lacks (the device tool's README says how: tensorflow-datasets,
+# array_record, dm-tree, promise, simple-parsing, docstring-parser, termcolor, toml,
+# immutabledict, tensorflow-metadata, googleapis-common-protos; cp312 manylinux x86_64).
+#
+#   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200
 #   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
+# Environment: OUT (default: a temporary folder), TFDS_DIR, DATA_DIR (the dataset to train on
+# end to end; default ../shared/covid_xray, or what .tfds was prepared from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -30,8 +38,8 @@ fi
 if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller grid
   tfds=${TFDS_DIR:-$work/tfds}
   tiny=(--image-size 32 --warmup 1 --steps 1 --repeats 1 --batches 4)
-  groups=("--models vgg16:binary resnet50:four_class --dtypes bf16 ${tiny[*]}")
-  archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32); runs=(cold)
+  groups=("--models resnet50:four_class --dtypes bf16 ${tiny[*]}")
+  archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32 --batch-size 4); runs=(cold)
 else
   tfds=${TFDS_DIR:-.tfds}
   groups=("--models vgg16:binary vgg19:four_class resnet50:four_class --dtypes bf16 --batches 256"
@@ -67,7 +75,7 @@ for run in "${runs[@]}"; do
   log "end to end: the README's vgg19 command, $run"
   start=$(date +%s.%N)
   python3 -m xrayjax.train --arch vgg19 --init random --tfds-dir "$tfds" --out "$work/e2e_$run" --quiet \
-    "${e2e[@]}" | tee -a "$out/gpu_check.log"
+    ${DATA_DIR:+--data-dir "$DATA_DIR"} "${e2e[@]}" | tee -a "$out/gpu_check.log"
   wall=$(python3 -c "print($(date +%s.%N) - $start)")
   python3 experiments/gpu_check.py e2e "$work/e2e_$run" "$run" "$wall" "$records"
 done

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 
 # Both must be set before jax or keras is imported anywhere.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -21,3 +22,17 @@ def data_root() -> pathlib.Path:
             pytest.fail(f"the dataset is missing at {DATA_ROOT}: CI must run next to ../shared")
         pytest.skip(f"the real dataset is not at {DATA_ROOT}")
     return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def small_dataset(data_root, tmp_path_factory) -> pathlib.Path:
+    """The challenge's layout with two real training images and one test image per class."""
+    root = tmp_path_factory.mktemp("small")
+    for split in ("train", "test"):
+        for cls in ("covid", "normal", "pneumonia_bac", "pneumonia_vir"):
+            folder = root / "all" / split / cls
+            folder.mkdir(parents=True)
+            source = sorted((data_root / "all" / split / cls).glob("*.jp*g"))[:2 if split == "train" else 1]
+            for image in source:
+                shutil.copy(image, folder / image.name)
+    return root

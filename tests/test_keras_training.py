@@ -59,11 +59,11 @@ def test_initialisers_are_keras_defaults():
     """Head Dense kernels and a random backbone's convs are glorot_uniform, biases zero, and
     BatchNorm starts at gamma 1, beta 0, mean 0, variance 1, as Keras' own layers."""
     resnet = init_variables(build_step_model("resnet50", "four_class"), 32, init="random", seed=1)
-    vgg = init_variables(build_step_model("vgg16", "binary"), 32, init="random", seed=1)
     cases = {
         "head dense 2048x512": (resnet["params"]["head"]["dense"], keras.layers.Dense(512), (2048,)),
         "head dense 512x4": (resnet["params"]["head"]["dense_1"], keras.layers.Dense(4), (512,)),
-        "conv 3x3x64x64": (vgg["params"]["backbone"]["block1_conv2"], keras.layers.Conv2D(64, 3), (8, 8, 64)),
+        "conv 3x3x64x64": (resnet["params"]["backbone"]["conv2_block1_2_conv"], keras.layers.Conv2D(64, 3),
+                           (8, 8, 64)),
         "conv 1x1x256x64": (resnet["params"]["backbone"]["conv2_block2_1_conv"], keras.layers.Conv2D(64, 1),
                             (8, 8, 256)),
     }

@@ -92,12 +92,11 @@ def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_an_unavailable_jax_backend_is_a_message(run_dir, tmp_path):
-    for args in (["xrayjax.train", "--init", "random", "--out", str(tmp_path / "x")],
-                 ["xrayjax.predict", "--run", str(run_dir), "nothing.png"]):
-        done = _cli(args, JAX_PLATFORMS="cuda")
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert "JAX_PLATFORMS='cuda'" in done.stderr and "Traceback" not in done.stderr
+def test_an_unavailable_jax_backend_is_a_message(tmp_path):
+    # the training CLI in a process of its own; predict and evaluate call the same check first
+    done = _cli(["xrayjax.train", "--init", "random", "--out", str(tmp_path / "x")], JAX_PLATFORMS="cuda")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "JAX_PLATFORMS='cuda'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -192,20 +191,6 @@ def test_rotten_bytes_of_the_same_size_are_named(name, run_dir, tmp_path, capsys
 
 # 2, 7. the data commands: symlinks, read-only output, interrupted preparation ---------------
 
-@pytest.fixture(scope="module")
-def small_dataset(data_root, tmp_path_factory) -> pathlib.Path:
-    """One real image per split and class in the challenge's layout."""
-    root = tmp_path_factory.mktemp("small")
-    for split in ("train", "test"):
-        for cls in ("covid", "normal", "pneumonia_bac", "pneumonia_vir"):
-            folder = root / "all" / split / cls
-            folder.mkdir(parents=True)
-            source = sorted((data_root / "all" / split / cls).glob("*.jp*g"))[:2 if split == "train" else 1]
-            for image in source:
-                shutil.copy(image, folder / image.name)
-    return root
-
-
 def test_dangling_and_looping_symlinks_are_unreadable_files(small_dataset, tmp_path, capsys):
     data = pathlib.Path(shutil.copytree(small_dataset, tmp_path / "data", symlinks=True))
     (data / "all" / "train" / "covid" / "ghost.png").symlink_to(tmp_path / "nowhere.png")
@@ -232,11 +217,6 @@ def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(
     (stale / "part.array_record").write_bytes(b"\0" * 100)
     builder.prepare("four_class", data_dir=str(small_dataset), tfds_dir=str(tfds_dir))
     assert not stale.exists()
-    changed = pathlib.Path(shutil.copytree(small_dataset, tmp_path / "changed"))
-    extra = next((changed / "all" / "train" / "covid").iterdir())
-    shutil.copy(extra, extra.with_name("extra_" + extra.name))
-    with pytest.raises(DataError, match=r"prepared from other files \(names or sizes\) than .*changed"):
-        builder.prepare("four_class", data_dir=str(changed), tfds_dir=str(tfds_dir))
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
