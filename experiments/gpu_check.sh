@@ -38,7 +38,7 @@ fi
 if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller grid
   tfds=${TFDS_DIR:-$work/tfds}
   tiny=(--image-size 32 --warmup 1 --steps 1 --repeats 1 --batches 4)
-  groups=("--models resnet50:four_class --dtypes bf16 ${tiny[*]}")
+  groups=("--models vgg16:binary --dtypes bf16 ${tiny[*]}")
   archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32 --batch-size 4); runs=(cold)
 else
   tfds=${TFDS_DIR:-.tfds}

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import jax
 
-from xrayjax.data import DataError
-from xrayjax.porting import pretrained_path
 from xrayjax.config import TrainConfig
+from xrayjax.data import DataError
+from xrayjax.evaluate import evaluate_run
 from xrayjax.loop import TrainingDiverged
-from xrayjax.runfiles import read_history
+from xrayjax.porting import pretrained_path
+from xrayjax.runfiles import METRICS_FILE, read_history
 from xrayjax.train import run as train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,9 @@ def run_model(model: Model, args: argparse.Namespace, init: str, color: str) -> 
         print(f"== {model.label} (init {init}, color {color}) -> {run_dir}", flush=True)
     began = time.perf_counter()
     if config.resume and len(read_history(run_dir)) >= config.epochs:  # finished: reuse its evaluation
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics_path = run_dir / METRICS_FILE
+        metrics = (json.loads(metrics_path.read_text()) if metrics_path.is_file()
+                   else evaluate_run(run_dir, quiet=config.quiet))
     else:
         metrics = train_and_evaluate(config)
     seconds = time.perf_counter() - began

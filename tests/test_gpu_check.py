@@ -18,7 +18,7 @@ def test_gpu_check_smoke(small_dataset, tmp_path):
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     bench = [r for r in records if "images_per_s" in r]
-    assert [(r["arch"], r["dtype"], r["batch"]) for r in bench] == [("resnet50", "bf16", 4)]
+    assert [(r["arch"], r["dtype"], r["batch"]) for r in bench] == [("vgg16", "bf16", 4)]
     for r in bench:
         assert r["reference_images_per_s"] > 0
         assert r["vs_reference"] == round(r["images_per_s"] / r["reference_images_per_s"], 3)

@@ -80,10 +80,15 @@ def test_batch_larger_than_the_data_is_refused_and_a_failed_start_leaves_nothing
     with pytest.raises(ValueError, match="--batch-size 100 is larger than the 10 training images"):
         fit(tiny_config(tmp_path, "big", batch_size=100), tiny_splits("binary"))
     assert not (tmp_path / "big").exists()
-    (tmp_path / "mine").mkdir()  # a folder the user made: kept, but emptied of the failed run's files
+    mine = tmp_path / "mine"  # a folder the user made, holding a config.json of their own
+    mine.mkdir()
+    (mine / "config.json").write_text("the user's own")
     with pytest.raises(FileNotFoundError, match="weights/port.py"):
         fit(tiny_config(tmp_path, "mine", init="imagenet", weights_dir=str(tmp_path)), tiny_splits("binary"))
-    assert list((tmp_path / "mine").iterdir()) == []
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and (mine / "config.json").read_text() == "the user's own"
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):  # a typo in --out
+        fit(tiny_config(tmp_path, "typo", resume=True), tiny_splits("binary"))
+    assert not (tmp_path / "typo").exists()
 
 
 def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -127,7 +132,8 @@ def _edit_json(path: pathlib.Path, edit) -> None:
     path.write_text(json.dumps(value))
 
 
-@pytest.mark.parametrize("damage", ["invalid_json", "missing_key", "unknown_key", "checkpoint_key", "history"])
+@pytest.mark.parametrize("damage", ["invalid_json", "missing_key", "missing_setting", "unknown_key",
+                                    "checkpoint_key", "history"])
 def test_a_damaged_run_folder_is_named(damage, run_dir, tmp_path, capsys):
     run = _copy(run_dir, tmp_path)
     if damage == "invalid_json":
@@ -136,6 +142,9 @@ def test_a_damaged_run_folder_is_named(damage, run_dir, tmp_path, capsys):
     elif damage == "missing_key":
         _edit_json(run / "config.json", lambda v: v.pop("class_names"))
         expected = f"{run / 'config.json'} lacks 'config', 'class_names' or 'num_devices'"
+    elif damage == "missing_setting":
+        _edit_json(run / "config.json", lambda v: v["config"].pop("arch"))
+        expected = f"{run / 'config.json'} lacks the settings arch"
     elif damage == "unknown_key":
         _edit_json(run / "config.json", lambda v: v["config"].update(mixup=0.2))
         expected = f"{run / 'config.json'} has settings this version of xrayjax does not know: mixup"
@@ -272,5 +281,6 @@ def test_help_documents_every_checked_bound():
 def test_the_interrupted_hint_says_resume_only_when_a_checkpoint_exists(run_dir, tmp_path):
     from xrayjax.train import _interrupted_hint
 
-    assert "--resume" in _interrupted_hint(TrainConfig(out=str(run_dir)))
+    assert "--resume" in _interrupted_hint(TrainConfig(out=str(run_dir), epochs=5))  # 2 of 5 epochs done
+    assert f"python -m xrayjax.evaluate --run {run_dir}" in _interrupted_hint(TrainConfig(out=str(run_dir), epochs=2))
     assert _interrupted_hint(TrainConfig(out=str(tmp_path / "empty"))) == ": no epoch finished, so nothing was kept"

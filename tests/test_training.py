@@ -87,10 +87,10 @@ def test_evaluation_at_the_end_equals_evaluate_run(vgg_runs, tmp_path):
 
 def test_bf16_run_is_evaluated_one_way(tmp_path):
     # A --bf16 run: its metrics.json at the end of training (bf16 cached features) and a fresh
-    # evaluation of the run folder (which must rebuild the bf16 backbone, BatchNorm folded as
-    # in training, and run it at training's per-device batch, where bf16 rounding depends on it).
+    # evaluation of the run folder (which must rebuild the bf16 backbone, run it through the same
+    # frozen_features as training, at training's per-device batch: bf16 rounding depends on it).
     splits = tiny_splits("four_class")
-    config = tiny_config(tmp_path, "bf16", arch="resnet50", task="four_class", bf16=True, evaluate=True)
+    config = tiny_config(tmp_path, "bf16", task="four_class", bf16=True, evaluate=True)
     result = fit(config, splits)
     at_the_end = evaluate_run(result.run_dir, splits, quiet=True, features=result.features)
     assert load_run(result.run_dir).model.backbone.dtype == jax.numpy.bfloat16

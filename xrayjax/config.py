@@ -47,7 +47,8 @@ class TrainConfig:
     tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
     color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
                         choices=("gray", "keep"))
-    val_fraction: float = _field(0.2, "fraction of train held out for validation, stratified")
+    val_fraction: float = _field(0.2, "fraction of train held out for validation, stratified, in [0, 1) "
+                                 "(0: no validation split)")
     image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE} (smaller: quicker runs)")
     init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
                        "(Keras' initialisers)", choices=("imagenet", "random"))
@@ -98,6 +99,8 @@ class TrainConfig:
             (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
             (self.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
             (self.init in ("imagenet", "random"), "init", "imagenet or random"),
+            (self.color in ("gray", "keep"), "color", "gray or keep"),
+            (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.fine_tune <= len(BLOCKS.get(self.arch, ())), "fine_tune",
              f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
             (self.epochs >= 1, "epochs", "at least 1"),

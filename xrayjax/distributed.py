@@ -249,6 +249,14 @@ def check_backend() -> None:
         ) from e
 
 
+def runtime_error(e: Exception) -> str:
+    """The first line of a JAX runtime error, with what to try when memory ran out."""
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        first += "; the device ran out of memory: lower --batch-size or --image-size"
+    return first
+
+
 def local_positions(devices: Sequence[Any]) -> list[int]:
     """Positions in ``devices`` of this process's devices (the rows of a batch it feeds)."""
     return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]

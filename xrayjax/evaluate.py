@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import (
@@ -29,11 +29,10 @@ from threadpoolctl import threadpool_limits
 from xrayjax import figures
 from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split, Splits, load_splits
-from xrayjax.distributed import check_backend
+from xrayjax.distributed import check_backend, runtime_error
 from xrayjax.gradcam import grad_cam
-from xrayjax.porting import write_atomic
 from xrayjax.predict import infer, infer_features, probabilities
-from xrayjax.runfiles import Run, load_run
+from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, read_config, write_json
 
 GRADCAM_IMAGES = 8
 
@@ -208,7 +207,7 @@ def evaluate_run(
     if tuple(splits.class_names) != class_names:
         raise ValueError(
             f"the data's classes {splits.class_names} differ from the run's {class_names} "
-            f"({run_dir / 'config.json'}): evaluate with the task the run was trained on"
+            f"({run_dir / CONFIG_FILE}): evaluate with the task the run was trained on"
         )
     names = [name for name in ("train", "validation", "test") if len(getattr(splits, name))]
     cached = features is not None and all(name in features for name in names)
@@ -243,7 +242,7 @@ def evaluate_run(
     metrics["figures"] = _write_figures(
         run, splits, outputs, metrics, run_dir, features["test"] if cached else None
     )
-    write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_json(run_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -281,15 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="dataset location, if not where the run was trained (folder or zip)")
     parser.add_argument("--tfds-dir", help="prepared-data folder, if not the run's")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="inference batch (default: the run's per-device training batch, so the "
-                        "backbone's features equal training's to the last bit)")
+                        help="inference batch (default: the run's per-device training batch, so that on "
+                        "the same device the backbone's features equal training's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         check_backend()
         splits = None
         if args.data_dir or args.tfds_dir:
-            run_config = load_run(args.run).config
+            run_config = read_config(pathlib.Path(args.run))[0]
             moved = dataclasses.replace(run_config, data_dir=args.data_dir or run_config.data_dir,
                                         tfds_dir=args.tfds_dir or run_config.tfds_dir)
             splits = load_splits(moved.data_config())
@@ -297,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(summary(metrics))
     print(f"written to {args.run}")
     return 0

@@ -229,12 +229,12 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
                          f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
                              l2=config.l2, fine_tune=config.fine_tune)
-    if config.init == "random":
+    if checkpoint is None and config.init == "random":
         log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
             "not from ImageNet")
-    with timings.phase("setup"):
-        variables = init_variables(model, config.image_size, init=config.init, weights_dir=config.weights_dir,
-                                   seed=config.seed)
+    with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
+        variables = (init_variables(model, config.image_size, init=config.init, weights_dir=config.weights_dir,
+                                    seed=config.seed) if checkpoint is None else checkpoint.state)
     if splits is None:
         with timings.phase("data_load"):
             splits = load_splits(config.data_config())
@@ -253,12 +253,13 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
 def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
     """Train a run as ``config`` says; ``splits`` (``xrayjax.data.Splits``) skips loading the data.
 
-    Locks ``config.out`` for the whole run, writes ``config.json``, then after every epoch
+    Locks ``config.out`` while it trains, writes ``config.json``, then after every epoch
     ``history.json`` and ``checkpoint.msgpack`` (process 0 of a multi-process run only). A
-    fresh run that stops before its first checkpoint leaves no files behind.
+    run that stops before its first checkpoint removes the files it wrote.
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
+        xrayjax.data.DataError: the data cannot be found, read or prepared.
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
         ValueError: a bad setting, ``resume`` with settings other than the run's, or a run
             folder in use by another process (``xrayjax.runfiles.RunFolderError``).
@@ -280,6 +281,7 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
         log(f"{jax.process_count()} processes, {len(devices)} devices in all; process 0 writes {config.out}")
     run_dir = Path(config.out)
     created = not run_dir.exists()
+    before = set() if created else {p.name for p in run_dir.iterdir()}
     lock = runfiles.RunFolderLock(run_dir) if writer else None
     if lock is not None and lock.note:
         log(lock.note)
@@ -298,10 +300,9 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
         if writer:
             runfiles.write_json(run_dir / runfiles.TIMINGS_FILE, timings)
     except BaseException:
-        if lock is not None and not config.resume and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
-            lock.release()
+        if lock is not None and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
+            runfiles.discard_new_run(run_dir, lock, before, created)
             lock = None
-            runfiles.remove_fresh_run(run_dir, created)
         raise
     finally:
         if lock is not None:

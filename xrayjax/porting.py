@@ -27,11 +27,12 @@ _COLLECTIONS = ("params", "batch_stats")
 # Layers with weights that only an include_top=True file holds (VGG fc1/fc2/predictions,
 # ResNet predictions).
 _TOP_LAYERS = frozenset({"fc1", "fc2", "predictions"})
-# Layer names of Keras 1's 2016 ResNet50 file (fchollet/deep-learning-models v0.2, md5
+# Layer names of the 2016 ResNet50 file of Keras 1 and 2.0-2.2 (fchollet/deep-learning-models v0.2, md5
 # a268eb855778b3df3c7506639542a6af): same file name as today's, other names and BatchNorm eps.
 _KERAS1_RESNET_LAYER = re.compile(r"^(bn_conv1|(res|bn)[2-5][a-f]_branch(1|2[abc]))$")
 _KERAS1_RESNET_CAUSE = (
-    "this is Keras 1's 2016 ResNet50 file (fchollet/deep-learning-models release v0.2, md5 "
+    "this is the 2016 ResNet50 file that Keras 1 and Keras 2.0-2.2 downloaded "
+    "(fchollet/deep-learning-models release v0.2, md5 "
     "a268eb855778b3df3c7506639542a6af: layers conv1, bn_conv1, res2a_branch2a, ...), which shares "
     "today's file name but not its layer names, and whose model used BatchNorm epsilon 1e-3. "
     "Download today's file instead: https://storage.googleapis.com/tensorflow/keras-applications/"

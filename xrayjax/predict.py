@@ -27,7 +27,7 @@ from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split, batches
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
-from xrayjax.distributed import check_backend
+from xrayjax.distributed import check_backend, runtime_error
 from xrayjax.models import frozen_features, submodule_variables
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.runfiles import Run, load_run
@@ -183,18 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_backend()
         run = load_run(args.run)
+        pixels, paths, failures = [], [], []
+        for path in args.images:
+            try:
+                pixels.append(load_image(path, run.config.color, run.config.image_size))
+                paths.append(path)
+            except DataError as e:
+                failures.append(str(e))
+        probs = predict(run, np.stack(pixels), args.batch_size) if paths else None
     except (OSError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pixels, paths, failures = [], [], []
-    for path in args.images:
-        try:
-            pixels.append(load_image(path, run.config.color, run.config.image_size))
-            paths.append(path)
-        except DataError as e:
-            failures.append(str(e))
+    except jax.errors.JaxRuntimeError as e:
+        print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     if paths:
-        probs = predict(run, np.stack(pixels), args.batch_size)
         names = run.class_names
         if args.json:
             print(json.dumps([
@@ -207,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     if failures:
-        print(f"{len(failures)} of {len(args.images)} images could not be read; the others were predicted",
-              file=sys.stderr)
+        print(f"{len(failures)} of {len(args.images)} images could not be read"
+              + ("; the others were predicted" if paths else ""), file=sys.stderr)
     return 1 if failures else 0
 
 

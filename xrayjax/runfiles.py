@@ -6,13 +6,14 @@ trainable parameters, the head's statistics and the optimizer state after the la
 and ``frozen.msgpack`` (the leaves that never change, written once). Every file is written
 atomically; ``history.json`` is written before the checkpoint, so it never holds fewer
 epochs than the checkpoint. The checkpoint records the sha256 of its state and of
-``frozen.msgpack``, checked on every load. A run holds ``.lock`` (:class:`RunFolderLock`)
-from start to end, so no two processes ever write one folder.
+``frozen.msgpack``, checked on every load. Training holds ``.lock`` (:class:`RunFolderLock`)
+from its start to its end, so no two trainings ever write one folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,10 +42,12 @@ CHECKPOINT_FILE = "checkpoint.msgpack"
 FROZEN_FILE = "frozen.msgpack"
 TIMINGS_FILE = "timings.json"
 LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.json"
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FILE, TIMINGS_FILE, METRICS_FILE)
 # Settings a resumed run may change (device and process counts and the fast path change
 # results only by float rounding); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features",
+    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "weights_dir", "tfds_dir",
      "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
 
@@ -54,31 +57,39 @@ class RunFolderError(ValueError):
 
 
 class RunFolderLock:
-    """An exclusive lock on a run folder for a whole run: ``flock`` on ``<run>/.lock``.
+    """An exclusive lock on a run folder while a run trains: ``flock`` on ``<run>/.lock``.
 
     A second process is refused, naming the holder. The OS drops the lock of a process that
     dies, however it dies; the holder it names is then taken over, and ``note`` says so.
-    Creating it creates the folder, and removes the temporary files of writes that a killed
-    run left behind (``note`` counts them).
+    Creating it creates the folder, and removes the temporary files that a killed run's
+    writes of its own files left behind (``note`` counts them).
     """
 
     def __init__(self, run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise RunFolderError(f"run folder {run_dir} is in use by {holder}; wait for that run to end "
-                                 "or choose another --out") from None
+        self.path = run_dir / LOCK_FILE
+        while True:
+            self._file = open(self.path, "a+")
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "another process"
+                self._file.close()
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise RunFolderError(f"run folder {run_dir} is in use by {holder}; wait for that run to "
+                                         "end or choose another --out") from None
+                raise RunFolderError(f"cannot lock {self.path} ({e.strerror}): the filesystem of {run_dir} "
+                                     "does not support file locks; choose an --out on a local disk") from e
+            if self.path.exists() and os.fstat(self._file.fileno()).st_ino == self.path.stat().st_ino:
+                break
+            self._file.close()  # the lock file was replaced while it was opened: lock the new one
         self._file.seek(0)
         previous = self._file.read().strip()
         notes = [f"took over the lock of {run_dir} left by {previous}, which is no longer running"] if previous else []
-        stale = sorted(run_dir.glob(".*.tmp"))
-        for path in stale:
-            path.unlink(missing_ok=True)
+        stale = [tmp for name in RUN_FILES for tmp in run_dir.glob(f".{name}.*.tmp")]
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
         if stale:
             notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write from {run_dir}")
         self.note = "; ".join(notes) or None
@@ -90,17 +101,25 @@ class RunFolderLock:
         self._file.write(text)
         self._file.flush()
 
-    def release(self) -> None:
-        self._write("")  # a clean end leaves no holder to report
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove`` deletes the lock file first (a run that leaves nothing behind)."""
+        try:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            else:
+                self._write("")  # a clean end leaves no holder to report
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
 
 
-def remove_fresh_run(run_dir: Path, created: bool) -> None:
-    """Undo a fresh run that stopped before its first checkpoint: its files, and the folder
-    if this run created it."""
-    for name in (CONFIG_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE, LOCK_FILE):
-        (run_dir / name).unlink(missing_ok=True)
+def discard_new_run(run_dir: Path, lock: RunFolderLock, before: set[str], created: bool) -> None:
+    """Undo a run that stopped before its first checkpoint, holding its lock: remove the files it
+    wrote (never one that was there before), then the lock, then the folder if it made it."""
+    for name in (CONFIG_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE):
+        if name not in before:
+            (run_dir / name).unlink(missing_ok=True)
+    lock.release(remove=LOCK_FILE not in before)
     if created and run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
 
@@ -158,11 +177,16 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
     if not isinstance(meta, dict) or not {"config", "class_names", "num_devices"} <= set(meta):
         raise RunFolderError(f"{path} lacks 'config', 'class_names' or 'num_devices': it was not written "
                              "by xrayjax.train")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["num_devices"], int) or meta["num_devices"] < 1:
+        raise RunFolderError(f"{path}: 'config' must be an object and 'num_devices' a positive integer")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(meta["config"]) - known)
+    unknown, missing = sorted(set(meta["config"]) - known), sorted(known - set(meta["config"]))
     if unknown:
         raise RunFolderError(f"{path} has settings this version of xrayjax does not know: "
                              f"{', '.join(unknown)} (written by a newer version?)")
+    if missing:
+        raise RunFolderError(f"{path} lacks the settings {', '.join(missing)} (written by an older version, "
+                             "or edited?)")
     return TrainConfig(**meta["config"]), tuple(meta["class_names"]), int(meta["num_devices"])
 
 

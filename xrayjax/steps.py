@@ -2,7 +2,7 @@
 
 flax examples/imagenet style: a :class:`TrainState` with ``batch_stats``, a static
 :class:`StepModel`, and ``make_*`` builders that a loop, a benchmark or a multi-host driver
-reuse. Nothing here reads files or loops over epochs.
+reuse. Nothing here writes files or loops over epochs.
 
 - The backbone runs data parallel (``jax.pmap`` over the devices, uint8 batches
   preprocessed on device), in inference mode with its BatchNorms folded into the convs, under

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from xrayjax import distributed, runfiles
+from xrayjax.distributed import runtime_error
 from xrayjax.config import TrainConfig, from_args
 from xrayjax.data import DataError
 from xrayjax.evaluate import evaluate_run, summary
@@ -52,9 +53,12 @@ def run(config: TrainConfig) -> dict | None:
 def _interrupted_hint(config: TrainConfig) -> str:
     try:
         out = Path(config.resolved().out)
+        done = len(runfiles.read_history(out)) if (out / runfiles.CHECKPOINT_FILE).is_file() else 0
     except ValueError:
         return ""
-    if (out / runfiles.CHECKPOINT_FILE).is_file():
+    if done >= config.epochs:
+        return f": training had finished; evaluate it with python -m xrayjax.evaluate --run {out}"
+    if done:
         return f": continue the run with the same flags and --resume (its checkpoint is in {out})"
     return ": no epoch finished, so nothing was kept"
 
@@ -81,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
-            raise
+            print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
+            return 1
         print(f"error: a collective with the other processes failed ({e}); another process has "
               "probably died (see its log). Restart every process with the same flags and --resume "
               "to continue from process 0's last checkpoint", file=sys.stderr)

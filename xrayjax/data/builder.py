@@ -13,6 +13,7 @@ found through TFDS' manual-dir convention (``manual_dir`` = the ``--data-dir`` p
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import warnings
@@ -192,12 +193,19 @@ def prepare(task: str, color: str = "gray", data_dir: str | None = None,
         return builder
     builder.source_path = str(source.location)
     manual_dir = source.location.parent if source.is_zip else source.location
-    for stale in Path(builder.data_dir).parent.glob("incomplete.*"):  # an interrupted prepare's
-        shutil.rmtree(stale, ignore_errors=True)
+    config_dir = Path(builder.data_dir).parent
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
-        )
+        config_dir.mkdir(parents=True, exist_ok=True)
+        with open(config_dir / ".prepare.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing this config: wait for it
+            waited = make_builder(task, color, tfds_dir, skip_bad_images)
+            if waited.is_prepared():  # the other process prepared it meanwhile
+                return waited
+            for stale in config_dir.glob("incomplete.*"):  # left by an interrupted prepare
+                shutil.rmtree(stale, ignore_errors=True)
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+            )
     except PermissionError as err:
         raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
                         "pass a writable --tfds-dir") from err
