@@ -11,11 +11,9 @@ import argparse
 import dataclasses
 import os
 import pathlib
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import (
@@ -27,12 +25,19 @@ from sklearn.metrics import (
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
+from xrayjax.cli import run_command
 from xrayjax.config import positive_int
-from xrayjax.data import DataError, Split, Splits, load_splits
-from xrayjax.distributed import check_backend, runtime_error
+from xrayjax.data import Split, Splits, load_splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.predict import infer, infer_features, probabilities
-from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, read_config, write_json
+from xrayjax.runfiles import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    Run,
+    load_run,
+    read_config,
+    write_json,
+)
 
 GRADCAM_IMAGES = 8
 
@@ -284,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the same device the backbone's features equal training's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        check_backend()
+
+    def body() -> int:
         splits = None
         if args.data_dir or args.tfds_dir:
             run_config = read_config(pathlib.Path(args.run))[0]
@@ -293,19 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         tfds_dir=args.tfds_dir or run_config.tfds_dir)
             splits = load_splits(moved.data_config())
         metrics = evaluate_run(args.run, splits, batch_size=args.batch_size, quiet=args.quiet)
-    except (OSError, ValueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except jax.errors.JaxRuntimeError as e:
-        print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(summary(metrics))
-    print(f"written to {args.run}")
-    return 0
+        print(summary(metrics))
+        print(f"written to {args.run}")
+        return 0
 
+    return run_command(body)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,11 +23,11 @@ from flax import linen as nn
 from scipy.special import expit, softmax
 from tqdm.auto import tqdm
 
+from xrayjax.cli import run_command
 from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split, batches
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
-from xrayjax.distributed import check_backend, runtime_error
 from xrayjax.models import frozen_features, submodule_variables
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.runfiles import Run, load_run
@@ -180,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"inference batch, at least 1 (default {BATCH_SIZE})")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     args = parser.parse_args(argv)
-    try:
-        check_backend()
+
+    def body() -> int:
         run = load_run(args.run)
         pixels, paths, failures = [], [], []
         for path in args.images:
@@ -190,33 +190,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths.append(path)
             except DataError as e:
                 failures.append(str(e))
-        probs = predict(run, np.stack(pixels), args.batch_size) if paths else None
-    except (OSError, ValueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except jax.errors.JaxRuntimeError as e:
-        print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    if paths:
-        names = run.class_names
-        if args.json:
-            print(json.dumps([
-                {"image": path, "probabilities": {c: float(p) for c, p in zip(names, row)},
-                 "predicted": names[int(row.argmax())]}
-                for path, row in zip(paths, probs)
-            ], indent=2))
-        else:
-            print(_table(paths, probs, names))
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} of {len(args.images)} images could not be read"
-              + ("; the others were predicted" if paths else ""), file=sys.stderr)
-    return 1 if failures else 0
+        if paths:
+            probs, names = predict(run, np.stack(pixels), args.batch_size), run.class_names
+            if args.json:
+                print(json.dumps([
+                    {"image": path, "probabilities": {c: float(p) for c, p in zip(names, row)},
+                     "predicted": names[int(row.argmax())]}
+                    for path, row in zip(paths, probs)
+                ], indent=2))
+            else:
+                print(_table(paths, probs, names))
+        for failure in failures:
+            print(f"error: {failure}", file=sys.stderr)
+        if failures:
+            print(f"{len(failures)} of {len(args.images)} images could not be read"
+                  + ("; the others were predicted" if paths else ""), file=sys.stderr)
+        return 1 if failures else 0
 
+    return run_command(body)
 
 if __name__ == "__main__":
     raise SystemExit(main())
