@@ -329,8 +329,8 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, star
                                        + (" or train without --bf16" if config.bf16 else "") + ".") from None
             train_loss, train_acc = _rates(sums)
             val = trainer.evaluate(state, "validation")
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                            **({"val_loss": _rates(val)[0], "val_accuracy": _rates(val)[1]} if val["count"] else {}),
+            validation = dict(zip(("val_loss", "val_accuracy"), _rates(val))) if val["count"] else {}
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **validation,
                             "seconds": time.perf_counter() - began})
             if writer:
                 runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
