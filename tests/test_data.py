@@ -14,17 +14,28 @@ import pytest
 from PIL import Image
 
 from xrayjax.data import (
-    CLASS_NAMES, DataConfig, DataError, Split, augment_images, batches, load_splits,
+    CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, augment_images, batches, load_splits,
 )
 from xrayjax.data.__main__ import main
 from xrayjax.data.audit import audit, group_key
 from xrayjax.data.augment import affine_matrices, apply_affine
-from xrayjax.data.builder import BadImageWarning, make_builder, prepare, read_prepared
+from xrayjax.data.builder import BadImageWarning, prepare, read_prepared
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.source import resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = CLASS_NAMES["four_class"]
+CLASSES = CHALLENGE_CLASSES["four_class"]
+
+
+def pixels(prepared) -> np.ndarray:
+    """Every image of a prepared split, in its (label, name) order."""
+    refs = np.stack([np.zeros_like(prepared.positions), prepared.positions], 1)
+    return RecordImages([prepared.records], refs, 224)[:]
+
+
+def prepared_dirs(tfds_dir) -> list:
+    """The complete prepared datasets under a --tfds-dir."""
+    return sorted(p.parent for p in tfds_dir.glob("xray_folders/*/*/dataset_info.json"))
 
 
 def _image(mode: str, seed: int, size=(40, 30)) -> Image.Image:
@@ -141,14 +152,13 @@ def test_junk_and_truncated_are_told_apart():
 
 def test_strict_preparation_names_the_bad_file(small_root, tmp_path):
     with pytest.raises(DataError, match=r"broken\.jpeg.*--skip-bad-images"):
-        prepare("four_class", data_dir=str(small_root), tfds_dir=str(tmp_path))
-    assert not make_builder("four_class", tfds_dir=str(tmp_path)).is_prepared()
+        prepare(str(small_root), tfds_dir=str(tmp_path))
+    assert prepared_dirs(tmp_path) == []
 
 
 def test_skip_bad_images_counts_everything(small_root, tmp_path):
     with pytest.warns(BadImageWarning, match="broken.jpeg"):
-        builder = prepare("four_class", data_dir=str(small_root), tfds_dir=str(tmp_path),
-                          skip_bad_images=True)
+        builder = prepare(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True)
     meta = builder.info.metadata
     assert meta["bad_images"] == ["all/train/pneumonia_vir/broken.jpeg"]
     assert meta["not_images"] == ["all/train/pneumonia_bac/notes.jpg"]
@@ -157,7 +167,7 @@ def test_skip_bad_images_counts_everything(small_root, tmp_path):
     splits = read_prepared(builder)
     assert len(splits["train"].labels) == 13 and len(splits["test"].labels) == 8
     assert np.bincount(splits["train"].labels).tolist() == [4, 3, 3, 3]
-    gray = splits["train"].images
+    gray = pixels(splits["train"])
     assert gray.shape == (13, 224, 224, 3)
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
     # No TensorFlow behind any of it.
@@ -171,12 +181,11 @@ def test_zip_gives_the_same_data_as_the_folder(small_root, tmp_path):
             if path.is_file():
                 zf.write(path, "Covid_Data_GradientCrescent/" + path.relative_to(small_root).as_posix())
     # binary reads covid and normal only: the truncated pneumonia_vir file is not in its way.
-    from_zip = read_prepared(prepare("binary", data_dir=str(archive), tfds_dir=str(tmp_path / "z")))
-    from_dir = read_prepared(prepare("binary", data_dir=str(small_root.parent),
-                                     tfds_dir=str(tmp_path / "d")))
+    from_zip = read_prepared(prepare(str(archive), tfds_dir=str(tmp_path / "z"), task="binary"))
+    from_dir = read_prepared(prepare(str(small_root.parent), tfds_dir=str(tmp_path / "d"), task="binary"))
     for split in ("train", "test"):
         assert from_zip[split].names == from_dir[split].names
-        np.testing.assert_array_equal(from_zip[split].images, from_dir[split].images)
+        np.testing.assert_array_equal(pixels(from_zip[split]), pixels(from_dir[split]))
     # binary without two/ takes covid and normal from all/.
     assert np.bincount(from_zip["train"].labels).tolist() == [4, 3]
     assert str(resolve_source(tmp_path)).startswith("zip ")
@@ -184,28 +193,37 @@ def test_zip_gives_the_same_data_as_the_folder(small_root, tmp_path):
 
 def test_gray_and_keep_are_different_prepared_data(tmp_path):
     root = make_dataset(tmp_path / "data", truncated=False)
-    gray = prepare("four_class", "gray", str(root), str(tmp_path / "t"))
-    keep = prepare("four_class", "keep", str(root), str(tmp_path / "t"))
+    gray = prepare(str(root), "gray", str(tmp_path / "t"))
+    keep = prepare(str(root), "keep", str(tmp_path / "t"))
     assert gray.data_dir != keep.data_dir
-    g, k = read_prepared(gray)["train"].images, read_prepared(keep)["train"].images
+    g, k = pixels(read_prepared(gray)["train"]), pixels(read_prepared(keep)["train"])
     assert g.shape == k.shape
     assert not np.array_equal(g, k)
     assert np.any(k[..., 0] != k[..., 1]) and np.array_equal(g[..., 0], g[..., 1])
 
 
-def test_prepared_data_from_another_copy_is_refused(tmp_path):
+def test_prepared_data_is_keyed_by_the_files_and_the_decoder(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "data", truncated=False)
-    prepare("binary", data_dir=str(root), tfds_dir=str(tmp_path / "t"))
-    (root / "all" / "test" / "covid" / "extra.png").write_bytes(_encode(_image("L", 1), "PNG"))
-    with pytest.raises(DataError, match=r"prepared from other files \(names or sizes\) than "):
-        prepare("binary", data_dir=str(root), tfds_dir=str(tmp_path / "t"))
+    tfds_dir = tmp_path / "t"
 
+    def prepared() -> str:
+        return prepare(str(root), tfds_dir=str(tfds_dir), task="binary").data_dir
 
-def test_bad_data_dir_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(DataError, match="found neither all/"):
-        resolve_source(tmp_path)
-    assert main(["prepare", "--data-dir", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    first = prepared()
+    (root / "all" / "train" / ".DS_Store").write_bytes(b"junk changes nothing")
+    (root / "all" / "extra_notes").mkdir()
+    assert prepared() == first and len(prepared_dirs(tfds_dir)) == 1
+    added = root / "all" / "test" / "covid" / "extra.png"
+    added.write_bytes(_encode(_image("L", 1), "PNG"))
+    second = prepared()
+    assert second != first and len(read_prepared(prepare(str(root), tfds_dir=str(tfds_dir), task="binary"))
+                                    ["test"].labels) == 5
+    os.utime(added, ns=(1, 10**18))  # the same bytes, touched: prepared again
+    third = prepared()
+    assert third not in (first, second)
+    monkeypatch.setattr("xrayjax.data.builder.DECODER_VERSION", 2)
+    assert prepared() not in (first, second, third)
+    assert len(prepared_dirs(tfds_dir)) == 4
 
 
 # --- the real dataset ---------------------------------------------------------------------
@@ -217,6 +235,7 @@ def test_real_counts_and_stratified_validation(real_splits, real_tfds, data_root
     assert np.bincount(s.test.labels).tolist() == [9, 9, 9, 9]
     assert not set(s.train.names) & set(s.validation.names)
     assert s.class_names == CLASSES and s.train.images.dtype == np.uint8
+    assert isinstance(s.train.images, RecordImages)  # streamed from the record files, not in memory
     binary = load_splits(DataConfig(task="binary", data_dir=str(data_root),
                                     tfds_dir=str(real_tfds), image_size=32))
     assert (len(binary.train), len(binary.validation), len(binary.test)) == (103, 26, 18)
@@ -237,6 +256,7 @@ def test_no_tensorflow_after_preparing_and_loading(real_tfds, data_root):
 
 def test_batches_cover_the_test_set_once(real_splits):
     test = real_splits.test
+    every = test.images[:]
     seen = []
     out = list(batches(test, 16, 4, shuffle=True, seed=3))
     assert len(out) == 3
@@ -246,7 +266,7 @@ def test_batches_cover_the_test_set_once(real_splits):
         images = batch["image"].reshape(16, -1)
         assert not images[~mask].any()
         for img, label in zip(images[mask], batch["label"].reshape(-1)[mask]):
-            index = [i for i in range(len(test)) if np.array_equal(test.images[i].reshape(-1), img)]
+            index = [i for i in range(len(test)) if np.array_equal(every[i].reshape(-1), img)]
             assert len(index) >= 1 and test.labels[index[0]] == label
             seen.append(index[0])
     assert sorted(seen) == list(range(36))
@@ -309,24 +329,53 @@ def test_audit_finds_planted_duplicates(tmp_path, capsys):
     report = audit(str(root))
     assert report["exact_duplicates"] == [{
         "files": ["all/test/covid/copy.jpg", "all/train/covid/img0_L.jpg"],
-        "scope": "across train/test", "labels_differ": False}]
+        "scope": "across test/train", "labels_differ": False}]
     assert [d["files"] for d in report["near_duplicates"]] == [
         ["all/test/normal/near_b.png", "all/train/normal/near_a.png"]]
     assert [u["file"].endswith("broken.jpeg") for u in report["unreadable"]] == [True]
     assert report["not_images"] == ["all/train/pneumonia_bac/notes.jpg"]
     assert len(report["junk"]) == 3
     assert main(["audit", "--data-dir", str(root), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["counts"]["all"]["test"]["covid"] == 3
+    assert json.loads(capsys.readouterr().out)["counts"]["test"]["covid"] == 3
 
 
 def test_audit_of_the_real_data(data_root):
     report = audit(str(data_root))
-    assert report["counts"]["all"]["train"] == {"covid": 59, "normal": 70, "pneumonia_bac": 70,
-                                                "pneumonia_vir": 70}
+    assert report["counts"]["train"] == {"covid": 59, "normal": 70, "pneumonia_bac": 70, "pneumonia_vir": 70}
     assert report["modes"]["covid"] == {"L": 4, "RGB": 54, "RGBA": 10}
     assert report["exact_duplicates"] == [] and report["two_not_copies_of_all"] == []
     assert len(report["junk"]) == 4
     groups = {g["group"]: g for g in report["name_groups_across_splits"]}
-    assert groups["nejmoa2001191"]["train"] == ["covid/nejmoa2001191_f1-PA.jpeg"]
-    assert len(groups["nejmoa2001191"]["test"]) == 3
+    assert groups["nejmoa2001191"]["splits"]["train"] == ["covid/nejmoa2001191_f1-PA.jpeg"]
+    assert len(groups["nejmoa2001191"]["splits"]["test"]) == 3
+    assert report["shortcuts"]["colour mode"]["warning"]  # the colour-mode shortcut of the README
     assert [d["scope"] for d in report["near_duplicates"]] == ["within train"]
+
+
+def test_prepared_default_dataset_is_used_without_the_dataset(real_tfds, tmp_path, monkeypatch):
+    # The GPU check carries the prepared data, not the dataset: with no --data-dir and nothing at
+    # the default place, the data prepared from the default dataset is read as it is.
+    missing = tmp_path / "no_dataset_here"
+    monkeypatch.setattr("xrayjax.data.source.REPO_DATA_DIR", missing)
+    monkeypatch.setattr("xrayjax.data.builder.REPO_DATA_DIR", missing)
+    from xrayjax.data import dataset_classes
+
+    config = DataConfig(tfds_dir=str(real_tfds))
+    assert dataset_classes(config) == CLASSES
+    s = load_splits(config)
+    assert (len(s.train), len(s.validation), len(s.test)) == (215, 54, 36)
+    with pytest.raises(DataError, match="no dataset found at the default location"):
+        load_splits(DataConfig(tfds_dir=str(tmp_path / "empty")))
+
+
+def test_group_by_source_warns_about_the_given_test_split_and_never_moves_it(real_splits, real_tfds, data_root):
+    from xrayjax.data.pipeline import SourceLeakWarning, source_groups
+
+    with pytest.warns(SourceLeakWarning, match=r"test split given as a folder shares 1 source group\(s\) with "
+                                               r"train: nejmoa2001191\."):
+        s = load_splits(DataConfig(data_dir=str(data_root), tfds_dir=str(real_tfds), group_by="source"))
+    assert s.test.names == real_splits.test.names  # the test folder is the test split, as given
+    train, validation = set(source_groups(s.train.names)), set(source_groups(s.validation.names))
+    assert not train & validation and len(s.train) + len(s.validation) == 269
+    assert 0.15 < len(s.validation) / 269 < 0.25
+    assert np.bincount(s.validation.labels).min() >= 10  # still stratified

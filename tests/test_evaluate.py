@@ -202,7 +202,7 @@ def test_evaluate_run_writes_metrics_and_figures(tiny_run):
     metrics = evaluate_run(run_dir, splits, quiet=True)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert metrics["n"] == 12 and np.sum(metrics["confusion_matrix"]) == 12
-    probs = predict(load_run(run_dir), splits.test.images)
+    probs = predict(load_run(run_dir), splits.test.images[:])
     assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == splits.test.labels))
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(splits.test.labels, probs[:, 1]))
     assert [row["name"] for row in metrics["test_predictions"]] == list(splits.test.names)
@@ -217,11 +217,11 @@ def test_evaluate_run_from_cached_features_runs_only_the_head(tiny_run, tmp_path
     run_dir, splits = tiny_run
     run_dir = shutil.copytree(run_dir, tmp_path / "run")
     run = load_run(run_dir)
-    features = {name: backbone_features(run.model, run.variables, getattr(splits, name).images)
+    features = {name: backbone_features(run.model, run.variables, getattr(splits, name).images[:])
                 for name in ("train", "validation", "test")}
     expected = evaluate_run(run_dir, splits, quiet=True)
     # Blank images: whatever the metrics say can only come from the features.
-    blank = Splits(*(Split(np.zeros_like(s.images), s.labels, s.names)
+    blank = Splits(*(Split(np.zeros(s.images.shape, np.uint8), s.labels, s.names)
                      for s in (splits.train, splits.validation, splits.test)), splits.class_names)
     got = evaluate_run(run_dir, blank, quiet=True, features=features)
     assert got["accuracy_by_split"] == expected["accuracy_by_split"]

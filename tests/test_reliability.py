@@ -221,18 +221,21 @@ def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(
     from xrayjax.data import builder
 
     tfds_dir = tmp_path / "tfds"
-    stale = tfds_dir / "covid_xray" / "four_class" / "incomplete.0123abcd_1.0.0"
+    source = builder.resolve_source(str(small_dataset))
+    listing = source.listing()
+    config_dir = tfds_dir / builder.NAME / builder.config_for(source, listing, "gray", None).name
+    stale = config_dir / "incomplete.0123abcd_1.0.0"
     stale.mkdir(parents=True)
     (stale / "part.array_record").write_bytes(b"\0" * 100)
-    builder.prepare("four_class", data_dir=str(small_dataset), tfds_dir=str(tfds_dir))
-    assert not stale.exists()
+    prepared = builder.prepare(str(small_dataset), tfds_dir=str(tfds_dir))
+    assert not stale.exists() and pathlib.Path(prepared.data_dir).parent == config_dir
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(builder.CovidXray, "download_and_prepare", read_only)
+    monkeypatch.setattr(builder.XrayFolders, "download_and_prepare", read_only)
     with pytest.raises(DataError, match=r"cannot write the prepared data into .* pass a writable --tfds-dir"):
-        builder.prepare("binary", data_dir=str(small_dataset), tfds_dir=str(tmp_path / "readonly"))
+        builder.prepare(str(small_dataset), tfds_dir=str(tmp_path / "readonly"), task="binary")
 
 
 # 7. SIGTERM ends a run as Ctrl-C does -------------------------------------------------------

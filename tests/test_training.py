@@ -121,7 +121,7 @@ def test_feature_pass_is_one_padded_stream(vgg_runs):
     from xrayjax.predict import backbone_features
 
     for name in ("train", "validation", "test"):
-        fresh = backbone_features(run.model, run.variables, getattr(splits, name).images)
+        fresh = backbone_features(run.model, run.variables, getattr(splits, name).images[:])
         np.testing.assert_allclose(np.asarray(result.features[name]), fresh, rtol=1e-5, atol=1e-5)
 
 
@@ -146,7 +146,7 @@ def test_run_folder_and_load_run(vgg_runs):
     run = load_run(result.run_dir)
     assert run.config.arch == "vgg16" and run.class_names == ("covid", "normal")
     assert_close(run.variables["params"], result.state.params, 0.0)
-    images = vgg_runs["splits"].test.images
+    images = vgg_runs["splits"].test.images[:]
     logits = run.model.apply(run.variables, images.astype(np.float32), train=False)
     assert logits.shape == (len(images), 1)
 

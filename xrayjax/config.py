@@ -42,13 +42,25 @@ class TrainConfig:
     """Every setting of a run (recorded in ``<out>/config.json``); see each field's help."""
 
     arch: str = _field("vgg16", "backbone", choices=ARCHS)
-    task: str = _field("four_class", "binary (covid/normal, Task 1) or four_class", choices=TASKS)
-    data_dir: str | None = _field(None, "dataset folder or zip (default: ../shared/covid_xray next to the repo)")
+    task: str | None = _field(None, "the report's head: binary (one sigmoid output, Task 1) or four_class (a "
+                              "softmax over the N classes) (default: from the data: binary for 2 classes, "
+                              "four_class for more; on the challenge's data binary reads two/)", choices=TASKS)
+    data_dir: str | None = _field(None, "dataset: a folder or zip of <split>/<class>/<images> or <class>/<images> "
+                                  "(default: ../shared/covid_xray next to the repo)")
     tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
     color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
                         choices=("gray", "keep"))
-    val_fraction: float = _field(0.2, "fraction of train held out for validation, stratified, in [0, 1) "
-                                 "(0: no validation split)")
+    val_fraction: float = _field(0.2, "without a val/ folder: the fraction of train held out for validation, "
+                                 "stratified, seeded by --seed, in [0, 1) (0: no validation split)")
+    test_fraction: float = _field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
+                                  "stratified, always the same images, in [0, 1) (0: no test split)")
+    group_by: str | None = _field(None, "source: keep every source (a paper, a patient: the audit's grouping of "
+                                  "file names) on one side of each held-out split and fold", choices=("source",))
+    folds: int = _field(0, "cross-validate: K >= 2 stratified folds over train+validation, a fresh head each "
+                        "(features computed once), written to cv.json and cv.png; the final model then trains "
+                        "on train+validation (0: off)", metavar="K")
+    seeds: int = _field(1, "repeat the cross-validation over N seeds (--seed, --seed+1, ...), at least 1",
+                        metavar="N")
     image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE} (smaller: quicker runs)")
     init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
                        "(Keras' initialisers)", choices=("imagenet", "random"))
@@ -88,19 +100,28 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         """The data settings of this run."""
         return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
-                          val_fraction=self.val_fraction, seed=self.seed, image_size=self.image_size)
+                          val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
+                          image_size=self.image_size, group_by=self.group_by, pool_validation=self.folds > 0)
 
-    def resolved(self) -> TrainConfig:
-        """A copy with ``l2`` and ``out`` filled in, after checking every value.
+    def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
+        """A copy with ``task`` (from ``class_names`` when unset), ``l2`` and ``out`` filled in,
+        after checking every value.
 
         Raises ValueError naming the flag and its allowed range.
         """
+        task = self.task or (None if class_names is None else "binary" if len(class_names) == 2 else "four_class")
+        if task is None:
+            raise ValueError("--task is unset: pass it, or the dataset's class names to choose it")
+        if task == "binary" and class_names is not None and len(class_names) != 2:
+            raise ValueError(f"--task binary needs 2 classes; the data has {len(class_names)} "
+                             f"({', '.join(class_names)}): leave --task out, or pass four_class")
         checks = (
             (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
-            (self.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
+            (task in TASKS, "task", f"one of {', '.join(TASKS)}"),
             (self.init in ("imagenet", "random"), "init", "imagenet or random"),
             (self.color in ("gray", "keep"), "color", "gray or keep"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
+            (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
             (0 <= self.fine_tune <= len(BLOCKS.get(self.arch, ())), "fine_tune",
              f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
             (self.epochs >= 1, "epochs", "at least 1"),
@@ -112,14 +133,21 @@ class TrainConfig:
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
             (self.num_devices is None or self.num_devices >= 1, "num_devices", "at least 1"),
+            (self.group_by in (None, "source"), "group_by", "source"),
+            (self.folds == 0 or self.folds >= 2, "folds", "0 (off) or at least 2"),
+            (self.seeds >= 1, "seeds", "at least 1"),
+            (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),
+            (not self.folds or (self.cache_features and self.fine_tune == 0 and not self.augment), "folds",
+             "0 with --augment, --fine-tune or --no-cache-features (folds train heads on cached features)"),
         )
         for ok, name, allowed in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
         return dataclasses.replace(
             self,
-            l2=default_l2(self.arch, self.task) if self.l2 is None else float(self.l2),
-            out=self.out or os.path.join("runs", f"{self.arch}_{self.task}"),
+            task=task,
+            l2=default_l2(self.arch, task) if self.l2 is None else float(self.l2),
+            out=self.out or os.path.join("runs", f"{self.arch}_{task}"),
         )
 
 

@@ -30,6 +30,7 @@ from xrayjax.config import positive_int
 from xrayjax.data import Split, Splits, load_splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.predict import infer, infer_features, probabilities
+from xrayjax.stats import intervals
 from xrayjax.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -40,10 +41,12 @@ from xrayjax.runfiles import (
 )
 
 GRADCAM_IMAGES = 8
+TSNE_POINTS = 2000  # at most this many points (a seeded random subset): t-SNE's time grows faster than N
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1, confusion matrix and ROC-AUC (scikit-learn).
+    """Accuracy, per-class precision/recall/F1, confusion matrix and ROC-AUC (scikit-learn), and
+    their 95% intervals in ``ci95`` (:func:`xrayjax.stats.intervals`).
 
     ``probs`` is (N, K) with K = len(class_names); the prediction is its argmax. ROC-AUC is
     on the class-1 probability for two classes and one-vs-rest macro for more; a class absent
@@ -92,6 +95,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
         result["roc_auc"] = float(np.mean([v for v in per_class.values() if v is not None]))
         result["roc_auc_per_class"] = per_class
         result["roc_auc_average"] = "one-vs-rest, macro over the classes present"
+    result["ci95"] = intervals(labels, probs, class_names)
     result["notes"] = notes
     return result
 
@@ -159,14 +163,19 @@ def _write_figures(
         title=f"{title}\nconfusion matrix on the test set (n={metrics['n']})",
     )
     seen = [name for name in ("train", "test") if name in outputs]
-    points = tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed)
+    embeddings = np.concatenate([outputs[name][1] for name in seen])
+    rows = np.arange(len(embeddings))
+    subset = ""
+    if len(rows) > TSNE_POINTS:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(len(rows), TSNE_POINTS, replace=False))
+        subset = f" (a random {TSNE_POINTS:,} of {len(embeddings):,} images)"
     figures.plot_tsne(
-        points,
-        np.concatenate([getattr(splits, name).labels for name in seen]),
-        np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
+        tsne_points(embeddings[rows], seed=cfg.seed),
+        np.concatenate([getattr(splits, name).labels for name in seen])[rows],
+        np.concatenate([[name] * len(outputs[name][1]) for name in seen])[rows],
         class_names,
         paths["tsne"],
-        title=f"{title}\nt-SNE of the head's penultimate features",
+        title=f"{title}\nt-SNE of the head's penultimate features{subset}",
     )
     chosen = gradcam_indices(splits.test.labels)
     heat, logits = grad_cam(
@@ -230,6 +239,7 @@ def evaluate_run(
         }
     probs = {name: probabilities(logits) for name, (logits, _) in outputs.items()}
     metrics = compute_metrics(splits.test.labels, probs["test"], class_names)
+    metrics["class_names"] = list(class_names)
     metrics["probabilities"] = (
         f"sigmoid of the single logit = P({class_names[1]}); "
         f"P({class_names[0]}) = 1 - P({class_names[1]})"
@@ -251,21 +261,28 @@ def evaluate_run(
     return metrics
 
 
+def _ci(interval: list[float] | None) -> str:
+    return "" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def summary(metrics: dict) -> str:
-    """A short readable report of :func:`evaluate_run`'s metrics."""
-    run = metrics["run"]
+    """A short readable report of :func:`evaluate_run`'s metrics, with their 95% intervals."""
+    run, ci = metrics["run"], metrics["ci95"]
     by_split = ", ".join(f"{k} {v:.1%}" for k, v in metrics["accuracy_by_split"].items())
-    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
+    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}{_ci(ci['roc_auc'])}"
+    f1 = "n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}{_ci(ci['macro_f1'])}"
     lines = [
         f"{run['arch']} {run['task']} ({run['init']} init, color={run['color']}, "
         f"epochs {run['epochs']})",
-        f"test accuracy {metrics['accuracy']:.1%} on {metrics['n']} images; ROC-AUC {auc}",
+        f"test on {metrics['n']} images, with 95% intervals: accuracy {metrics['accuracy']:.3f}"
+        f"{_ci(ci['accuracy'])}, macro F1 {f1}, ROC-AUC {auc}",
         f"accuracy by split (inference mode): {by_split}",
-        f"{'class':<15}{'precision':>10}{'recall':>8}{'f1':>7}{'support':>9}",
+        f"{'class':<15}{'precision':>10}{'':>16}{'recall':>8}{'':>16}{'f1':>7}{'support':>9}",
     ]
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<15}{row['precision']:>10.2f}{row['recall']:>8.2f}"
-                     f"{row['f1']:>7.2f}{row['support']:>9d}")
+        p_ci, r_ci = ci["per_class"][name]["precision"], ci["per_class"][name]["recall"]
+        lines.append(f"{name:<15}{row['precision']:>10.3f}{_ci(p_ci):<16}{row['recall']:>8.3f}{_ci(r_ci):<16}"
+                     f"{row['f1']:>7.3f}{row['support']:>9d}")
     lines += [f"note: {note}" for note in metrics["notes"]]
     lines.append("figures: " + ", ".join(metrics["figures"].values()) + "; metrics.json")
     return "\n".join(lines)

@@ -62,6 +62,28 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     _save(fig, path)
 
 
+def plot_cv(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Each fold's validation (held-out) accuracy and loss per epoch, and their mean, from cv.json."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    epochs = [h["epoch"] for h in records[0]["history"]]
+    for ax, metric, label in ((axes[0], "val_accuracy", "Held-out accuracy"), (axes[1], "val_loss", "Held-out loss")):
+        curves = np.array([[h[metric] for h in r["history"]] for r in records])
+        for r, curve in zip(records, curves):
+            ax.plot(epochs, curve, "-", lw=1, alpha=0.45, label=f"seed {r['seed']} fold {r['fold']}"
+                    if len(records) <= 10 else None)
+        ax.plot(epochs, curves.mean(0), "k-", lw=2.5, label="mean of the folds")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_ylabel(label.lower())
+        ax.set_title(f"{label} per epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].legend(fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
 def plot_confusion(
     matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = ""
 ) -> None:

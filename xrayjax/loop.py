@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from xrayjax import distributed, runfiles
 from xrayjax.config import TrainConfig
-from xrayjax.data import Split, Splits, batches, load_splits
+from xrayjax.data import Split, Splits, batches, dataset_classes, load_splits
 from xrayjax.steps import (
     StepModel,
     TrainState,
     build_step_model,
     create_train_state,
     epoch_key,
+    init_backbone,
     init_variables,
     make_eval_step,
     make_feature_step,
@@ -98,6 +99,15 @@ def _rates(sums: Mapping[str, float]) -> tuple[float, float]:
     return sums["loss_sum"] / count, sums["correct"] / count
 
 
+def row_index(rows: np.ndarray, batch_size: int, num_devices: int, *, shuffle: bool, seed: int, epoch: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Each step's ``rows`` (of cached features) and padding mask, both (S, B): the full path's
+    batches (same order, same padding) as indices."""
+    split = Split(np.zeros((len(rows), 1, 1, 3), np.uint8), np.asarray(rows, np.int32), ())
+    steps = list(batches(split, batch_size, num_devices, shuffle=shuffle, seed=seed, epoch=epoch))
+    return np.stack([_flat(b["label"]) for b in steps]), np.stack([_flat(b["mask"]) for b in steps])
+
+
 class Trainer:
     """One run's steps over its data: compile, cache features, train an epoch, evaluate a split.
 
@@ -114,17 +124,15 @@ class Trainer:
         self.features: dict[str, tuple[jax.Array, jax.Array]] = {}
 
     def _batches(self, split: Split, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Global batches of ``split``; on the fast path their labels are row indices."""
-        if self.fast:
-            split = Split(np.zeros((len(split), 1, 1, 3), np.uint8), np.arange(len(split), dtype=np.int32), split.names)
+        """The full path's global batches of ``split``."""
         c = self.config
         return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch,
                        augment=c.augment and shuffle)
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each step's rows of a split's cached features and its padding mask, both (S, B)."""
-        steps = list(self._batches(getattr(self.splits, name), shuffle, epoch))
-        return np.stack([_flat(b["label"]) for b in steps]), np.stack([_flat(b["mask"]) for b in steps])
+        """The fast path's batches of a split: rows of its cached features and the padding mask."""
+        return row_index(np.arange(len(getattr(self.splits, name))), self.config.batch_size, len(self.devices),
+                         shuffle=shuffle, seed=self.config.seed, epoch=epoch)
 
     def _compiled(self, fn: Callable, *example: Any) -> Callable:
         """``fn`` compiled ahead of time (every batch has one shape), timed as ``compile``. Across
@@ -162,7 +170,7 @@ class Trainer:
     def cache(self, state: TrainState, log: Log) -> None:
         """The fast path: the backbone's features of every cached split, as one padded stream."""
         parts = [getattr(self.splits, name) for name in self.cached]
-        stream = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), ())
+        stream = Split.concat(parts)
         backbone = replicate({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
                              self.devices)
         step = make_feature_step(self.model, self.devices)
@@ -223,25 +231,32 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
                          "it or choose another --out")
-    checkpoint, history = runfiles.check_resume(config, run_dir) if config.resume else (None, [])
-    if checkpoint is not None and checkpoint.epoch >= config.epochs:
-        raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
-                         f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
-    model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
-                             l2=config.l2, fine_tune=config.fine_tune)
-    if checkpoint is None and config.init == "random":
-        log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
-            "not from ImageNet")
-    with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
-        variables = (init_variables(model, config.image_size, init=config.init, weights_dir=config.weights_dir,
-                                    seed=config.seed) if checkpoint is None else checkpoint.state)
+    backbone = None
+    if not config.resume:  # before the data, so missing weights stop the run at once
+        if config.init == "random":
+            log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
+                "not from ImageNet")
+        with timings.phase("setup"):
+            backbone = init_backbone(config.arch, config.image_size, init=config.init,
+                                     weights_dir=config.weights_dir, seed=config.seed)
     if splits is None:
         with timings.phase("data_load"):
             splits = load_splits(config.data_config())
+    if config.folds:
+        splits = splits.pooled()
+    checkpoint, history = (runfiles.check_resume(config, run_dir, splits.class_names) if config.resume
+                           else (None, []))
+    if checkpoint is not None and checkpoint.epoch >= config.epochs:
+        raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
+                         f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
     if config.batch_size > len(splits.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(splits.train)} training "
                          f"images; pass at most {len(splits.train)}")
-    with timings.phase("setup"):
+    model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
+                             l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names))
+    with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
+        variables = (checkpoint.state if checkpoint is not None else
+                     init_variables(model, config.image_size, seed=config.seed, backbone=backbone))
         state = create_train_state(model, variables, config.lr)
     if checkpoint is None:
         return model, state, splits, 0, [], None
@@ -265,7 +280,7 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
             folder in use by another process (``xrayjax.runfiles.RunFolderError``).
         xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
     """
-    config = config.resolved()
+    config = config.resolved(splits.class_names if splits is not None else dataset_classes(config.data_config()))
     distributed.initialize(distributed.from_args_and_env(
         config.coordinator, config.num_processes, config.process_id,
         initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,

@@ -292,7 +292,8 @@ def _binary_head(arch: str) -> dict[str, Any]:
 
 
 def _four_class_head(arch: str) -> dict[str, Any]:
-    """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(4)."""
+    """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(4)
+    (Dense(N) for a dataset of N classes)."""
     if arch in _RESNET_STAGES:
         return dict(pool="gap", hidden=(512,), outputs=4, input_bn=True)
     return dict(pool="gap", hidden=(512, 512), outputs=4)
@@ -359,23 +360,34 @@ def frozen_features(backbone: nn.Module, variables: Mapping[str, Any], x: jax.Ar
     return backbone.apply(fold_batchnorm(variables), x)
 
 
-def create_head(arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32) -> nn.Module:
-    """The report's head for (``arch``, ``task``); returns logits (N, 1) or (N, 4)."""
+def create_head(
+    arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32, num_classes: int | None = None
+) -> nn.Module:
+    """The report's head for (``arch``, ``task``); returns logits (N, 1) for binary, (N, K) for
+    four_class with K = ``num_classes`` (default 4)."""
     _check_name("arch", arch, ARCHS)
     _check_name("task", task, TASKS)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return Head(**_HEADS[task](arch), dropout=dropout, dtype=dtype)
+    layers = _HEADS[task](arch)
+    if task == "binary" and num_classes not in (None, 2):
+        raise ValueError(f"the binary head classifies 2 classes, not {num_classes}: use four_class")
+    if task == "four_class" and num_classes is not None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        layers["outputs"] = num_classes
+    return Head(**layers, dropout=dropout, dtype=dtype)
 
 
 def create_model(
-    arch: str, task: str = "four_class", dropout: float = 0.5, dtype: Any = jnp.float32
+    arch: str, task: str = "four_class", dropout: float = 0.5, dtype: Any = jnp.float32,
+    num_classes: int | None = None,
 ) -> Classifier:
     """Full classifier; variables sit under ``backbone`` and ``head``. ``dtype`` is the
     backbone's compute dtype; the head computes in float32, as in training."""
     return Classifier(
         backbone=create_backbone(arch, dtype=dtype),
-        head=create_head(arch, task, dropout=dropout),
+        head=create_head(arch, task, dropout=dropout, num_classes=num_classes),
     )
 
 

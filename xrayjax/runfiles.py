@@ -278,12 +278,16 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(state, epoch, recorded[frozen_path])
 
 
-def check_resume(config: TrainConfig, run_dir: Path) -> tuple[Checkpoint, list]:
-    """(checkpoint, history) of ``run_dir`` after checking ``config`` continues its run."""
+def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...]) -> tuple[Checkpoint, list]:
+    """(checkpoint, history) of ``run_dir`` after checking ``config`` and the data's
+    ``class_names`` continue its run."""
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / CHECKPOINT_FILE}; start the run "
                                 "without --resume")
-    saved = read_config(run_dir)[0]
+    saved, saved_classes, _ = read_config(run_dir)
+    if tuple(saved_classes) != tuple(class_names):
+        raise ValueError(f"--resume: the run in {run_dir} was trained on the classes {', '.join(saved_classes)}, "
+                         f"but the data now has {', '.join(class_names)}; pass its data or choose another --out")
     saved, current = dataclasses.asdict(saved), dataclasses.asdict(config)
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved[k] != current[k])
     if changed:
@@ -312,7 +316,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         config=config,
         class_names=class_names,
         model=create_model(config.arch, config.task, dropout=config.dropout,
-                           dtype=jnp.bfloat16 if config.bf16 else jnp.float32),
+                           dtype=jnp.bfloat16 if config.bf16 else jnp.float32, num_classes=len(class_names)),
         variables={"params": jax.device_put(state["params"]),
                    "batch_stats": jax.device_put(state.get("batch_stats") or {})},
         history=read_history(run_dir),

@@ -83,16 +83,34 @@ def build_step_model(
     bf16: bool = False,
     l2: float | None = None,
     fine_tune: int = 0,
+    num_classes: int | None = None,
 ) -> StepModel:
-    """Backbone (bf16 compute when asked) and float32 head of (arch, task)."""
+    """Backbone (bf16 compute when asked) and float32 head of (arch, task), ``num_classes``
+    outputs for four_class (default 4)."""
     return StepModel(
         arch=arch,
         task=task,
         backbone=create_backbone(arch, dtype=jnp.bfloat16 if bf16 else jnp.float32),
-        head=create_head(arch, task, dropout=dropout),
+        head=create_head(arch, task, dropout=dropout, num_classes=num_classes),
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
     )
+
+
+def init_backbone(arch: str, image_size: int, *, init: str = "imagenet", weights_dir: str | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """The backbone's variables: ported ImageNet weights or Keras' initialisers drawn from ``seed``.
+
+    ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with the
+    porting command when missing); ``"random"`` draws from ``seed`` with JAX's ``rbg`` generator
+    (fast to compile; its draws may differ between CPU and GPU, not between compute dtypes).
+    """
+    if init == "imagenet":
+        from xrayjax.porting import load_pretrained
+
+        return load_pretrained(arch, weights_dir)
+    x = np.zeros((1, image_size, image_size, 3), np.float32)  # numpy: no compile for a constant
+    return jax.jit(create_backbone(arch).init)(jax.random.key(seed, impl="rbg"), x)
 
 
 def init_variables(
@@ -102,28 +120,26 @@ def init_variables(
     init: str = "imagenet",
     weights_dir: str | None = None,
     seed: int = 0,
+    backbone: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``.
-
-    ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with
-    the porting command when missing); ``"random"`` draws the backbone from ``seed`` with
-    JAX's ``rbg`` generator (fast to compile; its draws may differ between CPU and GPU). The
-    head is drawn from ``seed`` with threefry. Both use Keras' default initialisers.
-    """
-    head_key = jax.random.split(jax.random.key(seed))[1]
-    x = np.zeros((1, image_size, image_size, 3), np.float32)  # numpy: no compile for a constant
-    if init == "imagenet":
-        from xrayjax.porting import load_pretrained
-
-        backbone_vars = load_pretrained(model.arch, weights_dir)
-    else:
-        backbone_vars = jax.jit(model.backbone.init)(jax.random.key(seed, impl="rbg"), x)
-    features = jax.eval_shape(model.backbone.apply, backbone_vars, x)
-    head_vars = jax.jit(model.head.init)(head_key, np.zeros(features.shape, np.float32))
+    """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``: the
+    backbone from :func:`init_backbone` (or ``backbone``, already made), the head drawn from
+    ``seed`` with threefry. Both use Keras' default initialisers."""
+    if backbone is None:
+        backbone = init_backbone(model.arch, image_size, init=init, weights_dir=weights_dir, seed=seed)
+    x = np.zeros((1, image_size, image_size, 3), np.float32)
+    head = init_head(model, jax.eval_shape(model.backbone.apply, backbone, x).shape[1:], seed)
     return {
-        col: {"backbone": dict(backbone_vars.get(col, {})), "head": dict(head_vars.get(col, {}))}
+        col: {"backbone": dict(backbone.get(col, {})), "head": dict(head.get(col, {}))}
         for col in ("params", "batch_stats")
     }
+
+
+def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict[str, Any]:
+    """The head's fresh variables for backbone features of ``feature_shape`` (one image's), drawn
+    from ``seed`` (threefry; the backbone takes the seed's other half)."""
+    key = jax.random.split(jax.random.key(seed))[1]
+    return jax.jit(model.head.init)(key, np.zeros((1, *feature_shape), np.float32))
 
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import jax
 from xrayjax import distributed, runfiles
 from xrayjax.distributed import runtime_error
 from xrayjax.config import TrainConfig, from_args
-from xrayjax.data import DataError
+from xrayjax.data import DataError, dataset_classes
+from xrayjax.crossval import cross_validate, cv_summary
 from xrayjax.evaluate import evaluate_run, summary
 from xrayjax.loop import TrainingDiverged, fit
 
@@ -33,9 +35,16 @@ def run(config: TrainConfig) -> dict | None:
     """Train, then (process 0, unless ``config.evaluate`` is off) evaluate; returns the metrics."""
     result = fit(config)
     metrics = None
-    if config.evaluate and distributed.is_main_process():
+    if config.evaluate and not len(result.splits.test) and distributed.is_main_process():
+        print("no test split (--test-fraction 0 and no test/ folder): nothing to evaluate", file=sys.stderr)
+    elif config.evaluate and distributed.is_main_process():
         with result.timings.phase("evaluate"):
             metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features)
+        runfiles.write_json(result.run_dir / runfiles.TIMINGS_FILE, result.timings)
+    cv = None
+    if config.folds and distributed.is_main_process():
+        with result.timings.phase("cross_validation"):
+            cv = cross_validate(config, result)
         runfiles.write_json(result.run_dir / runfiles.TIMINGS_FILE, result.timings)
     if not config.quiet and distributed.is_main_process():
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()), file=sys.stderr)
@@ -47,14 +56,16 @@ def run(config: TrainConfig) -> dict | None:
         print(f"done: {result.run_dir} ({len(result.history)} epochs{validation})")
         if metrics is not None:
             print(summary(metrics))
+        if cv is not None:
+            print(cv_summary(cv))
     return metrics
 
 
 def _interrupted_hint(config: TrainConfig) -> str:
     try:
-        out = Path(config.resolved().out)
+        out = Path(config.resolved(dataset_classes(config.data_config())).out)
         done = len(runfiles.read_history(out)) if (out / runfiles.CHECKPOINT_FILE).is_file() else 0
-    except ValueError:
+    except (ValueError, DataError):
         return ""
     if done >= config.epochs:
         return f": training had finished; evaluate it with python -m xrayjax.evaluate --run {out}"
@@ -72,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM ends the run as Ctrl-C does (the last checkpoint is kept)."""
     config = from_args(argv, description=DESCRIPTION)
     signal.signal(signal.SIGTERM, _interrupt)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         run(config)
     except TrainingDiverged as e:

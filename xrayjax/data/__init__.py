@@ -1,14 +1,16 @@
-"""The chest X-ray data: a TFDS builder read without TensorFlow, splits, batches, augmentation.
+"""X-ray class-folder datasets: a TFDS builder read without TensorFlow, splits, batches, augmentation.
 
 ``python -m xrayjax.data prepare|audit`` is the command line. Importing this package leaves
 tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 """
 
 from xrayjax.data.augment import AugmentConfig, augment_images
-from xrayjax.data.pipeline import DataConfig, Split, Splits, batches, load_splits
-from xrayjax.data.source import CLASS_NAMES, DataError
+from xrayjax.data.pipeline import (
+    DataConfig, RecordImages, Split, Splits, batches, dataset_classes, load_splits,
+)
+from xrayjax.data.source import CHALLENGE_CLASSES, DataError
 
 __all__ = [
-    "CLASS_NAMES", "AugmentConfig", "DataConfig", "DataError", "Split", "Splits",
-    "augment_images", "batches", "load_splits",
+    "CHALLENGE_CLASSES", "AugmentConfig", "DataConfig", "DataError", "RecordImages", "Split", "Splits",
+    "augment_images", "batches", "dataset_classes", "load_splits",
 ]

@@ -9,25 +9,28 @@ import time
 import warnings
 
 from xrayjax.data.decode import COLORS
-from xrayjax.data.source import CLASS_NAMES, TASKS, DataError
+from xrayjax.data.source import TASKS, DataError, resolve_source
 
 DATA_DIR_HELP = (
-    "the dataset: the folder holding all/ (and maybe two/), a folder holding "
-    "Covid_Data_GradientCrescent/ or Covid_Data_GradientCrescent.zip, or the zip itself "
-    "(default: ../shared/covid_xray next to the repository)"
+    "the dataset: a folder (or zip) of split folders <split>/<class>/<images> (train/ required, "
+    "val/ and test/ optional) or of class folders <class>/<images>; or the challenge's layout "
+    "(all/ and two/, Covid_Data_GradientCrescent/ or its zip) (default: ../shared/covid_xray next "
+    "to the repository)"
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xrayjax.data",
-        description="Prepare the COVID-19 chest X-ray dataset for training, or audit it.",
+        description="Prepare an X-ray class-folder dataset for training, or audit it.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser(
-        "prepare", help="decode, resize to 224x224 and write both TFDS configs (array_record)",
-        description="Build the covid_xray TFDS configs binary and four_class (once; later calls "
-                    "reuse them) and print the number of images per split and class.",
+        "prepare", help="decode, resize to 224x224 and write the TFDS dataset (array_record)",
+        description="Decode every image on all cores, resize it to 224x224 and write the TFDS "
+                    "dataset xray_folders (once per set of files: later calls reuse it; changing, "
+                    "adding or removing an image prepares again), then print the number of images "
+                    "per split and class. The challenge's layout prepares both of its tasks.",
     )
     prep.add_argument("--data-dir", help=DATA_DIR_HELP)
     prep.add_argument("--tfds-dir", help="where prepared data goes (default: TFDS' data dir, "
@@ -51,20 +54,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from xrayjax.data.builder import prepare, read_prepared  # imports tensorflow-datasets
+    from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
 
-    for task in TASKS:
+    tasks = TASKS if resolve_source(args.data_dir).is_challenge else (None,)
+    for task in tasks:
         start = time.perf_counter()
-        builder = prepare(task, args.color, args.data_dir, args.tfds_dir, args.skip_bad_images)
+        builder = prepare(args.data_dir, args.color, args.tfds_dir, args.skip_bad_images, task)
         splits = read_prepared(builder)
         meta = builder.info.metadata
         print(f"\n{builder.builder_config.name}: {builder.data_dir} "
               f"({time.perf_counter() - start:.1f} s, from {meta.get('source')})")
-        names = CLASS_NAMES[task]
-        print("  split  " + "  ".join(f"{n:>13}" for n in names) + "  total")
+        names = class_names(builder)
+        width = max(max(map(len, names)), 5)
+        print("  split       " + "  ".join(f"{n:>{width}}" for n in names) + "  total")
         for split, data in splits.items():
             per = [int((data.labels == i).sum()) for i in range(len(names))]
-            print(f"  {split:<5}  " + "  ".join(f"{c:>13}" for c in per) + f"  {sum(per):>5}")
+            print(f"  {split:<10}  " + "  ".join(f"{c:>{width}}" for c in per) + f"  {sum(per):>5}")
         for key, title in (("junk", "junk files"), ("not_images", "not images"),
                            ("bad_images", "bad images"), ("ignored", "ignored folders")):
             if meta.get(key):

@@ -1,17 +1,22 @@
-"""Dataset audit: counts, colour modes, sizes, junk, unreadable files, duplicates and leaks.
+"""Dataset audit of any class-folder dataset: counts, junk and unreadable files, duplicates,
+source groups across splits, and colour-mode or size shortcuts.
 
 Exact duplicates are found by sha256 of the file bytes, near-duplicates by two 256-bit
 perceptual hashes of the grayscale image (a difference hash and a DCT hash, both in numpy):
-a pair is near when both differ in at most ``NEAR_BITS`` bits. On this dataset the one real
-near-duplicate pair differs by 15 and 14 bits and every other pair by at least 18 / 50.
-File-name groups (a paper's figures, a Kaggle patient) that sit in both train and test are
-listed: images of one patient on both sides make the test score optimistic.
+a pair is near when both differ in at most ``NEAR_BITS`` bits. On the challenge's data the one
+real near-duplicate pair differs by 15 and 14 bits and every other pair by at least 18 / 50.
+Source groups (:func:`group_key`: a paper's figures, a Kaggle patient) in more than one split
+are listed: images of one patient on both sides make the test score optimistic. A shortcut is
+a property other than the X-ray itself that predicts the class: the audit fits a depth-3
+decision tree on the colour mode alone, and on the image size alone, and warns when its
+5-fold accuracy beats always answering the largest class by ``SHORTCUT_MARGIN`` or more.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,10 +25,12 @@ import numpy as np
 from PIL import Image
 
 from xrayjax.data.decode import BadImage, NotAnImage, open_image, to_rgb
-from xrayjax.data.source import SOURCE_SPLITS, DataError, Source, SourceFile, resolve_source
+from xrayjax.data.source import DataError, Source, SourceFile, TaskFile, resolve_source
 
 HASH_SIDE = 16
 NEAR_BITS = 32
+SHORTCUT_MARGIN = 0.15
+_BLOCK = 512  # rows of the pairwise hash distances computed at once (memory: rows x N x 32 bytes)
 _FIGURE = re.compile(
     r"[-_.](?:f\d|fig|gr\d|fx\d|g\d{3}|day\d|case\d|main[-_.]|pdf\b|webp\b)", re.IGNORECASE
 )
@@ -69,9 +76,39 @@ def phash(gray: Image.Image) -> np.ndarray:
     return np.packbits(low > np.median(low[1:]))
 
 
-def hamming(hashes: np.ndarray) -> np.ndarray:
-    """(N, N) bit distances between packed hashes (N, bytes)."""
-    return np.unpackbits(hashes[:, None, :] ^ hashes[None, :, :], axis=2).sum(axis=2)
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) bit distances between packed hashes (N, bytes)."""
+    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=2, dtype=np.int32)
+
+
+def near_pairs(dhashes: np.ndarray, phashes: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(i, j, dhash bits, phash bits) of every pair i < j within ``NEAR_BITS`` on both hashes,
+    computed in blocks of rows so memory stays flat at any dataset size."""
+    pairs = []
+    for start in range(0, len(dhashes), _BLOCK):
+        dd = hamming(dhashes[start:start + _BLOCK], dhashes)
+        pd = hamming(phashes[start:start + _BLOCK], phashes)
+        rows, cols = np.nonzero((dd <= NEAR_BITS) & (pd <= NEAR_BITS))
+        pairs += [(start + r, c, int(dd[r, c]), int(pd[r, c])) for r, c in zip(rows, cols) if c > start + r]
+    return pairs
+
+
+def shortcut(values: list, labels: np.ndarray) -> dict[str, float] | None:
+    """5-fold accuracy of a depth-3 tree predicting the class from ``values`` alone (each a tuple
+    of numbers, or a category), beside always answering the largest class; None if too few."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.preprocessing import OneHotEncoder
+    from sklearn.tree import DecisionTreeClassifier
+
+    counts = np.bincount(labels)
+    folds = min(5, int(counts[counts > 0].min()))
+    if folds < 2 or (counts > 0).sum() < 2:
+        return None
+    x = (OneHotEncoder().fit_transform(np.array(values, object).reshape(-1, 1)).toarray()
+         if isinstance(values[0], str) else np.array(values, np.float64))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    accuracy = cross_val_score(DecisionTreeClassifier(max_depth=3, random_state=0), x, labels, cv=cv).mean()
+    return {"accuracy": round(float(accuracy), 3), "baseline": round(float(counts.max() / counts.sum()), 3)}
 
 
 def _inspect(source: Source, file: SourceFile) -> dict[str, Any]:
@@ -94,41 +131,41 @@ def _inspect(source: Source, file: SourceFile) -> dict[str, Any]:
     return info
 
 
-def _scope(a: str, b: str) -> str:
-    return f"within {a}" if a == b else "across train/test"
+def _scope(splits: set[str]) -> str:
+    return f"within {splits.pop()}" if len(splits) == 1 else f"across {'/'.join(sorted(splits))}"
 
 
-def audit(data_dir: str | None, workers: int = 4) -> dict[str, Any]:
-    """Inspect every file of all/ and two/ and return a JSON-ready report."""
+def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
+    """Inspect every file of the dataset (the challenge's: all/, and two/ against it) and return
+    a JSON-ready report."""
     source = resolve_source(data_dir)
-    junk = [f.member for f in source.files if f.is_junk_name]
-    files = [f for f in source.files if not f.is_junk_name]
-    with ThreadPoolExecutor(workers) as pool:
+    listing = source.listing()
+    class_names = listing.class_names
+    tasks: dict[str, TaskFile] = {t.file.member: t for t in listing.files}
+    files = [t.file for t in listing.files]
+    junk = list(listing.junk)
+    if listing.challenge:  # two/ is meant to be a copy of part of all/: check that too
+        files += [f for f in source.files if f.member.startswith("two/") and f.is_image_name]
+        junk += [f.member for f in source.files if f.member.startswith("two/") and not f.is_image_name]
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         infos = dict(zip((f.member for f in files), pool.map(lambda f: _inspect(source, f), files)))
-
-    counts: dict = {}
-    for member in infos:
-        parts = member.split("/")
-        if len(parts) == 4 and parts[1] in SOURCE_SPLITS and infos[member]["status"] == "ok":
-            counts.setdefault(parts[0], {}).setdefault(parts[1], collections.Counter())[parts[2]] += 1
-    # two/ is meant to be a copy of part of all/: check that, then audit each image once.
     two_not_in_all = sorted(
-        m for m in infos if m.startswith("two/")
-        and infos.get("all/" + m[4:], {}).get("sha256") != infos[m]["sha256"]
+        m for m in infos if m not in tasks and infos.get("all/" + m[4:], {}).get("sha256") != infos[m]["sha256"]
     )
-    unique = [m for m in infos if m.startswith("all/") or m in two_not_in_all]
-    ok = [m for m in unique if infos[m]["status"] == "ok"]
+    ok = [m for m in tasks if infos[m]["status"] == "ok"]
 
     def cls(member: str) -> str:
-        return member.split("/")[2] if member.count("/") == 3 else member.rsplit("/", 1)[0]
+        return class_names[tasks[member].label]
 
     def split(member: str) -> str:
-        return member.split("/")[1] if member.count("/") == 3 else "?"
+        return tasks[member].split
 
+    counts: dict = {}
     modes: dict = collections.defaultdict(collections.Counter)
     formats: collections.Counter = collections.Counter()
     sizes: dict = {}
     for m in ok:
+        counts.setdefault(split(m), collections.Counter())[cls(m)] += 1
         modes[cls(m)][infos[m]["mode"]] += 1
         formats[infos[m]["format"]] += 1
         w, h = infos[m]["size"]
@@ -136,44 +173,51 @@ def audit(data_dir: str | None, workers: int = 4) -> dict[str, Any]:
         sizes[cls(m)] = ([min(lo[0], w), min(lo[1], h)], [max(hi[0], w), max(hi[1], h)])
 
     by_sha = collections.defaultdict(list)
-    for m in unique:
+    for m in tasks:
         if infos[m]["sha256"] is not None:  # unreadable files have no bytes to compare
             by_sha[infos[m]["sha256"]].append(m)
-    exact = [
-        {"files": group, "scope": "across train/test" if len({split(g) for g in group}) > 1
-         else f"within {split(group[0])}", "labels_differ": len({cls(g) for g in group}) > 1}
-        for group in by_sha.values() if len(group) > 1
-    ]
+    exact = [{"files": group, "scope": _scope({split(g) for g in group}),
+              "labels_differ": len({cls(g) for g in group}) > 1}
+             for group in by_sha.values() if len(group) > 1]
     exact_pairs = {frozenset(p) for g in exact for p in zip(g["files"], g["files"][1:])}
     near = []
     if len(ok) > 1:
-        dd = hamming(np.stack([infos[m]["dhash"] for m in ok]))
-        pd = hamming(np.stack([infos[m]["phash"] for m in ok]))
-        for i, j in zip(*np.nonzero(np.triu((dd <= NEAR_BITS) & (pd <= NEAR_BITS), 1))):
+        for i, j, dbits, pbits in near_pairs(np.stack([infos[m]["dhash"] for m in ok]),
+                                             np.stack([infos[m]["phash"] for m in ok])):
             a, b = ok[i], ok[j]
             if infos[a]["sha256"] != infos[b]["sha256"] and frozenset((a, b)) not in exact_pairs:
-                near.append({"files": [a, b], "dhash_bits": int(dd[i, j]),
-                             "phash_bits": int(pd[i, j]), "scope": _scope(split(a), split(b)),
-                             "labels_differ": cls(a) != cls(b)})
+                near.append({"files": [a, b], "dhash_bits": dbits, "phash_bits": pbits,
+                             "scope": _scope({split(a), split(b)}), "labels_differ": cls(a) != cls(b)})
 
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for m in ok:
         name = m.rsplit("/", 1)[-1]
         groups[group_key(name)][split(m)].append(f"{cls(m)}/{name}")
-    crossing = [{"group": g, "train": sorted(s["train"]), "test": sorted(s["test"])}
-                for g, s in sorted(groups.items()) if s.get("train") and s.get("test")]
+    crossing = [{"group": g, "splits": {k: sorted(v) for k, v in sorted(s.items())}}
+                for g, s in sorted(groups.items()) if len(s) > 1]
     test_groups = [{"group": g, "test": sorted(s["test"])}
                    for g, s in sorted(groups.items()) if len(s.get("test", [])) > 1]
+    labels = np.array([tasks[m].label for m in ok], np.int64)
+    shortcuts = {}
+    for feature, values in (("colour mode", [infos[m]["mode"] for m in ok]),
+                            ("image size", [tuple(infos[m]["size"]) for m in ok])):
+        found = shortcut(values, labels) if ok else None
+        if found is not None:
+            found["warning"] = found["accuracy"] >= found["baseline"] + SHORTCUT_MARGIN
+            shortcuts[feature] = found
     return {
         "source": str(source),
-        "counts": {top: {s: dict(sorted(c.items())) for s, c in sorted(per.items())}
-                   for top, per in sorted(counts.items())},
+        "layout": listing.layout + (f" under {listing.root}/" if listing.root else ""),
+        "class_names": list(class_names),
+        "counts": {s: {c: counts[s].get(c, 0) for c in class_names} for s in listing.splits if s in counts},
         "formats": dict(formats),
-        "modes": {c: dict(sorted(v.items())) for c, v in sorted(modes.items())},
+        "modes": {c: dict(sorted(modes[c].items())) for c in class_names if c in modes},
         "sizes": {c: {"min_wh": lo, "max_wh": hi} for c, (lo, hi) in sorted(sizes.items())},
-        "junk": junk,
-        "not_images": sorted(m for m in infos if infos[m]["status"] == "not_image"),
-        "unreadable": [{"file": source.describe(SourceFile(m, 0)), "error": infos[m]["error"]}
+        "shortcuts": shortcuts,
+        "junk": sorted(junk),
+        "ignored": list(listing.ignored),
+        "not_images": sorted(m for m in tasks if infos[m]["status"] == "not_image"),
+        "unreadable": [{"file": source.describe(m), "error": infos[m]["error"]}
                        for m in sorted(infos) if infos[m]["status"] == "bad"],
         "two_not_copies_of_all": two_not_in_all,
         "exact_duplicates": exact,
@@ -190,37 +234,46 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as readable tables and lists."""
-    out = [f"Dataset: {report['source']}", ""]
-    classes = sorted({c for per in report["counts"].values() for s in per.values() for c in s})
+    out = [f"Dataset: {report['source']} (layout {report['layout']})", ""]
+    classes = report["class_names"]
     rows = [["split", *classes, "total"]]
-    for top, per in report["counts"].items():
-        for s, c in per.items():
-            rows.append([f"{top}/{s}", *(str(c.get(k, "-")) for k in classes), str(sum(c.values()))])
+    for s, c in report["counts"].items():
+        rows.append([s, *(str(c.get(k, 0)) for k in classes), str(sum(c.values()))])
     out += ["Images (decodable)", *_table(rows), ""]
     rows = [["class", "colour modes", "min WxH", "max WxH"]]
     for c, m in report["modes"].items():
         lo, hi = report["sizes"][c]["min_wh"], report["sizes"][c]["max_wh"]
         rows.append([c, ", ".join(f"{k} {v}" for k, v in m.items()), f"{lo[0]}x{lo[1]}",
                      f"{hi[0]}x{hi[1]}"])
-    out += ["Modes and sizes (all/)", *_table(rows),
+    out += ["Modes and sizes", *_table(rows),
             "Formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()), ""]
+    advice = {"colour mode": "--color gray (the default) takes it away",
+              "image size": "resizing to one size keeps the aspect ratio's and the scanner's traces; "
+                            "check what the model looks at (gradcam.png)"}
+    for feature, s in report["shortcuts"].items():
+        verdict = f"WARNING: it predicts the class; {advice[feature]}" if s["warning"] else "no shortcut"
+        out.append(f"Shortcut check, {feature} alone: accuracy {s['accuracy']:.1%} vs {s['baseline']:.1%} for "
+                   f"the largest class: {verdict}")
+    out.append("")
 
     def listing(title: str, items: list[str]) -> None:
         out.append(f"{title}: {len(items) or 'none'}")
         out.extend(f"  {i}" for i in items)
 
     listing("Junk files (skipped)", report["junk"])
+    listing("Ignored folders", report["ignored"])
     listing("Not images by content (skipped)", report["not_images"])
     listing("Unreadable images", [f"{u['file']}: {u['error']}" for u in report["unreadable"]])
-    listing("two/ files that are not copies of all/", report["two_not_copies_of_all"])
+    if report["two_not_copies_of_all"]:
+        listing("two/ files that are not copies of all/", report["two_not_copies_of_all"])
     listing("Exact duplicates (sha256)", [
         f"[{d['scope']}{', LABELS DIFFER' if d['labels_differ'] else ''}] " + " = ".join(d["files"])
         for d in report["exact_duplicates"]])
     listing(f"Near-duplicates (dHash and pHash <= {NEAR_BITS}/256 bits)", [
         f"[{d['scope']}, {d['dhash_bits']}/{d['phash_bits']} bits] " + " ~ ".join(d["files"])
         for d in report["near_duplicates"]])
-    listing("Name groups in both train and test (possible patient leak)", [
-        f"{g['group']}: train {', '.join(g['train'])} | test {', '.join(g['test'])}"
+    listing("Source groups in more than one split (possible patient leak)", [
+        f"{g['group']}: " + " | ".join(f"{s} {', '.join(v)}" for s, v in g["splits"].items())
         for g in report["name_groups_across_splits"]])
     listing("Test images sharing one source", [
         f"{g['group']}: {', '.join(g['test'])}" for g in report["test_groups"]])

@@ -1,20 +1,23 @@
-"""The tensorflow-datasets builder ``covid_xray``, written and read without TensorFlow.
+"""The tensorflow-datasets builder ``xray_folders``, written and read without TensorFlow.
 
-Configs: ``binary`` and ``four_class`` (grayscale, the default) and ``binary_keep`` and
-``four_class_keep`` (``--color keep``), so the colour policy is part of what names the
-prepared data and one never stands in for the other. Files: ``array_record``, read back with
-``tfds.data_source`` (random access). Each example holds the 224x224 pixels as a raw uint8
-``tfds.features.Tensor`` (1 channel for gray, 3 for keep): without TensorFlow, TFDS can write
-and read that with numpy alone and loading needs no image decoding at all. The raw data is
-found through TFDS' manual-dir convention (``manual_dir`` = the ``--data-dir`` path: any form
-:func:`xrayjax.data.source.resolve_source` accepts, the zip included).
+One builder config per prepared dataset, named ``<label>-<color>-<key>``: ``key`` hashes the
+listing's fingerprint (every image's path, size and modification time, the class names),
+the colour policy and :data:`~xrayjax.data.decode.DECODER_VERSION`. Changing, adding or removing
+an image, or changing the decoder, so prepares again into a new folder; nothing else does.
+Files: ``array_record``, read back with random access (``as_data_source``). Each example
+holds the 224x224 pixels as a raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for
+keep; TFDS writes and reads that with numpy alone, no image decoding on load), the label as a
+``ClassLabel`` carrying the class names, and the file name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
+import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,77 +27,84 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from xrayjax.data.decode import COLORS, IMAGE_SIZE, BadImage, NotAnImage, decode
-from xrayjax.data.source import (
-    CLASS_NAMES, SOURCE_SPLITS, TASKS, DataError, Source, TaskFile, resolve_source,
-)
+from xrayjax.data.decode import COLORS, DECODER_VERSION, IMAGE_SIZE, BadImage, NotAnImage, decode
+from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, TaskFile, resolve_source
 
-NAME = "covid_xray"
+NAME = "xray_folders"
 FILE_FORMAT = "array_record"
+READ_CHUNK = 256  # records per read when only labels and names are wanted
+
+
+class _QuietConfigs(logging.Filter):
+    """Drops TFDS' notes that every config here is made at run time (not declared in the class)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not text.startswith("Using custom data configuration") and "has no dataset_info.json" not in text
+
+
+logging.getLogger("absl").addFilter(_QuietConfigs())
 
 
 class BadImageWarning(UserWarning):
     """A corrupt image was skipped because ``skip_bad_images`` is set."""
 
 
-def config_name(task: str, color: str) -> str:
-    """The builder config for a task and colour policy (``four_class``, ``four_class_keep``...)."""
-    if task not in CLASS_NAMES:
-        raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    if color not in COLORS:
-        raise DataError(f"unknown color {color!r}: choose one of {', '.join(COLORS)}")
-    return task if color == "gray" else f"{task}_{color}"
-
-
 @dataclasses.dataclass
-class CovidXrayConfig(tfds.core.BuilderConfig):
-    """A task (which folders and classes) and a colour policy."""
+class FoldersConfig(tfds.core.BuilderConfig):
+    """One prepared dataset: its class names and colour policy."""
 
-    task: str = "four_class"
+    class_names: tuple[str, ...] = ()
     color: str = "gray"
 
 
-class CovidXray(tfds.core.GeneratorBasedBuilder):
-    """COVID-19 / normal / bacterial / viral pneumonia chest X-rays at 224x224."""
+def _label(source: Source, listing: Listing, task: str | None) -> str:
+    """A readable prefix for the config name: the dataset folder (and the challenge's task)."""
+    if listing.challenge:
+        return f"covid_xray-{task or 'four_class'}"
+    stem = source.location.name.removesuffix(".zip") if source.is_zip else source.location.name
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", stem).strip("_.") or "dataset"
+
+
+def config_for(source: Source, listing: Listing, color: str, task: str | None) -> FoldersConfig:
+    """The builder config of a listing prepared with ``color``."""
+    if color not in COLORS:
+        raise DataError(f"unknown color {color!r}: choose one of {', '.join(COLORS)}")
+    key = hashlib.sha256(f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}".encode()).hexdigest()[:16]
+    return FoldersConfig(
+        name=f"{_label(source, listing, task)}-{color}-{key}", class_names=listing.class_names, color=color,
+        description=f"{source}: {', '.join(listing.class_names)}; color={color}",
+    )
+
+
+class XrayFolders(tfds.core.GeneratorBasedBuilder):
+    """A class-folder X-ray dataset, every image resized once to 224x224."""
 
     name = NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Pixels resized once to 224x224 (PIL nearest), raw uint8."}
-    BUILDER_CONFIGS = [
-        CovidXrayConfig(
-            name=config_name(task, color), task=task, color=color,
-            description=f"{task}: {', '.join(CLASS_NAMES[task])}; color={color}",
-        )
-        for task in TASKS for color in COLORS
-    ]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download Covid_Data_GradientCrescent.zip and pass it (or the folder it extracts to, "
-        "or the folder holding all/ and two/) as the manual dir: "
-        "`python -m xrayjax.data prepare --data-dir PATH`."
-    )
     # Nothing is downloaded, so there are no URL checksums to look up; TFDS' lookup would
     # otherwise need the optional importlib_resources package.
     url_infos = None
 
-    def __init__(self, *, skip_bad_images: bool = False, workers: int | None = None,
-                 source_path: str | None = None, **kwargs):
+    def __init__(self, *, source: Source | None = None, listing: Listing | None = None,
+                 skip_bad_images: bool = False, workers: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.source, self.listing = source, listing
         self.skip_bad_images = skip_bad_images
-        self.source_path = source_path
-        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.workers = workers or os.cpu_count() or 1
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
-        channels = 1 if cfg.color == "gray" else 3
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__doc__,
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Tensor(
-                    shape=(IMAGE_SIZE, IMAGE_SIZE, channels), dtype=np.uint8,
+                    shape=(IMAGE_SIZE, IMAGE_SIZE, 1 if cfg.color == "gray" else 3), dtype=np.uint8,
                     encoding=tfds.features.Encoding.BYTES,
                 ),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES[cfg.task]),
+                "label": tfds.features.ClassLabel(names=list(cfg.class_names)),
                 "name": tfds.features.Text(),
             }),
             supervised_keys=("image", "label"),
@@ -102,21 +112,17 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        # TFDS' manual dir must be a folder; a zip given by path is read through source_path.
-        source = resolve_source(self.source_path or dl_manager.manual_dir)
-        listing = source.task_listing(self.builder_config.task)
+        del dl_manager  # the source was found (a folder or a zip) before the builder was made
+        source, listing = self.source, self.listing
         self.info.metadata.update(
-            source=str(source), fingerprint=listing.fingerprint,
-            junk=list(listing.junk), ignored=list(listing.ignored),
-            not_images=[], bad_images=[],
+            source=str(source), root=listing.root, fingerprint=listing.fingerprint,
+            junk=list(listing.junk), ignored=list(listing.ignored), not_images=[], bad_images=[],
         )
-        return {
-            split: self._generate_examples(source, [t for t in listing.files if t.split == split])
-            for split in SOURCE_SPLITS
-        }
+        return {split: self._generate_examples([t for t in listing.files if t.split == split])
+                for split in listing.splits}
 
-    def _generate_examples(self, source: Source, files: Sequence[TaskFile]) -> Iterator:
-        color = self.builder_config.color
+    def _generate_examples(self, files: Sequence[TaskFile]) -> Iterator:
+        source, color = self.source, self.builder_config.color
 
         def work(task_file: TaskFile) -> tuple[str, object]:
             try:
@@ -147,85 +153,84 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
                     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """One prepared split, sorted by (label, name): pixels, labels and file names."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    names: tuple[str, ...]
+def _builder(config: FoldersConfig, tfds_dir: str | None, **kwargs) -> XrayFolders:
+    return XrayFolders(config=config, data_dir=tfds_dir, file_format=FILE_FORMAT, **kwargs)
 
 
-def make_builder(task: str, color: str = "gray", tfds_dir: str | None = None,
-                 skip_bad_images: bool = False, source_path: str | None = None) -> CovidXray:
-    """The builder of one config, writing array_record under ``tfds_dir`` (None: TFDS' own)."""
-    return CovidXray(
-        config=config_name(task, color), data_dir=tfds_dir, file_format=FILE_FORMAT,
-        skip_bad_images=skip_bad_images, source_path=source_path,
-    )
+def _already_prepared(label: str, color: str, tfds_dir: str | None) -> XrayFolders | None:
+    """The newest prepared dataset named ``<label>-<color>-*`` (when its source is not at hand)."""
+    root = Path(tfds_dir or tfds.core.constants.DATA_DIR).expanduser() / NAME
+    found = sorted(root.glob(f"{label}-{color}-*/*/dataset_info.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    return tfds.builder_from_directory(str(found[-1].parent))
 
 
-def prepare(task: str, color: str = "gray", data_dir: str | None = None,
-            tfds_dir: str | None = None, skip_bad_images: bool = False) -> CovidXray:
-    """Prepare one config unless it already is (from the same source); return its builder.
+def prepare(data_dir: str | None = None, color: str = "gray", tfds_dir: str | None = None,
+            skip_bad_images: bool = False, task: str | None = None) -> XrayFolders:
+    """Prepare the dataset in ``data_dir`` unless it already is; return its builder.
 
-    Prepared data made from another copy of the dataset (different files or sizes) is an
-    error, never silently reused. With ``data_dir=None`` and no dataset at the default place,
-    data already prepared is used as it is.
+    ``task`` matters only for the challenge's layout (``binary`` reads ``two/``). With
+    ``data_dir=None`` and no dataset at the default place, the newest data prepared from the
+    default dataset is used as it is.
     """
-    builder = make_builder(task, color, tfds_dir, skip_bad_images)
     try:
         source = resolve_source(data_dir)
     except DataError:
-        if data_dir is None and builder.is_prepared():
-            return builder
+        if data_dir is None and not REPO_DATA_DIR.exists():
+            found = _already_prepared(f"covid_xray-{task or 'four_class'}", color, tfds_dir)
+            if found is not None:
+                return found
         raise
+    listing = source.listing(task)
+    config = config_for(source, listing, color, task)
+    builder = _builder(config, tfds_dir, source=source, listing=listing, skip_bad_images=skip_bad_images)
     if builder.is_prepared():
-        stored = builder.info.metadata.get("fingerprint")
-        current = source.task_listing(task).fingerprint
-        if stored != current:
-            raise DataError(
-                f"{builder.data_dir} holds {builder.builder_config.name} prepared from other files "
-                f"(names or sizes) than {source} holds now (it was prepared from "
-                f"{builder.info.metadata.get('source')}). Delete that folder to prepare again, or pass "
-                f"another --tfds-dir."
-            )
         return builder
-    builder.source_path = str(source.location)
-    manual_dir = source.location.parent if source.is_zip else source.location
     config_dir = Path(builder.data_dir).parent
     try:
         config_dir.mkdir(parents=True, exist_ok=True)
         with open(config_dir / ".prepare.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing this config: wait for it
-            waited = make_builder(task, color, tfds_dir, skip_bad_images)
+            waited = _builder(config, tfds_dir, source=source, listing=listing, skip_bad_images=skip_bad_images)
             if waited.is_prepared():  # the other process prepared it meanwhile
                 return waited
             for stale in config_dir.glob("incomplete.*"):  # left by an interrupted prepare
                 shutil.rmtree(stale, ignore_errors=True)
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
-            )
+            builder.download_and_prepare()
     except PermissionError as err:
         raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
                         "pass a writable --tfds-dir") from err
     return builder
 
 
-def read_prepared(builder: CovidXray) -> dict[str, Prepared]:
-    """Read every split of a prepared config through ``tfds.data_source`` (random access)."""
-    cfg = builder.builder_config
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One prepared split, sorted by (label, name): the records, their positions in that order,
+    labels and file names. Images stay in the files until read."""
+
+    records: Sequence
+    positions: np.ndarray
+    labels: np.ndarray
+    names: tuple[str, ...]
+
+
+def read_prepared(builder: tfds.core.DatasetBuilder) -> dict[str, Prepared]:
+    """Every split of a prepared dataset: labels and names read in chunks, images left on disk."""
     out = {}
-    for split in SOURCE_SPLITS:
-        source = tfds.data_source(
-            f"{NAME}/{cfg.name}", split=split, data_dir=builder.data_dir_root, download=False,
-        )
-        records = source.__getitems__(list(range(len(source)))) if len(source) else []
-        names = [r["name"].decode() for r in records]
-        labels = np.array([r["label"] for r in records], dtype=np.int32)
-        order = sorted(range(len(records)), key=lambda i: (labels[i], names[i]))
-        images = np.empty((len(records), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for row, i in enumerate(order):
-            images[row] = records[i]["image"]  # broadcasts a gray channel to 3
-        out[split] = Prepared(images, labels[order], tuple(names[i] for i in order))
+    for split in builder.info.splits:
+        records = builder.as_data_source(split)
+        labels, names = [], []
+        for start in range(0, len(records), READ_CHUNK):
+            for r in records.__getitems__(list(range(start, min(start + READ_CHUNK, len(records))))):
+                labels.append(int(r["label"]))
+                names.append(r["name"].decode())
+        order = np.array(sorted(range(len(labels)), key=lambda i: (labels[i], names[i])), dtype=np.int64)
+        out[split] = Prepared(records, order, np.asarray(labels, np.int32)[order] if labels else
+                              np.zeros(0, np.int32), tuple(names[i] for i in order))
     return out
+
+
+def class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    """The class names in the prepared dataset's features."""
+    return tuple(builder.info.features["label"].names)

@@ -1,35 +1,47 @@
-"""Locating the raw dataset: an extracted folder or the downloaded zip, read in place.
+"""Locating and listing a dataset: any class-folder layout, from a folder or a zip read in place.
 
-`--data-dir` may name the folder holding ``all/`` (and maybe ``two/``), a folder holding
-``Covid_Data_GradientCrescent/`` or ``Covid_Data_GradientCrescent.zip``, or the zip itself.
-The zip is read directly with :mod:`zipfile` (nothing is extracted), so both forms give the
-same file list, the same bytes and the same prepared data.
+Accepted layouts under ``--data-dir`` (a folder, or a zip holding one; a zip is read with
+:mod:`zipfile`, never extracted):
+
+- split folders ``<split>/<class>/<images>``: ``train`` required, ``val``/``valid``/``validation``
+  and ``test`` optional (a missing one is held out of train at load time);
+- flat class folders ``<class>/<images>``: every split held out at load time;
+- the challenge's ``all/`` (and ``two/``) layout, or a folder or zip holding
+  ``Covid_Data_GradientCrescent``: ``all/`` is a split-folder dataset, and the binary task reads
+  ``two/`` when present, else covid and normal of ``all/``.
+
+Class names are the class folder names sorted as Keras sorts them (Python's ``sorted``). Images
+are files with the suffixes Keras reads (jpeg, png, bmp, gif, tiff) and webp; every other file
+is junk (counted and listed). Folders whose name starts with a dot are ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import os
 import pathlib
 import re
 import zipfile
-from collections.abc import Iterable
 
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
+TASKS = ("binary", "four_class")
+CHALLENGE_CLASSES: dict[str, tuple[str, ...]] = {
     "binary": ("covid", "normal"),
     "four_class": ("covid", "normal", "pneumonia_bac", "pneumonia_vir"),
 }
-TASKS = tuple(CLASS_NAMES)
-SOURCE_SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+# Split folder names (compared in lower case) and the split each one is.
+SPLIT_FOLDERS = {"train": "train", "val": "validation", "valid": "validation",
+                 "validation": "validation", "test": "test"}
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 DATASET_DIRNAME = "Covid_Data_GradientCrescent"
 ZIP_NAME = DATASET_DIRNAME + ".zip"
-# Files that operating systems drop into folders; skipped (and counted) without reading them.
+# Files that operating systems drop into folders; junk whatever their suffix.
 JUNK_NAMES = frozenset({".ds_store", "desktop.ini", "thumbs.db"})
 REPO_DATA_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "covid_xray"
 
-_TASK_DIR = {"binary": "two", "four_class": "all"}
-_LAYOUT = re.compile(r"^(?:(?P<prefix>.*?)/)?(?P<top>all|two)/(?P<rest>.+)$")
+_CHALLENGE_TOP = re.compile(r"^(?:(?P<prefix>.*?)/)?all/(?:train|test)/")
 
 
 class DataError(Exception):
@@ -42,6 +54,7 @@ class SourceFile:
 
     member: str
     size: int
+    mtime_ns: int = 0
 
     @property
     def name(self) -> str:
@@ -51,10 +64,14 @@ class SourceFile:
     def is_junk_name(self) -> bool:
         return self.name.lower() in JUNK_NAMES or self.name.startswith("._")
 
+    @property
+    def is_image_name(self) -> bool:
+        return not self.is_junk_name and os.path.splitext(self.name)[1].lower() in IMAGE_SUFFIXES
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskFile:
-    """A file placed in the task layout ``<all|two>/<split>/<class>/<name>``."""
+    """An image of the dataset: its split (``train``, ``validation``, ``test``) and class index."""
 
     file: SourceFile
     split: str
@@ -62,13 +79,23 @@ class TaskFile:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskListing:
-    """What a task reads: its image candidates, the junk beside them and the folders ignored."""
+class Listing:
+    """What a dataset holds: images by split and class, the junk beside them, the folders ignored.
 
+    ``root`` is the folder (relative to the source) the layout starts at; ``splits`` the splits
+    that have their own folder. ``fingerprint`` is the sha256 of every image's path, size and
+    modification time, the root and the class names.
+    """
+
+    root: str
+    class_names: tuple[str, ...]
+    splits: tuple[str, ...]
     files: tuple[TaskFile, ...]
     junk: tuple[str, ...]
     ignored: tuple[str, ...]
     fingerprint: str
+    layout: str  # "split folders" or "class folders"
+    challenge: bool = False
 
 
 class Source:
@@ -78,7 +105,7 @@ class Source:
         self.location = location
         self._zip_prefix = zip_prefix
         self._zip: zipfile.ZipFile | None = None
-        self.files = self._list()
+        self.files, self.dirs = self._list()
 
     @property
     def is_zip(self) -> bool:
@@ -86,33 +113,39 @@ class Source:
 
     def __str__(self) -> str:
         if self.is_zip:
-            inner = f" (inside: {self._zip_prefix or '.'})"
-            return f"zip {self.location}{inner}"
+            return f"zip {self.location} (inside: {self._zip_prefix or '.'})"
         return str(self.location)
 
-    def _list(self) -> tuple[SourceFile, ...]:
+    def _list(self) -> tuple[tuple[SourceFile, ...], frozenset[str]]:
+        found, dirs = [], set()
         if self.is_zip:
             self._zip = zipfile.ZipFile(self.location)
-            start = len(self._zip_prefix) + 1 if self._zip_prefix else 0
-            found = [
-                SourceFile(info.filename[start:], info.file_size)
-                for info in self._zip.infolist()
-                if not info.is_dir()
-                and info.filename.startswith(self._zip_prefix + "/" if self._zip_prefix else "")
-                and not info.filename.startswith("__MACOSX/")
-            ]
+            head = self._zip_prefix + "/" if self._zip_prefix else ""
+            for info in self._zip.infolist():
+                if not info.filename.startswith(head) or info.filename.startswith("__MACOSX/"):
+                    continue
+                member = info.filename[len(head):].rstrip("/")
+                if info.is_dir():
+                    dirs.add(member)
+                    continue
+                when = datetime.datetime(*info.date_time).timestamp()
+                found.append(SourceFile(member, info.file_size, int(when * 1e9)))
         else:
-            found = []
-            for dirpath, _, names in os.walk(self.location):
+            for dirpath, dirnames, names in os.walk(self.location):
+                rel = pathlib.Path(dirpath).relative_to(self.location).as_posix()
+                dirs.update(d if rel == "." else f"{rel}/{d}" for d in dirnames)
                 for name in names:
                     path = pathlib.Path(dirpath, name)
-                    rel = path.relative_to(self.location).as_posix()
                     try:
-                        size = path.stat().st_size
+                        stat = path.stat()
+                        size, mtime = stat.st_size, stat.st_mtime_ns
                     except OSError:  # a dangling or looping symlink: unreadable, found when read
-                        size = -1
-                    found.append(SourceFile(rel, size))
-        return tuple(sorted(found, key=lambda f: f.member))
+                        size, mtime = -1, 0
+                    found.append(SourceFile(path.relative_to(self.location).as_posix(), size, mtime))
+        for f in found:  # a zip may list a file without its folders
+            parts = f.member.split("/")[:-1]
+            dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return tuple(sorted(found, key=lambda f: f.member)), frozenset(dirs)
 
     def read(self, file: SourceFile) -> bytes:
         """The file's bytes; a read failure is a DataError naming the file."""
@@ -124,70 +157,149 @@ class Source:
         except (OSError, zipfile.BadZipFile, KeyError) as err:
             raise DataError(f"{self.describe(file)}: cannot read the file ({err})") from err
 
-    def describe(self, file: SourceFile) -> str:
+    def describe(self, member: SourceFile | str) -> str:
         """A path a person can find: the real path, or ``zip:member``."""
+        member = member.member if isinstance(member, SourceFile) else member
         if self.is_zip:
             prefix = self._zip_prefix + "/" if self._zip_prefix else ""
-            return f"{self.location}:{prefix}{file.member}"
-        return str(self.location / file.member)
+            return f"{self.location}:{prefix}{member}"
+        return str(self.location / member) if member else str(self.location)
 
-    def has_dir(self, top: str) -> bool:
-        return any(f.member.startswith(top + "/") for f in self.files)
+    def subdirs(self, folder: str) -> list[str]:
+        """The names of the folders directly inside ``folder`` ('' for the root), sorted."""
+        head = folder + "/" if folder else ""
+        return sorted({d[len(head):] for d in self.dirs if d.startswith(head) and "/" not in d[len(head):]})
 
-    def task_listing(self, task: str) -> TaskListing:
-        """The files of a task: binary reads ``two/`` when present, else covid+normal of ``all/``."""
-        if task not in CLASS_NAMES:
+    @property
+    def is_challenge(self) -> bool:
+        """The challenge's layout: ``all/`` with train and test folders and no ``train/`` beside it."""
+        return "all" in self.dirs and "all/train" in self.dirs and "train" not in self.dirs
+
+    def listing(self, task: str | None = None) -> Listing:
+        """The dataset's images and classes (``task`` matters only for the challenge's layout)."""
+        if task is not None and task not in TASKS:
             raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-        top = _TASK_DIR[task] if self.has_dir(_TASK_DIR[task]) else "all"
-        classes = CLASS_NAMES[task]
-        files, junk, ignored = [], [], set()
-        for f in self.files:
-            parts = f.member.split("/")
-            if parts[0] != top:
-                continue
-            if f.is_junk_name:
-                junk.append(f.member)
-            elif len(parts) == 4 and parts[1] in SOURCE_SPLITS and parts[2] in classes:
-                files.append(TaskFile(f, parts[1], classes.index(parts[2])))
-            elif len(parts) == 4 and parts[1] in SOURCE_SPLITS and top == "two":
-                ignored.add("/".join(parts[:3]))
-            elif len(parts) == 4 and parts[1] in SOURCE_SPLITS and parts[2] in CLASS_NAMES["four_class"]:
-                continue  # a four-class folder that the binary task does not read
+        only = None
+        if self.is_challenge:
+            root = "two" if task == "binary" and "two" in self.dirs else "all"
+            if task == "binary" and root == "all":
+                only = CHALLENGE_CLASSES["binary"]  # covid and normal of all/
+        else:
+            root = ""
+        return _list_layout(self, root, only)
+
+
+def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Listing:
+    """Walk ``root`` as split folders (when it holds ``train/``) or flat class folders."""
+    where = source.describe(root)
+    head = root + "/" if root else ""
+    top = {d.lower(): d for d in source.subdirs(root)}
+    split_layout = "train" in top
+    # parents: each split that has a folder -> the folder holding its class folders
+    if split_layout:
+        seen: dict[str, str] = {}
+        for lower, name in top.items():
+            if lower in SPLIT_FOLDERS:
+                split = SPLIT_FOLDERS[lower]
+                if split in seen:
+                    raise DataError(f"{where}: both {seen[split]}/ and {name}/ are {split} folders; "
+                                    "keep one of them")
+                seen[split] = name
+        parents = {split: head + name for split, name in seen.items()}
+    else:
+        parents = {"train": root}
+    depth = len(root.split("/")) if root else 0
+    files, junk, ignored = [], [], set()
+    per_folder: dict[tuple[str, str], list[SourceFile]] = {}
+    split_of = {folder: split for split, folder in parents.items()}
+    for f in source.files:
+        if root and not f.member.startswith(head):
+            continue
+        parts = f.member.split("/")[depth:]
+        inner = parts[1:] if split_layout else parts
+        split = split_of.get(head + parts[0]) if split_layout else "train"
+        hidden = any(p.startswith(".") for p in parts[:-1])
+        if split is None or hidden:
+            if hidden or len(parts) > 1:
+                ignored.add(head + "/".join(parts[:-1]))
+            elif f.is_image_name:
+                raise _mixed_depth(source, f, where)
             else:
-                ignored.add(f.member if len(parts) < 4 else "/".join(parts[:-1]))
-        for split in SOURCE_SPLITS:
-            for label, cls in enumerate(classes):
-                if not any(t.split == split and t.label == label for t in files):
-                    raise DataError(
-                        f"{self}: no files in {top}/{split}/{cls}/. The dataset must hold "
-                        f"{top}/{{{','.join(SOURCE_SPLITS)}}}/{{{','.join(classes)}}}/ image folders."
-                    )
-        return TaskListing(tuple(files), tuple(junk), tuple(sorted(ignored)), _fingerprint(files))
-
-
-def _fingerprint(files: Iterable[TaskFile]) -> str:
-    """sha256 of the sorted (member, size) list: identifies what a prepared dataset came from."""
-    digest = hashlib.sha256()
+                junk.append(f.member)
+            continue
+        if len(inner) == 1:  # a file beside the class folders
+            if f.is_image_name:
+                raise _mixed_depth(source, f, parents[split] if split_layout else where)
+            junk.append(f.member)
+            continue
+        cls = inner[0]
+        if only is not None and cls not in only:
+            continue  # a challenge class the binary task does not read
+        if f.is_image_name:
+            per_folder.setdefault((split, cls), []).append(f)
+        else:
+            junk.append(f.member)
+    for split, folder in parents.items():  # empty class folders hold no files: find them by name
+        for cls in source.subdirs(folder):
+            if not cls.startswith(".") and (only is None or cls in only):
+                per_folder.setdefault((split, cls), [])
+    _check(source, where, parents, per_folder, split_layout)
+    class_names = tuple(sorted(cls for split, cls in per_folder if split == "train"))
+    for (split, cls), members in sorted(per_folder.items()):
+        files.extend(TaskFile(f, split, class_names.index(cls)) for f in members)
+    digest = hashlib.sha256(f"{root}\n{class_names}\n".encode())
     for t in sorted(files, key=lambda t: t.file.member):
-        digest.update(f"{t.file.member}\t{t.file.size}\n".encode())
-    return digest.hexdigest()
+        digest.update(f"{t.file.member}\t{t.file.size}\t{t.file.mtime_ns}\n".encode())
+    return Listing(root, class_names, tuple(s for s in SPLITS if s in parents), tuple(files), tuple(junk),
+                   tuple(sorted(ignored)), digest.hexdigest(),
+                   "split folders" if split_layout else "class folders", challenge=source.is_challenge)
+
+
+def _mixed_depth(source: Source, file: SourceFile, folder: str) -> DataError:
+    return DataError(f"{source.describe(file)}: an image beside the class folders of {folder}. Images go one "
+                     "level down, in a folder named after their class: move it into its class folder or "
+                     "delete it.")
+
+
+def _check(source: Source, where: str, parents: dict[str, str],
+           per_folder: dict[tuple[str, str], list[SourceFile]], split_layout: bool) -> None:
+    """Refuse layouts that cannot train: each error names the folder and what to do."""
+    layouts = ("Expected <split>/<class>/<images> (train/ required; val/ and test/ optional) or "
+               "<class>/<images>, with at least 2 class folders.")
+    train = sorted(cls for split, cls in per_folder if split == "train")
+    train_dir = source.describe(parents["train"])
+    if not train:
+        raise DataError(f"{train_dir} holds no class folders{' (train/ is empty)' if split_layout else ''}. "
+                        + layouts)
+    for (split, cls), members in sorted(per_folder.items()):
+        if not members:
+            raise DataError(f"{source.describe(parents[split] + '/' + cls if parents[split] else cls)}: "
+                            "a class folder with no images (jpeg, png, bmp, gif, tiff or webp). Add its "
+                            "images or remove the folder.")
+    if len(train) < 2:
+        raise DataError(f"{train_dir} holds a single class ({train[0]}): a classifier needs at least 2 "
+                        "class folders. " + layouts)
+    for (split, cls) in sorted(per_folder):
+        if split != "train" and cls not in train:
+            raise DataError(f"{source.describe(parents[split] + '/' + cls)}: class {cls!r} is in {split} but "
+                            f"not in train ({', '.join(train)}). Add its training images to "
+                            f"{train_dir}/{cls}/ or remove the folder.")
 
 
 def _zip_prefix(path: pathlib.Path) -> str:
-    """The folder inside the zip that holds ``all/`` ('' when it sits at the top)."""
+    """The folder inside the zip that holds the dataset ('' when it sits at the top)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+            names = [n for n in zf.namelist() if not n.startswith("__MACOSX/")]
     except (OSError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: not a readable zip file ({err})") from err
-    prefixes = sorted(
-        {m.group("prefix") or "" for n in names if (m := _LAYOUT.match(n)) and m.group("top") == "all"},
-        key=len,
-    )
-    prefixes = [p for p in prefixes if not p.startswith("__MACOSX")]
-    if not prefixes:
-        raise DataError(f"{path}: the zip holds no all/ folder; expected {DATASET_DIRNAME}/all/...")
-    return prefixes[0]
+    challenge = sorted({m.group("prefix") or "" for n in names if (m := _CHALLENGE_TOP.match(n))}, key=len)
+    if challenge:
+        return challenge[0]
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all("/" in n for n in names):  # one folder holding everything
+        return tops.pop()
+    return ""
 
 
 def resolve_source(data_dir: str | os.PathLike | None) -> Source:
@@ -196,24 +308,20 @@ def resolve_source(data_dir: str | os.PathLike | None) -> Source:
         if not REPO_DATA_DIR.exists():
             raise DataError(
                 f"no dataset found at the default location {REPO_DATA_DIR}: pass --data-dir PATH "
-                f"(the folder holding all/, a folder holding {DATASET_DIRNAME}/, or {ZIP_NAME})"
+                "(a folder of class folders, of split folders, or a zip of one)"
             )
         data_dir = REPO_DATA_DIR
     path = pathlib.Path(data_dir).expanduser()
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise DataError(f"{path}: a file that is not a zip; pass the folder or {ZIP_NAME}")
+            raise DataError(f"{path}: a file that is not a zip; pass the dataset's folder or its zip")
         return Source(path.resolve(), _zip_prefix(path))
-    if path.is_dir():
-        if (path / "all").is_dir():
-            return Source(path.resolve())
-        if (path / DATASET_DIRNAME / "all").is_dir():
-            return Source((path / DATASET_DIRNAME).resolve())
-        if (path / ZIP_NAME).is_file():
-            return resolve_source(path / ZIP_NAME)
-    elif not path.exists():
+    if not path.exists():
         raise DataError(f"--data-dir {path} does not exist")
-    raise DataError(
-        f"--data-dir {path}: found neither all/, {DATASET_DIRNAME}/all/ nor {ZIP_NAME} there. "
-        f"Pass the folder holding all/ (and maybe two/), its parent, or the zip."
-    )
+    if not path.is_dir():
+        raise DataError(f"--data-dir {path} is neither a folder nor a zip")
+    if (path / DATASET_DIRNAME / "all").is_dir():
+        return Source((path / DATASET_DIRNAME).resolve())
+    if not (path / "all").is_dir() and (path / ZIP_NAME).is_file():
+        return resolve_source(path / ZIP_NAME)
+    return Source(path.resolve())
