@@ -97,10 +97,15 @@ def run_model(model: Model, args: argparse.Namespace, init: str, color: str) -> 
         print(f"== {model.label} (init {init}, color {color}) -> {run_dir}", flush=True)
     began = time.perf_counter()
     cv_path = run_dir / CV_FILE
-    if (config.resume and len(read_history(run_dir)) >= config.epochs and (run_dir / METRICS_FILE).is_file()
-            and (cv_path.is_file() or not args.folds)):  # finished: reuse its evaluation
-        metrics = json.loads((run_dir / METRICS_FILE).read_text())
-        cv = json.loads(cv_path.read_text()) if args.folds else None
+    if config.resume and len(read_history(run_dir)) >= config.epochs:  # finished: reuse what it wrote
+        metrics_path = run_dir / METRICS_FILE
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        if "ci95" not in metrics:  # none yet, or written before the intervals
+            metrics = evaluate_run(run_dir, quiet=config.quiet)
+        cv = json.loads(cv_path.read_text()) if args.folds and cv_path.is_file() else None
+        if args.folds and cv is None:
+            print(f"   no {CV_FILE} in {run_dir}: its {args.folds}-fold column stays empty (delete the run "
+                  "folder to train it again with cross-validation)", flush=True)
     else:
         # The report's protocol (train / validation / test), then K folds of train+validation on the
         # same cached features: the backbone runs once.

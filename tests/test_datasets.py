@@ -101,6 +101,9 @@ def test_zip_of_a_class_folder_dataset(tmp_path):
     from_dir = _splits(root, tmp_path / "f")
     assert from_zip.test.names == from_dir.test.names
     np.testing.assert_array_equal(from_zip.test.images[:], from_dir.test.images[:])
+    flat = make(tmp_path / "flat", {"a": 3, "b": 3})  # a zip with the entry of its top folder
+    shutil.make_archive(str(tmp_path / "flat"), "zip", tmp_path, "flat")
+    assert resolve_source(tmp_path / "flat.zip").listing().class_names == ("a", "b")
 
 
 def test_streamed_images_equal_the_decoded_files(tmp_path):
@@ -124,9 +127,11 @@ def test_streamed_images_equal_the_decoded_files(tmp_path):
     ({"a": 3}, None, r"holds a single class \(a\)"),
     ({"train/a": 2, "train/b": 2, "test/c": 1}, None, r"test/c: class 'c' is in test but not in train"),
     ({"train/a": 2, "train/b": 2, "val/z": 1}, None, r"val/z: class 'z' is in validation but not in train"),
-    ({"train/a": 2, "train/b": 2}, "train/x.png", r"train/x.png: an image beside the class folders"),
-    ({"a": 2, "b": 2}, "x.png", r"x.png: an image beside the class folders"),
+    ({"train/a": 2, "train/b": 2}, "train/x.png", r"train/x.png: an image beside the split or class folders"),
+    ({"a": 2, "b": 2}, "x.png", r"x.png: an image beside the split or class folders"),
     ({"test/a": 1}, "train/", r"train holds no class folders \(train/ is empty\)"),
+    ({"train/a": 2, "train/b": 2}, "val/", r"val holds no class folders: add them, or remove the folder"),
+    ({"training/a": 2, "training/b": 2, "testing/a": 1}, None, r"holds testing/, training/ but no train/ folder"),
 ])
 def test_bad_layouts_are_clear_errors_and_write_nothing(tmp_path, counts, extra, message):
     root = make(tmp_path / "d", {k: v for k, v in counts.items() if v})
@@ -150,6 +155,17 @@ def test_bad_layouts_are_clear_errors_and_write_nothing(tmp_path, counts, extra,
 
 
 # --- heads and the task from the data -----------------------------------------------------
+
+def test_impossible_folds_stop_before_training(tmp_path):
+    root = make(tmp_path / "d", {"train/a": 6, "train/b": 2, "test/a": 1, "test/b": 1})
+    run = subprocess.run([sys.executable, "-m", "xrayjax.train", "--data-dir", str(root), "--init", "random",
+                          "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "run"), "--folds", "3",
+                          "--image-size", "32", "--batch-size", "4"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == ("error: --folds 3: the smallest class has 2 image(s); pass "
+                                                  "--folds 2 or fewer")
+    assert not (tmp_path / "run").exists() and "epoch" not in run.stderr
+
 
 def test_task_and_head_follow_the_number_of_classes():
     assert TrainConfig(arch="vgg16").resolved(("a", "b")).task == "binary"

@@ -164,6 +164,14 @@ def test_a_damaged_run_folder_is_named(damage, run_dir, tmp_path, capsys):
     assert expected in err and "Traceback" not in err
 
 
+def test_a_run_written_before_the_later_settings_still_loads(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    _edit_json(run / "config.json", lambda v: [v["config"].pop(k) for k in ("test_fraction", "group_by", "folds",
+                                                                            "seeds")])
+    config = load_run(run).config
+    assert (config.test_fraction, config.group_by, config.folds, config.seeds) == (0.2, None, 0, 1)
+
+
 # 5. predict: every readable image, every failure named --------------------------------------
 
 def test_predict_reads_what_it_can_and_names_every_failure(run_dir, tmp_path, capsys):

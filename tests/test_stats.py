@@ -73,7 +73,7 @@ def test_folds_are_stratified_disjoint_and_cover():
         per_fold = [int(np.sum(labels[h] == c)) for h in held]
         assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == n
     assert [h.tolist() for h in folds(labels, 5, seed=0)] == [h.tolist() for h in held]
-    with pytest.raises(ValueError, match="smallest class has 10 images"):
+    with pytest.raises(ValueError, match=r"smallest class has 10 image\(s\); pass --folds 10 or fewer"):
         folds(labels, 11, seed=0)
 
 

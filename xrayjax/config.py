@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from xrayjax.data import DataConfig
+from xrayjax.data.pipeline import GROUP_BY
 from xrayjax.models import ARCHS, BLOCKS, TASKS
 
 MAX_IMAGE_SIZE = 1024  # prepared images are 224 px; beyond this only memory grows
@@ -55,7 +56,7 @@ class TrainConfig:
     test_fraction: float = _field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
                                   "stratified, always the same images, in [0, 1) (0: no test split)")
     group_by: str | None = _field(None, "source: keep every source (a paper, a patient: the audit's grouping of "
-                                  "file names) on one side of each held-out split and fold", choices=("source",))
+                                  "file names) on one side of each held-out split and fold", choices=GROUP_BY)
     folds: int = _field(0, "cross-validate: K >= 2 stratified folds over train+validation, a fresh head each "
                         "(features computed once), written to cv.json and cv.png; the final model then trains "
                         "on train+validation (0: off)", metavar="K")
@@ -99,9 +100,10 @@ class TrainConfig:
 
     def data_config(self) -> DataConfig:
         """The data settings of this run."""
+        # With --folds the final model trains on train+validation: nothing is held out for validation.
         return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
-                          val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
-                          image_size=self.image_size, group_by=self.group_by, pool_validation=self.folds > 0)
+                          val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
+                          image_size=self.image_size, group_by=self.group_by)
 
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
         """A copy with ``task`` (from ``class_names`` when unset), ``l2`` and ``out`` filled in,
@@ -133,7 +135,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
             (self.num_devices is None or self.num_devices >= 1, "num_devices", "at least 1"),
-            (self.group_by in (None, "source"), "group_by", "source"),
+            (self.group_by in (None, *GROUP_BY), "group_by", " or ".join(GROUP_BY)),
             (self.folds == 0 or self.folds >= 2, "folds", "0 (off) or at least 2"),
             (self.seeds >= 1, "seeds", "at least 1"),
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),

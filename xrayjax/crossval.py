@@ -19,20 +19,15 @@ import numpy as np
 
 from xrayjax import figures, runfiles
 from xrayjax.config import TrainConfig
-from xrayjax.data.pipeline import Split, source_groups
-from xrayjax.loop import TrainResult, row_index
+from xrayjax.data.pipeline import Split, split_folds
+from xrayjax.loop import TrainResult, rates, row_index
 from xrayjax.predict import infer_features, probabilities
-from xrayjax.stats import folds, macro_f1, roc_auc, summarise
+from xrayjax.stats import macro_f1, roc_auc, summarise
 from xrayjax.steps import build_step_model, create_train_state, epoch_key, init_head, make_head_steps
 
 CV_FILE = "cv.json"
 CV_FIGURE = "cv.png"
 METRICS = ("accuracy", "macro_f1", "roc_auc")
-
-
-def _rates(sums: dict[str, Any]) -> tuple[float, float]:
-    count = max(float(np.sum(sums["count"])), 1.0)
-    return float(np.sum(sums["loss_sum"])) / count, float(np.sum(sums["correct"])) / count
 
 
 def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
@@ -52,10 +47,9 @@ def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
                              num_classes=len(splits.class_names))
     train_fn, eval_fn = make_head_steps(model)
     backbone = {"params": result.state.params["backbone"], "batch_stats": result.state.batch_stats["backbone"]}
-    groups = source_groups(pooled.names) if config.group_by == "source" else None
     records = []
     for seed in range(config.seed, config.seed + config.seeds):
-        for k, held in enumerate(folds(labels, config.folds, seed, groups)):
+        for k, held in enumerate(split_folds(pooled, config.folds, seed, config.group_by == "source")):
             rest = np.setdiff1d(np.arange(len(labels)), held)
             head = init_head(model, features.shape[1:], seed)
             fresh = jax.tree.map(lambda x: x.copy(), backbone)  # the head epoch donates its state
@@ -69,7 +63,7 @@ def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
                 index = row_index(rest, config.batch_size, 1, shuffle=True, seed=seed, epoch=epoch)
                 state, train_sums = train_fn(state, features, on_device, *index, epoch_key(seed, epoch))
                 val_sums = eval_fn(state, features, on_device, *held_index)
-                (train_loss, train_acc), (val_loss, val_acc) = _rates(jax.device_get(train_sums)), _rates(
+                (train_loss, train_acc), (val_loss, val_acc) = rates(jax.device_get(train_sums)), rates(
                     jax.device_get(val_sums))
                 history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                                 "val_loss": val_loss, "val_accuracy": val_acc})
@@ -87,7 +81,8 @@ def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     cv = {
         "folds": config.folds, "seeds": list(range(config.seed, config.seed + config.seeds)),
         "group_by": config.group_by, "images": int(len(labels)), "class_names": list(splits.class_names),
-        "what": "stratified K-fold over train+validation (the test split untouched); per fold a fresh head "
+        "what": ("stratified group" if config.group_by else "stratified") + " K-fold over train+validation "
+                "(the test split untouched); per fold a fresh head "
                 "with the run's settings; accuracy, macro_f1 and roc_auc of the held-out fold after the last "
                 "epoch; mean, std (ddof 1) and a Student-t 95% interval of the mean over every fold and seed",
         "summary": {m: summarise([r[m] for r in records]) for m in METRICS},

@@ -215,6 +215,8 @@ def evaluate_run(
     cfg = run.config
     if splits is None:
         splits = load_splits(cfg.data_config())
+    if cfg.folds:  # its final model trained on train+validation
+        splits = splits.pooled()
     class_names = tuple(run.class_names)
     if not len(splits.test):
         raise ValueError("the test split is empty: nothing to evaluate")

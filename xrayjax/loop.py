@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from xrayjax import distributed, runfiles
 from xrayjax.config import TrainConfig
 from xrayjax.data import Split, Splits, batches, dataset_classes, load_splits
+from xrayjax.data.pipeline import split_folds
 from xrayjax.steps import (
     StepModel,
     TrainState,
@@ -94,7 +95,10 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1,) + x.shape[2:])
 
 
-def _rates(sums: Mapping[str, float]) -> tuple[float, float]:
+def rates(sums: Mapping[str, Any]) -> tuple[float, float]:
+    """(mean loss, accuracy) from summed ``loss_sum``, ``correct`` and ``count`` (each a number or
+    an array of per-step sums)."""
+    sums = {k: float(np.sum(sums[k], dtype=np.float64)) for k in ("loss_sum", "correct", "count")}
     count = max(sums["count"], 1.0)
     return sums["loss_sum"] / count, sums["correct"] / count
 
@@ -242,8 +246,9 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
     if splits is None:
         with timings.phase("data_load"):
             splits = load_splits(config.data_config())
-    if config.folds:
+    if config.folds:  # the final model trains on train+validation; the folds must be possible
         splits = splits.pooled()
+        split_folds(splits.train, config.folds, config.seed, config.group_by == "source")
     checkpoint, history = (runfiles.check_resume(config, run_dir, splits.class_names) if config.resume
                            else (None, []))
     if checkpoint is not None and checkpoint.epoch >= config.epochs:
@@ -342,9 +347,9 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, star
                         else "no checkpoint was written")
                 raise TrainingDiverged(f"{e}; training stopped and {kept}. Try a lower --lr (now {config.lr})"
                                        + (" or train without --bf16" if config.bf16 else "") + ".") from None
-            train_loss, train_acc = _rates(sums)
+            train_loss, train_acc = rates(sums)
             val = trainer.evaluate(state, "validation")
-            validation = dict(zip(("val_loss", "val_accuracy"), _rates(val))) if val["count"] else {}
+            validation = dict(zip(("val_loss", "val_accuracy"), rates(val))) if val["count"] else {}
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **validation,
                             "seconds": time.perf_counter() - began})
             if writer:

@@ -2,9 +2,9 @@
 
 Images are decoded exactly as the training data were (``xrayjax.data``: EXIF orientation,
 any PIL mode, the run's colour setting, PIL-nearest resize to 224 then to the run's image
-size), then run through the model. Binary runs have one logit, the evidence for class 1
-(``normal``): its sigmoid is P(normal) and P(covid) = 1 - P(normal). Four-class runs take a
-softmax.
+size), then run through the model. Binary runs have one logit, the evidence for the second
+class name (``normal`` on the challenge's data): its sigmoid is that class's probability and
+the first class's is 1 minus it. Four-class runs take a softmax over their N classes.
 """
 
 from __future__ import annotations

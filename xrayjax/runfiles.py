@@ -46,6 +46,8 @@ METRICS_FILE = "metrics.json"
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FILE, TIMINGS_FILE, METRICS_FILE)
 # Settings a resumed run may change (device and process counts and the fast path change
 # results only by float rounding); every other one must equal the checkpoint's run.
+# Settings added on 2026-11-26 (any dataset, cross-validation): older run folders lack them.
+LATER_SETTINGS = {"test_fraction": 0.2, "group_by": None, "folds": 0, "seeds": 1}
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "weights_dir", "tfds_dir",
      "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
@@ -180,14 +182,16 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
     if not isinstance(meta["config"], dict) or not isinstance(meta["num_devices"], int) or meta["num_devices"] < 1:
         raise RunFolderError(f"{path}: 'config' must be an object and 'num_devices' a positive integer")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown, missing = sorted(set(meta["config"]) - known), sorted(known - set(meta["config"]))
+    # Settings added after a run was written take their defaults, which reproduce the old behaviour.
+    settings = {**{k: v for k, v in LATER_SETTINGS.items() if k not in meta["config"]}, **meta["config"]}
+    unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
     if unknown:
         raise RunFolderError(f"{path} has settings this version of xrayjax does not know: "
                              f"{', '.join(unknown)} (written by a newer version?)")
     if missing:
         raise RunFolderError(f"{path} lacks the settings {', '.join(missing)} (written by an older version, "
                              "or edited?)")
-    return TrainConfig(**meta["config"]), tuple(meta["class_names"]), int(meta["num_devices"])
+    return TrainConfig(**settings), tuple(meta["class_names"]), int(meta["num_devices"])
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:

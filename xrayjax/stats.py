@@ -130,7 +130,9 @@ def folds(labels: np.ndarray, k: int, seed: int, groups: Sequence[str] | None = 
     labels = np.asarray(labels)
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
     if groups is None and smallest < k:
-        raise ValueError(f"--folds {k}: the smallest class has {smallest} images; pass --folds {smallest} or fewer")
+        raise ValueError(f"--folds {k}: the smallest class has {smallest} image(s); "
+                         + (f"pass --folds {smallest} or fewer" if smallest >= 2 else
+                            "cross-validation needs at least 2 per class"))
     if groups is not None and len(set(groups)) < k:
         raise ValueError(f"--folds {k}: only {len(set(groups))} source groups; pass fewer folds")
     splitter = (StratifiedGroupKFold(k, shuffle=True, random_state=seed) if groups is not None

@@ -137,7 +137,7 @@ def init_variables(
 
 def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict[str, Any]:
     """The head's fresh variables for backbone features of ``feature_shape`` (one image's), drawn
-    from ``seed`` (threefry; the backbone takes the seed's other half)."""
+    from the second half of ``seed``'s threefry key (the backbone draws from an rbg key)."""
     key = jax.random.split(jax.random.key(seed))[1]
     return jax.jit(model.head.init)(key, np.zeros((1, *feature_shape), np.float32))
 

@@ -36,7 +36,8 @@ def run(config: TrainConfig) -> dict | None:
     result = fit(config)
     metrics = None
     if config.evaluate and not len(result.splits.test) and distributed.is_main_process():
-        print("no test split (--test-fraction 0 and no test/ folder): nothing to evaluate", file=sys.stderr)
+        print("no test split (no test/ folder, and --test-fraction held out no image): nothing to evaluate",
+              file=sys.stderr)
     elif config.evaluate and distributed.is_main_process():
         with result.timings.phase("evaluate"):
             metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features)

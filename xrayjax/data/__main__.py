@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         (_prepare if args.command == "prepare" else _audit)(args)
-    except DataError as err:
+    except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

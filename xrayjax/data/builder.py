@@ -118,10 +118,10 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
             source=str(source), root=listing.root, fingerprint=listing.fingerprint,
             junk=list(listing.junk), ignored=list(listing.ignored), not_images=[], bad_images=[],
         )
-        return {split: self._generate_examples([t for t in listing.files if t.split == split])
+        return {split: self._generate_examples(split, [t for t in listing.files if t.split == split])
                 for split in listing.splits}
 
-    def _generate_examples(self, files: Sequence[TaskFile]) -> Iterator:
+    def _generate_examples(self, split: str, files: Sequence[TaskFile]) -> Iterator:
         source, color = self.source, self.builder_config.color
 
         def work(task_file: TaskFile) -> tuple[str, object]:
@@ -133,6 +133,7 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
                 return "bad", err
 
         # PIL releases the GIL while decoding and resizing, so threads use every core.
+        kept = 0
         with ThreadPoolExecutor(self.workers) as pool:
             for task_file, (status, value) in zip(files, pool.map(work, files)):
                 where = source.describe(task_file.file)
@@ -148,9 +149,13 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
                     warnings.warn(f"skipping {reason}", BadImageWarning, stacklevel=2)
                     self.info.metadata["bad_images"].append(task_file.file.member)
                 else:
+                    kept += 1
                     yield task_file.file.member, {
                         "image": value, "label": task_file.label, "name": task_file.file.name,
                     }
+        if not kept:
+            raise DataError(f"{source}: no image of the {split} split could be read (every one was skipped as "
+                            "junk or bad); see the warnings above, or `python -m xrayjax.data audit`")
 
 
 def _builder(config: FoldersConfig, tfds_dir: str | None, **kwargs) -> XrayFolders:
@@ -216,7 +221,8 @@ class Prepared:
 
 
 def read_prepared(builder: tfds.core.DatasetBuilder) -> dict[str, Prepared]:
-    """Every split of a prepared dataset: labels and names read in chunks, images left on disk."""
+    """Every split of a prepared dataset, its images left on disk: each record is read once, in
+    chunks, only for its label and name."""
     out = {}
     for split in builder.info.splits:
         records = builder.as_data_source(split)

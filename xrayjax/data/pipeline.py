@@ -34,8 +34,7 @@ class DataConfig:
 
     ``task`` chooses the challenge's folders (binary: ``two/``); None takes every class.
     ``group_by="source"`` keeps every source group (:func:`xrayjax.data.audit.group_key` of the
-    file name) on one side of each held-out split. ``pool_validation`` merges the validation
-    split into train (cross-validation's final model trains on both).
+    file name) on one side of each held-out split.
     """
 
     task: str | None = None
@@ -48,7 +47,6 @@ class DataConfig:
     skip_bad_images: bool = False
     image_size: int = IMAGE_SIZE
     group_by: str | None = None
-    pool_validation: bool = False
 
     def __post_init__(self):
         if self.task is not None and self.task not in TASKS:
@@ -165,7 +163,8 @@ def source_groups(names: Sequence[str]) -> list[str]:
 
 def stratified_split(split: Split, fraction: float, seed: int, by_source: bool = False) -> tuple[Split, Split]:
     """(rest, held_out): round(fraction * n_c) images of each class held out, seeded. With
-    ``by_source``, whole source groups: one fold of round(1 / fraction) stratified group folds."""
+    ``by_source``, whole source groups: one fold of round(1 / fraction) stratified group folds
+    (20% holds out a fifth, 30% a third: the fraction is approximate)."""
     if fraction == 0:
         return split, split.take(np.zeros(0, np.int64))
     if by_source:
@@ -181,7 +180,19 @@ def stratified_split(split: Split, fraction: float, seed: int, by_source: bool =
             held.extend(rng.permutation(members)[:n_held])
     held_mask = np.zeros(len(split), bool)
     held_mask[np.asarray(held, dtype=np.int64)] = True
-    return split.take(np.flatnonzero(~held_mask)), split.take(np.flatnonzero(held_mask))
+    rest = split.take(np.flatnonzero(~held_mask))
+    if by_source and set(np.unique(split.labels)) - set(np.unique(rest.labels)):
+        raise DataError(f"holding out {fraction:.0%} by source leaves a class without training images (its "
+                        "images all share few sources): pass a smaller fraction, or leave --group-by out")
+    return rest, split.take(np.flatnonzero(held_mask))
+
+
+def split_folds(split: Split, k: int, seed: int, by_source: bool = False) -> list[np.ndarray]:
+    """The held-out rows of each of ``k`` stratified folds of ``split`` (whole sources with
+    ``by_source``); ValueError when the data cannot make them."""
+    from xrayjax.stats import folds  # scikit-learn, only when asked for
+
+    return folds(split.labels, k, seed, source_groups(split.names) if by_source else None)
 
 
 def dataset_classes(cfg: DataConfig) -> tuple[str, ...]:
@@ -215,8 +226,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     validation = prepared.get("validation")
     if validation is None:
         train, validation = stratified_split(train, cfg.val_fraction, cfg.seed, by_source)
-    splits = Splits(train, validation, test, class_names(builder))
-    return splits.pooled() if cfg.pool_validation else splits
+    return Splits(train, validation, test, class_names(builder))
 
 
 def _warn_leaks(prepared: dict[str, Split]) -> None:

@@ -125,6 +125,8 @@ class Source:
                 if not info.filename.startswith(head) or info.filename.startswith("__MACOSX/"):
                     continue
                 member = info.filename[len(head):].rstrip("/")
+                if not member:  # the folder entry of the prefix itself
+                    continue
                 if info.is_dir():
                     dirs.add(member)
                     continue
@@ -207,6 +209,11 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
                 seen[split] = name
         parents = {split: head + name for split, name in seen.items()}
     else:
+        looks_split = sorted(name for lower, name in top.items() if lower in (*SPLIT_FOLDERS, "training", "testing"))
+        if looks_split:
+            raise DataError(f"{where} holds {', '.join(n + '/' for n in looks_split)} but no train/ folder: name the "
+                            "training folder train/ (or, for class folders, rename the classes that are named "
+                            "like splits)")
         parents = {"train": root}
     depth = len(root.split("/")) if root else 0
     files, junk, ignored = [], [], set()
@@ -243,7 +250,7 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
         for cls in source.subdirs(folder):
             if not cls.startswith(".") and (only is None or cls in only):
                 per_folder.setdefault((split, cls), [])
-    _check(source, where, parents, per_folder, split_layout)
+    _check(source, parents, per_folder, split_layout)
     class_names = tuple(sorted(cls for split, cls in per_folder if split == "train"))
     for (split, cls), members in sorted(per_folder.items()):
         files.extend(TaskFile(f, split, class_names.index(cls)) for f in members)
@@ -256,12 +263,12 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
 
 
 def _mixed_depth(source: Source, file: SourceFile, folder: str) -> DataError:
-    return DataError(f"{source.describe(file)}: an image beside the class folders of {folder}. Images go one "
-                     "level down, in a folder named after their class: move it into its class folder or "
+    return DataError(f"{source.describe(file)}: an image beside the split or class folders of {folder}. Images go "
+                     "in a folder named after their class: move it into its class folder or "
                      "delete it.")
 
 
-def _check(source: Source, where: str, parents: dict[str, str],
+def _check(source: Source, parents: dict[str, str],
            per_folder: dict[tuple[str, str], list[SourceFile]], split_layout: bool) -> None:
     """Refuse layouts that cannot train: each error names the folder and what to do."""
     layouts = ("Expected <split>/<class>/<images> (train/ required; val/ and test/ optional) or "
@@ -271,6 +278,10 @@ def _check(source: Source, where: str, parents: dict[str, str],
     if not train:
         raise DataError(f"{train_dir} holds no class folders{' (train/ is empty)' if split_layout else ''}. "
                         + layouts)
+    for split, folder in parents.items():
+        if split != "train" and not any(s == split for s, _ in per_folder):
+            raise DataError(f"{source.describe(folder)} holds no class folders: add them, or remove the folder "
+                            f"to hold the {split} split out of train instead")
     for (split, cls), members in sorted(per_folder.items()):
         if not members:
             raise DataError(f"{source.describe(parents[split] + '/' + cls if parents[split] else cls)}: "
