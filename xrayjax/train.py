@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import signal
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 
 from xrayjax import distributed, runfiles
-from xrayjax.distributed import runtime_error
+from xrayjax.cli import one_line_warnings
 from xrayjax.config import TrainConfig, from_args
-from xrayjax.data import DataError, dataset_classes
 from xrayjax.crossval import cross_validate, cv_summary
+from xrayjax.data import DataError, dataset_classes
+from xrayjax.distributed import runtime_error
 from xrayjax.evaluate import evaluate_run, summary
 from xrayjax.loop import TrainingDiverged, fit
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM ends the run as Ctrl-C does (the last checkpoint is kept)."""
     config = from_args(argv, description=DESCRIPTION)
     signal.signal(signal.SIGTERM, _interrupt)
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    one_line_warnings()
     try:
         run(config)
     except TrainingDiverged as e:
