@@ -101,7 +101,7 @@ def test_zip_of_a_class_folder_dataset(tmp_path):
     from_dir = _splits(root, tmp_path / "f")
     assert from_zip.test.names == from_dir.test.names
     np.testing.assert_array_equal(from_zip.test.images[:], from_dir.test.images[:])
-    flat = make(tmp_path / "flat", {"a": 3, "b": 3})  # a zip with the entry of its top folder
+    make(tmp_path / "flat", {"a": 3, "b": 3})  # a zip with the entry of its top folder
     shutil.make_archive(str(tmp_path / "flat"), "zip", tmp_path, "flat")
     assert resolve_source(tmp_path / "flat.zip").listing().class_names == ("a", "b")
 

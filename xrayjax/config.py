@@ -102,8 +102,8 @@ class TrainConfig:
         """The data settings of this run."""
         # With --folds the final model trains on train+validation: nothing is held out for validation.
         return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
-                          val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction, seed=self.seed,
-                          image_size=self.image_size, group_by=self.group_by)
+                          val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction,
+                          seed=self.seed, image_size=self.image_size, group_by=self.group_by)
 
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
         """A copy with ``task`` (from ``class_names`` when unset), ``l2`` and ``out`` filled in,

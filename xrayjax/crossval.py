@@ -3,8 +3,9 @@
 The backbone runs once (in :func:`xrayjax.fit`; with ``--folds`` the command line's final model
 trains on train+validation); here each of the K stratified folds of train+validation (its cached
 features pooled) trains a fresh head with the run's settings on the other K-1 folds, validating
-on the held-out fold every epoch, exactly as the fast path trains. Under ``--group-by source`` no source group is in two folds. The test split
-is never touched. Writes ``cv.json`` and ``cv.png`` into the run folder.
+on the held-out fold every epoch, exactly as the fast path trains. Under ``--group-by source``
+no source group is in two folds. The test split is never touched. Writes ``cv.json`` and
+``cv.png`` into the run folder.
 """
 
 from __future__ import annotations

@@ -147,5 +147,4 @@ def hold_out(labels: np.ndarray, fraction: float, seed: int, groups: Sequence[st
     if len(set(groups)) < k:
         raise ValueError(f"holding out {fraction:.0%} by source needs at least {k} source groups; the data has "
                          f"{len(set(groups))}")
-    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
-    return next(iter(splitter.split(np.zeros(len(labels)), labels, groups)))[1]
+    return folds(labels, k, seed, groups)[0]

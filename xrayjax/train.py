@@ -41,11 +41,11 @@ def run(config: TrainConfig) -> dict | None:
     elif config.evaluate and distributed.is_main_process():
         with result.timings.phase("evaluate"):
             metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features)
-        runfiles.write_json(result.run_dir / runfiles.TIMINGS_FILE, result.timings)
     cv = None
     if config.folds and distributed.is_main_process():
         with result.timings.phase("cross_validation"):
             cv = cross_validate(config, result)
+    if metrics is not None or cv is not None:  # fit wrote the training phases; add these
         runfiles.write_json(result.run_dir / runfiles.TIMINGS_FILE, result.timings)
     if not config.quiet and distributed.is_main_process():
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()), file=sys.stderr)

@@ -112,7 +112,7 @@ class RecordImages:
         for part in parts:
             refs.append(part.refs + np.array([len(records), 0]))
             records.extend(part.records)
-        return RecordImages(records, np.concatenate(refs) if refs else np.zeros((0, 2)), parts[0].size)
+        return RecordImages(records, np.concatenate(refs), parts[0].size)
 
 
 @dataclasses.dataclass
