@@ -24,7 +24,7 @@ VARIANTS = {
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["vgg16:binary", "resnet50:four_class"])
+    p.add_argument("--models", nargs="+", default=["vgg16:binary", "resnet50:multiclass"])
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

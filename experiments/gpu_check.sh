@@ -20,7 +20,8 @@
 #   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200
 #   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
 # Environment: OUT (default: a temporary folder), TFDS_DIR, DATA_DIR (the dataset to train on
-# end to end; default ../shared/covid_xray, or what .tfds was prepared from).
+# end to end; default ../shared/covid_xray, or, where that is missing as on the GPU machine, the
+# carried prepared folder .tfds/xray_folders/covid_xray-multiclass-gray-*/1.0.0, named explicitly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -42,9 +43,9 @@ if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller
   archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32 --batch-size 4); runs=(cold)
 else
   tfds=${TFDS_DIR:-.tfds}
-  groups=("--models vgg16:binary vgg19:four_class resnet50:four_class --dtypes bf16 --batches 256"
+  groups=("--models vgg16:binary vgg19:multiclass resnet50:multiclass --dtypes bf16 --batches 256"
           "--models vgg16:binary --dtypes fp32 --batches 256"
-          "--models resnet50:four_class --dtypes bf16 --batches 32"
+          "--models resnet50:multiclass --dtypes bf16 --batches 32"
           "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches
   archs=(vgg16 vgg19); layers=(); e2e=(--epochs 50); runs=(cold warm)
 fi
@@ -54,9 +55,14 @@ log() { echo "== $*" | tee -a "$out/gpu_check.log"; }
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"; } | tee -a "$out/gpu_check.log"
 
-if [ "$smoke" = 0 ]; then  # the smoke run's training prepares the one config it needs itself
-  log "prepared data in $tfds"
-  python3 -m xrayjax.data prepare --tfds-dir "$tfds" 2>&1 | tail -n 3 | tee -a "$out/gpu_check.log"
+if [ "$smoke" = 0 ] && [ -z "${DATA_DIR:-}" ]; then  # the smoke run's training prepares what it needs itself
+  if [ -d ../shared/covid_xray ]; then
+    log "prepared data in $tfds"
+    python3 -m xrayjax.data prepare --tfds-dir "$tfds" 2>&1 | tail -n 3 | tee -a "$out/gpu_check.log"
+  else
+    DATA_DIR=$(ls -d "$tfds"/xray_folders/covid_xray-multiclass-gray-*/1.0.0 | head -n 1)
+    log "no ../shared/covid_xray here: training on the carried prepared data $DATA_DIR"
+  fi
 fi
 
 log "step throughput beside the plain-Flax reference"

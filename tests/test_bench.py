@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from xrayjax.bench import BenchConfig, main, run
+from xrayjax.bench import REPORT_MODELS, BenchConfig, _parser, main, run
+from xrayjax.tasks import TASKS
 
 KEYS = {"arch", "task", "dtype", "batch", "image_size", "images_per_s", "compile_s", "peak_mem_gb",
         "device", "jax", "date"}
@@ -45,3 +46,12 @@ def test_cli_no_save_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--models", "vgg17"])
     assert "expected ARCH[:TASK]" in capsys.readouterr().err
+
+
+def test_task_names_follow_xrayjax_tasks():
+    # TASK defaults to multiclass and the report's four_class is read as it
+    models = _parser().parse_args(["--models", "vgg19", "resnet50:four_class", "vgg16:binary"]).models
+    assert models == [("vgg19", "multiclass"), ("resnet50", "multiclass"), ("vgg16", "binary")]
+    assert {task for _, task in REPORT_MODELS} == set(TASKS)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--models", "vgg16:three_class"])

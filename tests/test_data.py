@@ -17,14 +17,21 @@ from xrayjax.data import (
     CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, augment_images, batches, load_splits,
 )
 from xrayjax.data.__main__ import main
-from xrayjax.data.audit import audit, group_key
+from xrayjax.data.audit import audit
 from xrayjax.data.augment import affine_matrices, apply_affine
-from xrayjax.data.builder import BadImageWarning, prepare, read_prepared
+from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
 from xrayjax.data.decode import BadImage, NotAnImage, decode
+from xrayjax.data.groups import group_key, source_groups
 from xrayjax.data.source import resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = CHALLENGE_CLASSES["four_class"]
+CLASSES = CHALLENGE_CLASSES["multiclass"]
+
+
+def prepare_dir(data_dir, task=None, **kwargs):
+    """Find, list and prepare ``data_dir`` as a run does; the builder."""
+    with resolve_source(data_dir) as source:
+        return prepare(source, source.listing(task), task=task, **kwargs)
 
 
 def pixels(prepared) -> np.ndarray:
@@ -152,13 +159,13 @@ def test_junk_and_truncated_are_told_apart():
 
 def test_strict_preparation_names_the_bad_file(small_root, tmp_path):
     with pytest.raises(DataError, match=r"broken\.jpeg.*--skip-bad-images"):
-        prepare(str(small_root), tfds_dir=str(tmp_path))
+        prepare_dir(str(small_root), tfds_dir=str(tmp_path))
     assert prepared_dirs(tmp_path) == []
 
 
 def test_skip_bad_images_counts_everything(small_root, tmp_path):
     with pytest.warns(BadImageWarning, match="broken.jpeg"):
-        builder = prepare(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True)
+        builder = prepare_dir(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True)
     meta = builder.info.metadata
     assert meta["bad_images"] == ["all/train/pneumonia_vir/broken.jpeg"]
     assert meta["not_images"] == ["all/train/pneumonia_bac/notes.jpg"]
@@ -181,8 +188,8 @@ def test_zip_gives_the_same_data_as_the_folder(small_root, tmp_path):
             if path.is_file():
                 zf.write(path, "Covid_Data_GradientCrescent/" + path.relative_to(small_root).as_posix())
     # binary reads covid and normal only: the truncated pneumonia_vir file is not in its way.
-    from_zip = read_prepared(prepare(str(archive), tfds_dir=str(tmp_path / "z"), task="binary"))
-    from_dir = read_prepared(prepare(str(small_root.parent), tfds_dir=str(tmp_path / "d"), task="binary"))
+    from_zip = read_prepared(prepare_dir(str(archive), tfds_dir=str(tmp_path / "z"), task="binary"))
+    from_dir = read_prepared(prepare_dir(str(small_root.parent), tfds_dir=str(tmp_path / "d"), task="binary"))
     for split in ("train", "test"):
         assert from_zip[split].names == from_dir[split].names
         np.testing.assert_array_equal(pixels(from_zip[split]), pixels(from_dir[split]))
@@ -193,8 +200,8 @@ def test_zip_gives_the_same_data_as_the_folder(small_root, tmp_path):
 
 def test_gray_and_keep_are_different_prepared_data(tmp_path):
     root = make_dataset(tmp_path / "data", truncated=False)
-    gray = prepare(str(root), "gray", str(tmp_path / "t"))
-    keep = prepare(str(root), "keep", str(tmp_path / "t"))
+    gray = prepare_dir(str(root), color="gray", tfds_dir=str(tmp_path / "t"))
+    keep = prepare_dir(str(root), color="keep", tfds_dir=str(tmp_path / "t"))
     assert gray.data_dir != keep.data_dir
     g, k = pixels(read_prepared(gray)["train"]), pixels(read_prepared(keep)["train"])
     assert g.shape == k.shape
@@ -207,7 +214,7 @@ def test_prepared_data_is_keyed_by_the_files_and_the_decoder(tmp_path, monkeypat
     tfds_dir = tmp_path / "t"
 
     def prepared() -> str:
-        return prepare(str(root), tfds_dir=str(tfds_dir), task="binary").data_dir
+        return prepare_dir(str(root), tfds_dir=str(tfds_dir), task="binary").data_dir
 
     first = prepared()
     (root / "all" / "train" / ".DS_Store").write_bytes(b"junk changes nothing")
@@ -216,7 +223,7 @@ def test_prepared_data_is_keyed_by_the_files_and_the_decoder(tmp_path, monkeypat
     added = root / "all" / "test" / "covid" / "extra.png"
     added.write_bytes(_encode(_image("L", 1), "PNG"))
     second = prepared()
-    assert second != first and len(read_prepared(prepare(str(root), tfds_dir=str(tfds_dir), task="binary"))
+    assert second != first and len(read_prepared(prepare_dir(str(root), tfds_dir=str(tfds_dir), task="binary"))
                                     ["test"].labels) == 5
     os.utime(added, ns=(1, 10**18))  # the same bytes, touched: prepared again
     third = prepared()
@@ -352,24 +359,21 @@ def test_audit_of_the_real_data(data_root):
     assert [d["scope"] for d in report["near_duplicates"]] == ["within train"]
 
 
-def test_prepared_default_dataset_is_used_without_the_dataset(real_tfds, tmp_path, monkeypatch):
-    # The GPU check carries the prepared data, not the dataset: with no --data-dir and nothing at
-    # the default place, the data prepared from the default dataset is read as it is.
-    missing = tmp_path / "no_dataset_here"
-    monkeypatch.setattr("xrayjax.data.source.REPO_DATA_DIR", missing)
-    monkeypatch.setattr("xrayjax.data.builder.REPO_DATA_DIR", missing)
-    from xrayjax.data import dataset_classes
-
-    config = DataConfig(tfds_dir=str(real_tfds))
-    assert dataset_classes(config) == CLASSES
-    s = load_splits(config)
-    assert (len(s.train), len(s.validation), len(s.test)) == (215, 54, 36)
-    with pytest.raises(DataError, match="no dataset found at the default location"):
-        load_splits(DataConfig(tfds_dir=str(tmp_path / "empty")))
+def test_a_prepared_folder_is_read_without_the_dataset(real_tfds, tmp_path, monkeypatch):
+    # The GPU check carries the prepared data, not the dataset: the folder prepare printed (or its
+    # config folder) is read as it is. Without the default dataset nothing prepared is guessed.
+    version = next(real_tfds.glob("xray_folders/covid_xray-multiclass-*/1.0.0"))
+    for folder in (version, version.parent):
+        builder = prepared_builder(folder)
+        assert class_names(builder) == CLASSES and len(read_prepared(builder)["train"].labels) == 269
+    assert prepared_builder(real_tfds) is None and prepared_builder(version.parent.parent) is None
+    monkeypatch.setattr("xrayjax.data.source.REPO_DATA_DIR", tmp_path / "no_dataset_here")
+    with pytest.raises(DataError, match=r"no dataset at the default location .*: pass --data-dir PATH"):
+        load_splits(DataConfig(tfds_dir=str(real_tfds)))
 
 
 def test_group_by_source_warns_about_the_given_test_split_and_never_moves_it(real_splits, real_tfds, data_root):
-    from xrayjax.data.pipeline import SourceLeakWarning, source_groups
+    from xrayjax.data.pipeline import SourceLeakWarning
 
     with pytest.warns(SourceLeakWarning, match=r"test split given as a folder shares 1 source group\(s\) with "
                                                r"train: nejmoa2001191\."):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from xrayjax.config import TrainConfig
-from xrayjax.data import DataConfig, DataError, RecordImages, Split, dataset_classes, load_splits
+from xrayjax.data import DataConfig, DataError, RecordImages, Split, load_splits, open_dataset
 from xrayjax.data.audit import audit
 from xrayjax.data.source import resolve_source
 from xrayjax.models import create_head
@@ -170,7 +170,7 @@ def test_impossible_folds_stop_before_training(tmp_path):
 def test_task_and_head_follow_the_number_of_classes():
     assert TrainConfig(arch="vgg16").resolved(("a", "b")).task == "binary"
     three = TrainConfig(arch="vgg16").resolved(("a", "b", "c"))
-    assert three.task == "four_class" and three.l2 == 0.0 and three.out.endswith("vgg16_four_class")
+    assert three.task == "multiclass" and three.l2 == 0.0 and three.out.endswith("vgg16_multiclass")
     assert TrainConfig(arch="vgg19").resolved(("a", "b", "c")).l2 == 1e-3  # the report's presets
     with pytest.raises(ValueError, match="--task binary needs 2 classes; the data has 3"):
         TrainConfig(task="binary").resolved(("a", "b", "c"))
@@ -216,7 +216,7 @@ def test_three_classes_train_end_to_end(three_classes, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"] and config["config"]["task"] == "four_class"
+    assert config["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"] and config["config"]["task"] == "multiclass"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
     assert set(metrics["per_class"]) == {"COVID", "NORMAL", "PNEUMONIA"} and len(metrics["test_predictions"]) == 6
@@ -226,4 +226,6 @@ def test_three_classes_train_end_to_end(three_classes, tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert pred.returncode == 0, pred.stderr[-2000:]
     assert set(json.loads(pred.stdout)[0]["probabilities"]) == {"COVID", "NORMAL", "PNEUMONIA"}
-    assert dataset_classes(DataConfig(data_dir=str(three_classes))) == ("COVID", "NORMAL", "PNEUMONIA")
+    dataset = open_dataset(DataConfig(data_dir=str(three_classes)))
+    dataset.close()
+    assert dataset.class_names == ("COVID", "NORMAL", "PNEUMONIA")

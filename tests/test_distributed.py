@@ -28,7 +28,7 @@ from training_helpers import assert_close, assert_history_close, tiny_config, ti
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds; a guard against hangs, far above a normal run
-LAUNCHER_ENV = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS", "KUBERNETES_SERVICE_HOST")
+LAUNCHER_ENV = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS", "KUBERNETES_SERVICE_HOST")
 
 
 def _free_port() -> int:
@@ -181,6 +181,40 @@ def test_slurm_is_detected_and_flags_win(clean_env):
     flagged = distributed.from_args_and_env(process_id=0)
     assert flagged.launcher == "flags" and flagged.process_id == 0 and flagged.num_processes is None
     clean_env.setenv("SLURM_NTASKS", "1")
+    assert not distributed.from_args_and_env().enabled
+
+
+def test_open_mpi_is_detected(clean_env):
+    for key, value in {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+                       "OMPI_COMM_WORLD_LOCAL_RANK": "1"}.items():
+        clean_env.setenv(key, value)
+    # Open MPI 5's mpirun: JAX finds no coordinator, so the launcher gives only count and id
+    assert distributed.detect_launcher() == ("ompi5", 4)
+    with pytest.raises(distributed.DistributedError, match=r"needs --coordinator too \(ompi5 gives"):
+        distributed.from_args_and_env()
+    cfg = distributed.from_args_and_env("10.0.0.1:1234")
+    assert (cfg.launcher, cfg.num_processes, cfg.process_id) == ("flags", 4, 3)
+    assert distributed.from_args_and_env("10.0.0.1:1234", process_id=2).process_id == 2  # flags win
+    # Open MPI 4's mpirun names its host: JAX finds everything, as under srun
+    clean_env.setenv("OMPI_MCA_orte_hnp_uri", "1234.0;tcp://10.0.0.3:5678")
+    for key in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        clean_env.setenv(key, "1")  # mpirun inside a SLURM step: Open MPI wins, as in JAX
+    assert distributed.detect_launcher() == ("ompi", 4)
+    cfg = distributed.from_args_and_env()
+    assert cfg.launcher == "ompi" and (cfg.coordinator, cfg.num_processes, cfg.process_id) == (None, None, None)
+    clean_env.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    assert not distributed.from_args_and_env().enabled
+
+
+def test_mpich_needs_only_the_coordinator(clean_env):
+    clean_env.setenv("PMI_SIZE", "2")
+    clean_env.setenv("PMI_RANK", "1")
+    assert distributed.detect_launcher() == ("pmi", 2)
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    cfg = distributed.from_args_and_env()
+    assert (cfg.launcher, cfg.num_processes, cfg.process_id) == ("JAX_COORDINATOR_ADDRESS", 2, 1)
+    clean_env.delenv("JAX_COORDINATOR_ADDRESS")
+    clean_env.setenv("PMI_SIZE", "1")  # mpiexec -n 1: one process, nothing to join
     assert not distributed.from_args_and_env().enabled
 
 

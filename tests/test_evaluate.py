@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +19,11 @@ from xrayjax.data import DataConfig, Split, Splits, load_splits
 from xrayjax.evaluate import compute_metrics, evaluate_run, gradcam_indices, tsne_points
 from xrayjax.evaluate import main as evaluate_main
 from xrayjax.gradcam import grad_cam
+from xrayjax.inference import backbone_features
 from xrayjax.loop import fit
 from xrayjax.models import create_model
-from xrayjax.predict import backbone_features, predict
 from xrayjax.predict import main as predict_main
+from xrayjax.predict import predict
 from xrayjax.preprocessing import preprocess_input
 from xrayjax.runfiles import load_run
 
@@ -129,6 +133,32 @@ def test_figures_are_readable_pngs(tmp_path):
         _assert_readable_png(tmp_path / f"{name}.png")
 
 
+def test_importing_and_plotting_leave_matplotlib_settings_alone(tmp_path):
+    # A notebook's backend and rcParams stay its own: no pyplot, font sizes only inside each plot.
+    code = textwrap.dedent("""
+        import sys
+        import matplotlib
+        import numpy as np
+        matplotlib.use("svg")
+        before = dict(matplotlib.rcParams)
+
+        def check(when):
+            changed = sorted(k for k, v in before.items() if matplotlib.rcParams[k] != v)
+            assert not changed and matplotlib.get_backend() == "svg", (when, changed)
+            assert "matplotlib.pyplot" not in sys.modules, when
+
+        import xrayjax.evaluate
+        from xrayjax import figures
+        check("import")
+        figures.plot_confusion(np.array([[3, 1], [0, 2]]), ("covid", "normal"), sys.argv[1])
+        check("plot")
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "confusion.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_readable_png(tmp_path / "confusion.png")
+
+
 def test_tsne_handles_small_n_and_rejects_tiny_n():
     points = tsne_points(np.random.default_rng(1).normal(size=(6, 5)))
     assert points.shape == (6, 2) and np.isfinite(points).all()
@@ -142,7 +172,7 @@ def _init(arch, task, size):
 
 
 def test_gradcam_on_a_four_class_model_has_image_shape_and_range():
-    model, variables = _init("vgg16", "four_class", 64)
+    model, variables = _init("vgg16", "multiclass", 64)
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     heat, logits = grad_cam(model, variables, images)
     assert heat.shape == (3, 64, 64) and logits.shape == (3, 4)
@@ -281,6 +311,24 @@ def test_predict_cli_json_table_and_unreadable_file(tiny_run, data_root, tmp_pat
     junk.write_text("not an image")
     assert predict_main(["--run", str(run_dir), str(image), str(junk)]) == 1  # the image is still predicted
     assert str(junk) in capsys.readouterr().err
+
+
+def test_predict_cli_json_lists_every_image_in_order_failures_included(tiny_run, data_root, tmp_path, capsys):
+    run_dir, splits = tiny_run
+    image = data_root / "two" / "test" / "normal" / splits.test.names[-1]
+    junk, missing = tmp_path / "notes.png", tmp_path / "gone.jpeg"
+    junk.write_text("not an image")
+    assert predict_main(["--run", str(run_dir), "--json", str(junk), str(image), str(missing)]) == 1
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [row["image"] for row in rows] == [str(junk), str(image), str(missing)]
+    assert set(rows[1]) == {"image", "probabilities", "predicted"} and set(rows[1]["probabilities"]) == set(BINARY)
+    assert rows[0] == {"image": str(junk), "error": f"cannot read the image '{junk}': not an image by content"}
+    assert rows[2] == {"image": str(missing), "error": f"cannot read the image '{missing}': no such file"}
+    assert rows[0]["error"] in captured.err and rows[2]["error"] in captured.err
+    # no readable image at all: still a JSON list, one error object per image
+    assert predict_main(["--run", str(run_dir), "--json", str(missing)]) == 1
+    assert json.loads(capsys.readouterr().out) == [rows[2]]
 
 
 def test_evaluate_cli_reports_a_missing_run_folder(tmp_path, capsys):

@@ -14,7 +14,7 @@ from xrayjax.config import default_l2
 from xrayjax.optim import keras_adam
 from xrayjax.steps import build_step_model, create_train_state, head_train_step, init_variables
 
-REPORT_HEADS = [("vgg16", "binary"), ("vgg16", "four_class"), ("vgg19", "four_class"), ("resnet50", "four_class")]
+REPORT_HEADS = [("vgg16", "binary"), ("vgg16", "multiclass"), ("vgg19", "multiclass"), ("resnet50", "multiclass")]
 IMAGE_SIZE = {"vgg16": 96, "vgg19": 96, "resnet50": 64}  # backbone outputs 3x3x512 and 2x2x2048
 STEPS, BATCH, LR = 12, 8, 1e-3
 
@@ -58,7 +58,7 @@ def _ks_same(ours: np.ndarray, theirs: np.ndarray) -> bool:
 def test_initialisers_are_keras_defaults():
     """Head Dense kernels and a random backbone's convs are glorot_uniform, biases zero, and
     BatchNorm starts at gamma 1, beta 0, mean 0, variance 1, as Keras' own layers."""
-    resnet = init_variables(build_step_model("resnet50", "four_class"), 32, init="random", seed=1)
+    resnet = init_variables(build_step_model("resnet50", "multiclass"), 32, init="random", seed=1)
     cases = {
         "head dense 2048x512": (resnet["params"]["head"]["dense"], keras.layers.Dense(512), (2048,)),
         "head dense 512x4": (resnet["params"]["head"]["dense_1"], keras.layers.Dense(4), (512,)),

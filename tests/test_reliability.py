@@ -15,9 +15,10 @@ from flax import serialization
 
 from training_helpers import tiny_config, tiny_splits
 from xrayjax import runfiles
-from xrayjax.config import TrainConfig
+from xrayjax.config import TrainConfig, resolve_run
 from xrayjax.data import DataError
 from xrayjax.data.__main__ import main as data_main
+from xrayjax.data.source import resolve_source
 from xrayjax.evaluate import main as evaluate_main
 from xrayjax.loop import fit
 from xrayjax.predict import main as predict_main
@@ -118,8 +119,8 @@ def test_without_a_validation_split_the_result_says_so(tmp_path, capsys, monkeyp
 
     splits = tiny_splits("binary")
     no_val = type(splits)(splits.train, splits.validation.take(np.arange(0)), splits.test, splits.class_names)
-    monkeypatch.setattr(cli, "fit", lambda config, fit=cli.fit: fit(config, no_val))
-    cli.run(tiny_config(tmp_path, "noval", epochs=1))
+    monkeypatch.setattr(cli, "fit", lambda spec, fit=cli.fit: fit(spec, no_val))
+    cli.run(resolve_run(tiny_config(tmp_path, "noval", epochs=1), no_val))
     assert "(1 epochs, no validation split)" in capsys.readouterr().out
     assert "val_accuracy" not in json.loads((tmp_path / "noval" / "history.json").read_text())[0]
 
@@ -164,12 +165,17 @@ def test_a_damaged_run_folder_is_named(damage, run_dir, tmp_path, capsys):
     assert expected in err and "Traceback" not in err
 
 
-def test_a_run_written_before_the_later_settings_still_loads(run_dir, tmp_path):
+def test_a_run_written_by_an_older_version_is_named(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
-    _edit_json(run / "config.json", lambda v: [v["config"].pop(k) for k in ("test_fraction", "group_by", "folds",
-                                                                            "seeds")])
-    config = load_run(run).config
-    assert (config.test_fraction, config.group_by, config.folds, config.seeds) == (0.2, None, 0, 1)
+    _edit_json(run / "config.json", lambda v: v["config"].pop("skip_bad_images"))
+    with pytest.raises(RunFolderError, match="lacks the settings skip_bad_images: written by an older version"):
+        load_run(run)
+
+
+def test_a_run_of_the_report_s_four_class_task_reads_as_multiclass(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    _edit_json(run / "config.json", lambda v: v["config"].update(task="four_class", arch="vgg19"))
+    assert load_run(run).config.task == "multiclass"
 
 
 # 5. predict: every readable image, every failure named --------------------------------------
@@ -229,13 +235,13 @@ def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(
     from xrayjax.data import builder
 
     tfds_dir = tmp_path / "tfds"
-    source = builder.resolve_source(str(small_dataset))
+    source = resolve_source(str(small_dataset))
     listing = source.listing()
     config_dir = tfds_dir / builder.NAME / builder.config_for(source, listing, "gray", None).name
     stale = config_dir / "incomplete.0123abcd_1.0.0"
     stale.mkdir(parents=True)
     (stale / "part.array_record").write_bytes(b"\0" * 100)
-    prepared = builder.prepare(str(small_dataset), tfds_dir=str(tfds_dir))
+    prepared = builder.prepare(source, listing, tfds_dir=str(tfds_dir))
     assert not stale.exists() and pathlib.Path(prepared.data_dir).parent == config_dir
 
     def read_only(*args, **kwargs):
@@ -243,7 +249,7 @@ def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(
 
     monkeypatch.setattr(builder.XrayFolders, "download_and_prepare", read_only)
     with pytest.raises(DataError, match=r"cannot write the prepared data into .* pass a writable --tfds-dir"):
-        builder.prepare(str(small_dataset), tfds_dir=str(tmp_path / "readonly"), task="binary")
+        builder.prepare(source, source.listing("binary"), tfds_dir=str(tmp_path / "readonly"), task="binary")
 
 
 # 7. SIGTERM ends a run as Ctrl-C does -------------------------------------------------------
@@ -265,18 +271,11 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
         rest = process.communicate(timeout=120)[1]
     finally:
         process.kill()
-    assert process.returncode == 130, "".join(lines) + rest
+    assert process.returncode == 143, "".join(lines) + rest
     assert rest.strip().splitlines()[-1] == (
         f"interrupted: continue the run with the same flags and --resume (its checkpoint is in {out})")
     assert "Traceback" not in rest
     assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
-
-
-def test_trainconfig_defaults_are_the_cli_defaults():
-    from xrayjax.config import parser
-
-    args = vars(parser().parse_args([]))
-    assert TrainConfig(**args) == TrainConfig()
 
 
 def test_help_documents_every_checked_bound():

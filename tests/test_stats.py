@@ -11,7 +11,7 @@ from xrayjax import fit
 from xrayjax.crossval import cross_validate
 from xrayjax.data.pipeline import Split, stratified_split
 from xrayjax.evaluate import compute_metrics
-from xrayjax.stats import bootstrap, folds, hold_out, macro_f1, roc_auc, summarise, wilson
+from xrayjax.stats import bootstrap, folds, hold_out, macro_f1, roc_auc, roc_auc_per_class, summarise, wilson
 
 from training_helpers import tiny_config, tiny_splits
 
@@ -35,7 +35,31 @@ def test_fast_metrics_equal_scikit_learn():
         ref = (roc_auc_score(labels, probs[:, 1]) if k == 2
                else np.mean([roc_auc_score(labels == c, probs[:, c]) for c in range(k)]))
         assert roc_auc(labels, probs) == pytest.approx(ref)
+        np.testing.assert_allclose(roc_auc_per_class(labels, probs),
+                                   [roc_auc_score(labels == c, probs[:, c]) for c in range(k)])
     assert roc_auc(np.zeros(5, int), np.full((5, 2), 0.5)) is None
+    assert np.isnan(roc_auc_per_class(np.zeros(5, int), np.full((5, 3), 0.3))).all()
+
+
+@pytest.mark.parametrize(("k", "absent"), [(2, None), (3, None), (4, None), (4, 2), (3, 0), (2, 1)])
+def test_compute_metrics_equal_scikit_learn(k, absent):
+    # scikit-learn is the oracle for the one implementation (xrayjax.stats) that metrics.json uses
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, k, 60)
+    if absent is not None:
+        labels[labels == absent] = (absent + 1) % k
+    probs = np.round(rng.dirichlet(np.ones(k), 60), 1)  # ties, as real probabilities have
+    names = tuple("abcd"[:k])
+    m = compute_metrics(labels, probs, names)
+    present = np.unique(labels)
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), labels=present, average="macro"))
+    assert (m["notes"] == []) if absent is None else any(names[absent] in note for note in m["notes"])
+    if k == 2:
+        assert m["roc_auc"] == (None if absent is not None else pytest.approx(roc_auc_score(labels, probs[:, 1])))
+        return
+    per_class = {names[c]: roc_auc_score(labels == c, probs[:, c]) if c in present else None for c in range(k)}
+    assert m["roc_auc_per_class"] == pytest.approx(per_class)
+    assert m["roc_auc"] == pytest.approx(np.mean([v for v in per_class.values() if v is not None]))
 
 
 def test_bootstrap_is_seeded_and_stratified():
@@ -102,13 +126,23 @@ def test_summarise_is_the_mean_and_t_interval():
     assert s["ci95"] == pytest.approx([0.6 - 4.302653 * 0.1 / 3 ** 0.5, 0.6 + 4.302653 * 0.1 / 3 ** 0.5], abs=1e-6)
 
 
+def test_summarise_clips_the_interval_to_the_metric_range():
+    # three folds, std 0.1732: the t interval's half-width 0.4303 would leave [0, 1] on one side
+    half = 4.302653 * 0.1
+    low = summarise([0.0, 0.3, 0.0])
+    assert low["mean"] == pytest.approx(0.1) and low["ci95"] == pytest.approx([0.0, 0.1 + half], abs=1e-6)
+    high = summarise([1.0, 0.7, 1.0])
+    assert high["ci95"] == pytest.approx([0.9 - half, 1.0], abs=1e-6)
+    assert summarise([0.0, 0.0])["ci95"] == [0.0, 0.0] and summarise([1.0])["ci95"] == [1.0, 1.0]
+
+
 def test_cross_validation_on_cached_features(tmp_path):
-    splits = tiny_splits("four_class", n_train=20)
-    config = tiny_config(tmp_path, "cv", task="four_class", folds=2, seeds=2, epochs=3)
+    splits = tiny_splits("multiclass", n_train=20)
+    config = tiny_config(tmp_path, "cv", task="multiclass", folds=2, seeds=2, epochs=3)
     result = fit(config, splits=splits)
     assert len(result.splits.train) == 26 and len(result.splits.validation) == 0  # the final model: train+val
     assert "val_accuracy" not in result.history[-1]
-    cv = cross_validate(config, result)
+    cv = cross_validate(result)
     assert json.loads((tmp_path / "cv" / "cv.json").read_text()) == cv
     assert (tmp_path / "cv" / "cv.png").stat().st_size > 10_000
     assert len(cv["per_fold"]) == 4 and cv["seeds"] == [0, 1]

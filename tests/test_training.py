@@ -89,8 +89,8 @@ def test_bf16_run_is_evaluated_one_way(tmp_path):
     # A --bf16 run: its metrics.json at the end of training (bf16 cached features) and a fresh
     # evaluation of the run folder (which must rebuild the bf16 backbone, run it through the same
     # frozen_features as training, at training's per-device batch: bf16 rounding depends on it).
-    splits = tiny_splits("four_class")
-    config = tiny_config(tmp_path, "bf16", task="four_class", bf16=True, evaluate=True)
+    splits = tiny_splits("multiclass")
+    config = tiny_config(tmp_path, "bf16", task="multiclass", bf16=True, evaluate=True)
     result = fit(config, splits)
     at_the_end = evaluate_run(result.run_dir, splits, quiet=True, features=result.features)
     assert load_run(result.run_dir).model.backbone.dtype == jax.numpy.bfloat16
@@ -118,7 +118,7 @@ def test_feature_pass_is_one_padded_stream(vgg_runs):
     result, splits = vgg_runs["fast4"], vgg_runs["splits"]
     assert {name: len(f) for name, f in result.features.items()} == {"train": 10, "validation": 6, "test": 4}
     run = load_run(result.run_dir)
-    from xrayjax.predict import backbone_features
+    from xrayjax.inference import backbone_features
 
     for name in ("train", "validation", "test"):
         fresh = backbone_features(run.model, run.variables, getattr(splits, name).images[:])
@@ -133,7 +133,7 @@ def test_run_folder_and_load_run(vgg_runs):
     assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(meta["versions"])
     assert json.loads((result.run_dir / "history.json").read_text()) == result.history
     # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
-    assert json.loads((result.run_dir / "timings.json").read_text()) == result.timings
+    assert not (result.run_dir / "timings.json").exists()  # the command line records them, with its evaluation
     assert {"setup", "compile", "features", "train"} <= set(result.timings)
     # the checkpoint holds the state, the epoch and the files' sha256; the history lives in
     # history.json only
@@ -209,7 +209,7 @@ def test_missing_weights_message(tmp_path, capsys):
 
 def test_trainable_mask_opens_last_blocks():
     shapes = jax.eval_shape(
-        create_model("resnet50", "four_class").init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32)
+        create_model("resnet50", "multiclass").init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32)
     )
     mask = trainable_mask(shapes["params"], "resnet50", 2)
     flat = traverse_util.flatten_dict(mask["backbone"])
@@ -221,8 +221,8 @@ def test_trainable_mask_opens_last_blocks():
 
 
 def test_fine_tune_opens_only_the_last_block(tmp_path):
-    result = fit(tiny_config(tmp_path, "ft", task="four_class", fine_tune=1, epochs=1), tiny_splits("four_class"))
-    start = init_variables(build_step_model("vgg16", "four_class"), SIZE, init="random", seed=0)
+    result = fit(tiny_config(tmp_path, "ft", task="multiclass", fine_tune=1, epochs=1), tiny_splits("multiclass"))
+    start = init_variables(build_step_model("vgg16", "multiclass"), SIZE, init="random", seed=0)
     final = flat(jax.device_get(result.state.params["backbone"]))
     for name, value in flat(start["params"]["backbone"]).items():
         assert np.array_equal(value, final[name]) == (not name.startswith("['block5_")), name
@@ -230,10 +230,10 @@ def test_fine_tune_opens_only_the_last_block(tmp_path):
 
 def test_frozen_resnet50_weights_and_statistics_bit_identical(tmp_path):
     """BatchNorm in the backbone (frozen: statistics never move) and in the head (they move)."""
-    config = tiny_config(tmp_path, "resnet", arch="resnet50", task="four_class", epochs=1,
+    config = tiny_config(tmp_path, "resnet", arch="resnet50", task="multiclass", epochs=1,
                      cache_features=False, num_devices=2)
-    result = fit(config, tiny_splits("four_class", n_train=6))
-    start = init_variables(build_step_model("resnet50", "four_class"), SIZE, init="random", seed=0)
+    result = fit(config, tiny_splits("multiclass", n_train=6))
+    start = init_variables(build_step_model("resnet50", "multiclass"), SIZE, init="random", seed=0)
     final = jax.device_get({"params": result.state.params, "batch_stats": result.state.batch_stats})
     for col in ("params", "batch_stats"):
         backbone = flat(final[col]["backbone"])

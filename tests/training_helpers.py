@@ -17,6 +17,7 @@ def _split(rng: np.random.Generator, n: int, classes: int) -> Split:
 
 
 def tiny_splits(task: str, n_train: int = 10) -> Splits:
+    """10 train, 6 validation and 4 test random images, of 2 classes for binary, else 4."""
     rng = np.random.default_rng(0)
     classes = 2 if task == "binary" else 4
     names = ("covid", "normal") if task == "binary" else ("covid", "normal", "pneumonia_bac", "pneumonia_vir")

@@ -20,6 +20,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xrayjax import porting  # noqa: E402
+from xrayjax.atomic import write_atomic  # noqa: E402
 
 ARCHS = tuple(porting.PUBLISHED)
 _CHUNK = 1 << 20
@@ -145,7 +146,7 @@ def port(
             "output": target.name,
             "output_sha256": file_digest(target, "sha256"),
         }
-        porting.write_atomic(sidecar, (json.dumps(info, indent=2) + "\n").encode())
+        write_atomic(sidecar, (json.dumps(info, indent=2) + "\n").encode())
     except BaseException:
         target.unlink(missing_ok=True)
         raise

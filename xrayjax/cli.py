@@ -1,15 +1,44 @@
-"""What the evaluate and predict command lines share: errors as one-line messages, never tracebacks."""
+"""What every command line shares: errors as one-line messages, never tracebacks.
+
+Each command (``train``, ``evaluate``, ``predict``, ``data``) calls :func:`quiet_interrupts`
+before its heavy imports and runs its work through :func:`run_command`. This module imports
+nothing heavy itself, so a Ctrl-C while JAX or TensorFlow Datasets load is one line too.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
 
-import jax
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-from xrayjax.data import DataError
-from xrayjax.distributed import check_backend, runtime_error
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the last checkpoint is kept), exiting 143."""
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    # Exits at once: an exception raised here could be swallowed by an importing library, and
+    # nothing has been written yet.
+    print("\ninterrupted", file=sys.stderr, flush=True)
+    os._exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
+
+
+def quiet_interrupts() -> None:
+    """Until :func:`run_command` starts: Ctrl-C and SIGTERM exit with one line, no traceback
+    (the imports of JAX and friends take seconds)."""
+    signal.signal(signal.SIGINT, _exit_quietly)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def one_line_warnings() -> None:
@@ -17,19 +46,42 @@ def one_line_warnings() -> None:
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
-def run_command(body: Callable[[], int]) -> int:
-    """``body()``'s exit status after starting JAX's backend. Bad input (OSError, ValueError,
-    DataError) exits 2, an accelerator failure 1, Ctrl-C 130, each with one line on stderr."""
+def run_command(body: Callable[[], int], *, start_backend: bool = True,
+                interrupted: Callable[[], str] = lambda: "",
+                known: tuple[type[BaseException], ...] = ()) -> int:
+    """``body()``'s exit status, every failure as one line on stderr.
+
+    Bad input (OSError, ValueError, ``DataError``, and the ``known`` error types) exits 2, an
+    accelerator failure 1, Ctrl-C 130 and SIGTERM 143, each followed by ``interrupted()``'s
+    hint. ``start_backend`` starts JAX's backend first, so a bad ``JAX_PLATFORMS`` is a message.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     one_line_warnings()
+    from xrayjax.data.source import DataError  # after the imports: loads the data package, not JAX
+
     try:
-        check_backend()
+        if start_backend:
+            from xrayjax.distributed import check_backend
+
+            check_backend()
         return body()
-    except (OSError, ValueError, DataError) as e:
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted{interrupted()}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    except (OSError, ValueError, DataError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except jax.errors.JaxRuntimeError as e:
-        print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        jax = sys.modules.get("jax")
+        if jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
+            raise
+        from xrayjax.distributed import runtime_error
+
+        if jax.process_count() == 1:
+            print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
+        else:
+            print(f"error: a collective with the other processes failed ({runtime_error(e)}); another "
+                  "process has probably died (see its log). Restart every process with the same flags "
+                  "and --resume to continue from process 0's last checkpoint", file=sys.stderr)
+        return EXIT_FAILED

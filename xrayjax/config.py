@@ -1,8 +1,10 @@
-"""A run's settings: :class:`TrainConfig`, and the command line generated from its fields.
+"""A run's settings: :class:`TrainConfig`, the command line generated from its fields, and
+:class:`RunSpec`, the settings resolved once against the data.
 
 Each field carries its help text (and, where the flag is not ``--field-name``, its flag) in
 its metadata, so defaults and help live in one place: ``python -m xrayjax.train --help`` is
-built from this class.
+built from this class. :func:`resolve_run` lists the dataset and fills in every default once;
+training, evaluation, cross-validation and the Ctrl-C hint all read the :class:`RunSpec` it makes.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from xrayjax.data import DataConfig
+from xrayjax.data import DataConfig, Dataset, Splits, open_dataset
 from xrayjax.data.pipeline import GROUP_BY
-from xrayjax.models import ARCHS, BLOCKS, TASKS
+from xrayjax.models import ARCHS, BLOCKS, default_l2
+from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
 
 MAX_IMAGE_SIZE = 1024  # prepared images are 224 px; beyond this only memory grows
 MULTI_HOST = "multi-host"
@@ -26,11 +29,6 @@ _MULTI_HOST_HELP = (
     "SLURM's srun, Open MPI, Kubernetes, Cloud TPU). --batch-size stays global; process 0 writes "
     "--out and evaluates; --resume needs its checkpoint on every host."
 )
-
-
-def default_l2(arch: str, task: str) -> float:
-    """The report's L2 factor on the head's Dense kernels: none for vgg16 four_class."""
-    return 0.0 if (arch, task) == ("vgg16", "four_class") else 1e-3
 
 
 def _field(default: Any, help: str, **cli: Any) -> Any:
@@ -43,14 +41,17 @@ class TrainConfig:
     """Every setting of a run (recorded in ``<out>/config.json``); see each field's help."""
 
     arch: str = _field("vgg16", "backbone", choices=ARCHS)
-    task: str | None = _field(None, "the report's head: binary (one sigmoid output, Task 1) or four_class (a "
-                              "softmax over the N classes) (default: from the data: binary for 2 classes, "
-                              "four_class for more; on the challenge's data binary reads two/)", choices=TASKS)
+    task: str | None = _field(None, "the head: binary (one sigmoid output, the report's Task 1) or multiclass "
+                              "(a softmax over the N classes, the report's Task 2 head; four_class is its old "
+                              "name) (default: from the data: binary for 2 classes, multiclass for more; on the "
+                              "challenge's data binary reads two/)", choices=(*TASKS, *TASK_ALIASES))
     data_dir: str | None = _field(None, "dataset: a folder or zip of <split>/<class>/<images> or <class>/<images> "
                                   "(default: ../shared/covid_xray next to the repo)")
     tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
     color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
                         choices=("gray", "keep"))
+    skip_bad_images: bool = _field(False, "leave corrupt or truncated images out (each named in a warning) "
+                                   "instead of stopping at the first one; recorded in the prepared data's key")
     val_fraction: float = _field(0.2, "without a val/ folder: the fraction of train held out for validation, "
                                  "stratified, seeded by --seed, in [0, 1) (0: no validation split)")
     test_fraction: float = _field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
@@ -83,8 +84,8 @@ class TrainConfig:
     quiet: bool = _field(False, "no progress bars or messages")
     num_devices: int | None = _field(None, "use the first N (>= 1) local devices of each process (default: all)",
                                      metavar="N")
-    cache_features: bool = _field(True, "run the backbone every step even when it is frozen "
-                                  "(default: compute its features once and train only the head)",
+    cache_features: bool = _field(True, "with a frozen backbone and no --augment, compute its features once and "
+                                  "train only the head (--no-cache-features: run the backbone every step)",
                                   flag="--no-cache-features")
     evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
     coordinator: str | None = _field(None, "address of process 0's host and a free port that every "
@@ -99,31 +100,31 @@ class TrainConfig:
                                     metavar="S", group=MULTI_HOST)
 
     def data_config(self) -> DataConfig:
-        """The data settings of this run."""
+        """The data settings of this run (DataConfig checks them, naming the flag)."""
         # With --folds the final model trains on train+validation: nothing is held out for validation.
         return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
                           val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction,
-                          seed=self.seed, image_size=self.image_size, group_by=self.group_by)
+                          seed=self.seed, skip_bad_images=self.skip_bad_images, image_size=self.image_size,
+                          group_by=self.group_by)
 
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
-        """A copy with ``task`` (from ``class_names`` when unset), ``l2`` and ``out`` filled in,
-        after checking every value.
+        """A copy with ``task`` (from ``class_names`` when unset; ``four_class`` read as
+        ``multiclass``), ``l2`` and ``out`` filled in and every path absolute, after checking every
+        value (the data settings through :meth:`data_config`).
 
         Raises ValueError naming the flag and its allowed range.
         """
-        task = self.task or (None if class_names is None else "binary" if len(class_names) == 2 else "four_class")
+        task = canonical_task(self.task) or (
+            None if class_names is None else "binary" if len(class_names) == 2 else "multiclass")
         if task is None:
             raise ValueError("--task is unset: pass it, or the dataset's class names to choose it")
         if task == "binary" and class_names is not None and len(class_names) != 2:
             raise ValueError(f"--task binary needs 2 classes; the data has {len(class_names)} "
-                             f"({', '.join(class_names)}): leave --task out, or pass four_class")
+                             f"({', '.join(class_names)}): leave --task out, or pass multiclass")
+        self.data_config()  # the data settings
         checks = (
             (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
-            (task in TASKS, "task", f"one of {', '.join(TASKS)}"),
             (self.init in ("imagenet", "random"), "init", "imagenet or random"),
-            (self.color in ("gray", "keep"), "color", "gray or keep"),
-            (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
-            (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
             (0 <= self.fine_tune <= len(BLOCKS.get(self.arch, ())), "fine_tune",
              f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
             (self.epochs >= 1, "epochs", "at least 1"),
@@ -133,9 +134,7 @@ class TrainConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.l2 is None or (math.isfinite(self.l2) and self.l2 >= 0), "l2", "a number >= 0"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
-            (self.seed >= 0, "seed", "a non-negative integer"),
             (self.num_devices is None or self.num_devices >= 1, "num_devices", "at least 1"),
-            (self.group_by in (None, *GROUP_BY), "group_by", " or ".join(GROUP_BY)),
             (self.folds == 0 or self.folds >= 2, "folds", "0 (off) or at least 2"),
             (self.seeds >= 1, "seeds", "at least 1"),
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),
@@ -145,12 +144,56 @@ class TrainConfig:
         for ok, name, allowed in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().resolve())
+
         return dataclasses.replace(
             self,
             task=task,
             l2=default_l2(self.arch, task) if self.l2 is None else float(self.l2),
-            out=self.out or os.path.join("runs", f"{self.arch}_{task}"),
+            out=absolute(self.out or str(Path("runs") / f"{self.arch}_{task}")),
+            data_dir=absolute(self.data_dir), tfds_dir=absolute(self.tfds_dir), weights_dir=absolute(self.weights_dir),
         )
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One run, resolved once: its settings (every default filled in, paths absolute) and its
+    dataset, listed once (None when :func:`xrayjax.fit` was given its splits)."""
+
+    config: TrainConfig
+    dataset: Dataset | None
+    class_names: tuple[str, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+
+def resolve_run(config: TrainConfig, splits: Splits | None = None) -> RunSpec:
+    """List the dataset (unless ``splits`` are given), then resolve ``config`` against its classes.
+
+    Raises ValueError for a bad setting (naming its flag) or a run folder inside the dataset, and
+    ``xrayjax.data.DataError`` when the data cannot be found or listed.
+    """
+    if splits is not None:
+        return RunSpec(config.resolved(splits.class_names), None, tuple(splits.class_names))
+    config.data_config()  # bad data settings stop before the data is listed
+    if config.out is not None:  # before listing: a run folder inside the data would list as a class
+        _check_outside(Path(config.out).expanduser().resolve(), config.data_dir)
+    dataset = open_dataset(config.data_config())
+    resolved = config.resolved(dataset.class_names)
+    _check_outside(Path(resolved.out), dataset.location)
+    data_dir = resolved.data_dir or dataset.location  # the default dataset, recorded where it was found
+    return RunSpec(dataclasses.replace(resolved, data_dir=data_dir), dataset, tuple(dataset.class_names))
+
+
+def _check_outside(out: Path, data_dir: str | None) -> None:
+    root = Path(data_dir).expanduser().resolve() if data_dir is not None else None
+    if root is not None and root.is_dir() and (out == root or root in out.parents):
+        raise ValueError(f"--out {out} is inside the dataset {root}: its files would be read as data; "
+                         "choose a run folder outside the dataset")
 
 
 def positive_int(text: str) -> int:

@@ -2,16 +2,16 @@
 
 The backbone runs once (in :func:`xrayjax.fit`; with ``--folds`` the command line's final model
 trains on train+validation); here each of the K stratified folds of train+validation (its cached
-features pooled) trains a fresh head with the run's settings on the other K-1 folds, validating
-on the held-out fold every epoch, exactly as the fast path trains. Under ``--group-by source``
-no source group is in two folds. The test split is never touched. Writes ``cv.json`` and
-``cv.png`` into the run folder.
+features pooled) trains a fresh head-only state with the run's settings on the other K-1 folds,
+validating on the held-out fold every epoch, exactly as the fast path trains, and stopping as
+training does when its loss diverges. Under ``--group-by source`` no source group is in two
+folds. The test split is never touched. Writes ``cv.json`` and ``cv.png`` into the run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from xrayjax import figures, runfiles
-from xrayjax.config import TrainConfig
 from xrayjax.data.pipeline import Split, split_folds
-from xrayjax.loop import TrainResult, rates, row_index
-from xrayjax.predict import infer_features, probabilities
+from xrayjax.inference import infer_features, probabilities
+from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index
 from xrayjax.stats import macro_f1, roc_auc, summarise
 from xrayjax.steps import build_step_model, create_train_state, epoch_key, init_head, make_head_steps
 
@@ -31,11 +30,14 @@ CV_FIGURE = "cv.png"
 METRICS = ("accuracy", "macro_f1", "roc_auc")
 
 
-def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
+def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, Any]:
     """Train and score a fresh head per fold and seed on ``result``'s cached train features;
-    returns (and writes) the content of ``cv.json``."""
-    splits = result.splits
-    config = config.resolved(splits.class_names)
+    returns (and writes) the content of ``cv.json``. ``folds``: the run's ``--folds`` unless given.
+    A fold whose loss diverges stops there and is reported with ``diverged`` (its metrics null),
+    as training would stop."""
+    splits, config = result.splits, result.spec.config
+    if folds is not None:
+        config = dataclasses.replace(config, folds=folds)
     if "train" not in result.features:
         raise ValueError("cross-validation needs the cached features of the fast path")
     parts = [name for name in ("train", "validation") if name in result.features]
@@ -47,53 +49,60 @@ def cross_validate(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16, l2=config.l2,
                              num_classes=len(splits.class_names))
     train_fn, eval_fn = make_head_steps(model)
-    backbone = {"params": result.state.params["backbone"], "batch_stats": result.state.batch_stats["backbone"]}
     records = []
     for seed in range(config.seed, config.seed + config.seeds):
         for k, held in enumerate(split_folds(pooled, config.folds, seed, config.group_by == "source")):
             rest = np.setdiff1d(np.arange(len(labels)), held)
             head = init_head(model, features.shape[1:], seed)
-            fresh = jax.tree.map(lambda x: x.copy(), backbone)  # the head epoch donates its state
             state = jax.device_put(create_train_state(model, {
-                "params": {"backbone": fresh["params"], "head": head["params"]},
-                "batch_stats": {"backbone": fresh["batch_stats"], "head": head.get("batch_stats", {})},
+                "params": {"head": head["params"]}, "batch_stats": {"head": head.get("batch_stats", {})},
             }, config.lr), device)
-            held_index = row_index(held, config.batch_size, 1, shuffle=False, seed=seed, epoch=0)
-            history = []
+            held_index = row_index(held, config.batch_size, shuffle=False, seed=seed, epoch=0)
+            history, diverged = [], None
             for epoch in range(config.epochs):
-                index = row_index(rest, config.batch_size, 1, shuffle=True, seed=seed, epoch=epoch)
+                index = row_index(rest, config.batch_size, shuffle=True, seed=seed, epoch=epoch)
                 state, train_sums = train_fn(state, features, on_device, *index, epoch_key(seed, epoch))
+                train_sums = jax.device_get(train_sums)
+                try:
+                    check_finite([{m: v[s] for m, v in train_sums.items()} for s in range(len(train_sums["count"]))],
+                                 epoch)
+                except TrainingDiverged as e:
+                    diverged = str(e)
+                    break
                 val_sums = eval_fn(state, features, on_device, *held_index)
-                (train_loss, train_acc), (val_loss, val_acc) = rates(jax.device_get(train_sums)), rates(
-                    jax.device_get(val_sums))
+                (train_loss, train_acc), (val_loss, val_acc) = rates(train_sums), rates(jax.device_get(val_sums))
                 history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                                 "val_loss": val_loss, "val_accuracy": val_acc})
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            (logits, _), = infer_features(model, variables, [features[held]])
-            probs = probabilities(logits)
-            records.append({
-                "seed": seed, "fold": k + 1, "train_images": int(len(rest)), "held_out_images": int(len(held)),
-                "last_epoch": history[-1],
-                "accuracy": float(np.mean(probs.argmax(1) == labels[held])),
-                "macro_f1": macro_f1(labels[held], probs),
-                "roc_auc": roc_auc(labels[held], probs),
-                "history": history,
-            })
+            record = {"seed": seed, "fold": k + 1, "train_images": int(len(rest)), "held_out_images": int(len(held)),
+                      "last_epoch": history[-1] if history else None}
+            if diverged is not None:
+                record.update({"diverged": diverged, **dict.fromkeys(METRICS)})
+            else:
+                (logits, _), = infer_features(model, {"params": state.params, "batch_stats": state.batch_stats},
+                                              [features[held]])
+                probs = probabilities(logits)
+                record.update({"accuracy": float(np.mean(probs.argmax(1) == labels[held])),
+                               "macro_f1": macro_f1(labels[held], probs), "roc_auc": roc_auc(labels[held], probs)})
+            records.append({**record, "history": history})
     cv = {
         "folds": config.folds, "seeds": list(range(config.seed, config.seed + config.seeds)),
         "group_by": config.group_by, "images": int(len(labels)), "class_names": list(splits.class_names),
         "what": ("stratified group" if config.group_by else "stratified") + " K-fold over train+validation "
                 "(the test split untouched); per fold a fresh head "
                 "with the run's settings; accuracy, macro_f1 and roc_auc of the held-out fold after the last "
-                "epoch; mean, std (ddof 1) and a Student-t 95% interval of the mean over every fold and seed",
+                "epoch; mean, std (ddof 1) and a Student-t 95% interval of the mean, clipped to [0, 1], over "
+                "every fold and seed that did not diverge",
+        "diverged": sum("diverged" in r for r in records),
         "summary": {m: summarise([r[m] for r in records]) for m in METRICS},
         "per_fold": records,
     }
-    run_dir = Path(config.out)
+    run_dir = result.run_dir
     runfiles.write_json(run_dir / CV_FILE, cv)
-    figures.plot_cv(records, run_dir / CV_FIGURE,
-                    title=f"{config.arch} {config.task}: {config.folds}-fold cross-validation"
-                          + (f", {config.seeds} seeds" if config.seeds > 1 else ""))
+    finished = [r for r in records if "diverged" not in r]
+    if finished:  # the folds that trained every epoch
+        figures.plot_cv(finished, run_dir / CV_FIGURE,
+                        title=f"{config.arch} {config.task}: {config.folds}-fold cross-validation"
+                              + (f", {config.seeds} seeds" if config.seeds > 1 else ""))
     return cv
 
 
@@ -102,10 +111,13 @@ def cv_summary(cv: dict[str, Any]) -> str:
     seeds = f" x {len(cv['seeds'])} seeds" if len(cv["seeds"]) > 1 else ""
     lines = [f"{cv['folds']}-fold cross-validation{seeds} on train+validation ({cv['images']} images), "
              f"held-out folds:"]
+    if cv["diverged"]:
+        lines.append(f"  {cv['diverged']} of {len(cv['per_fold'])} folds diverged (their loss became NaN or "
+                     "infinite; see per_fold in cv.json) and are left out of the summary: try a lower --lr")
     for metric, s in cv["summary"].items():
         if s["mean"] is None or not math.isfinite(s["mean"]):
             lines.append(f"  {metric:<9} n/a")
             continue
         lines.append(f"  {metric:<9} {s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
-    lines.append(f"written: {CV_FILE}, {CV_FIGURE}")
+    lines.append(f"written: {CV_FILE}" + (f", {CV_FIGURE}" if cv["diverged"] < len(cv["per_fold"]) else ""))
     return "\n".join(lines)

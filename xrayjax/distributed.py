@@ -9,7 +9,9 @@ data needs no communication) and collectives span all processes. Only the main p
 
 Settings come from flags, else from what ``jax.distributed.initialize`` detects itself:
 ``JAX_COORDINATOR_ADDRESS`` (and ``JAX_COORDINATOR_PORT``, ``JAX_LOCAL_DEVICE_IDS``) and the
-launchers it knows (SLURM ``srun``, Open MPI, Kubernetes, Cloud TPU). Failures are bounded:
+launchers of :data:`LAUNCHERS` (SLURM ``srun``, Open MPI's ``mpirun``; under MPICH's ``mpiexec``
+or Open MPI 5 the launcher gives the process count and id and ``--coordinator`` the rest).
+Failures are bounded:
 a process that cannot gather every peer within ``initialization_timeout`` stops with a message
 saying what to check; once running, JAX's heartbeats stop every process within about
 ``heartbeat_timeout`` seconds when one dies.
@@ -74,26 +76,48 @@ def _check_coordinator(address: str, source: str) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """A cluster launcher, told by the environment variables it documents for each process."""
+
+    present: tuple[str, ...]  # all set in every process it starts
+    count: str  # the variable holding the number of processes
+    rank: str  # the variable holding this process's id
+    jax_detects: bool  # jax.distributed.initialize() finds the coordinator, count and id itself
+
+
+# In the order of JAX's own detection, with the variables it reads (jax/_src/clusters/, JAX
+# 0.10), then launchers it does not bootstrap. Left out, as the environment alone cannot tell
+# them: Kubernetes (every pod has KUBERNETES_SERVICE_HOST; the count is the Job's, from its API)
+# and Cloud TPU (from the metadata server); pass the flags there.
+LAUNCHERS: dict[str, Launcher] = {
+    # mpirun of Open MPI 4 and older: OMPI_MCA_orte_hnp_uri names the coordinator's host
+    "ompi": Launcher(("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                     "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", jax_detects=True),
+    # srun
+    "slurm": Launcher(("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+                      "SLURM_NTASKS", "SLURM_PROCID", jax_detects=True),
+    # mpirun of Open MPI 5 (PRRTE), which sets no OMPI_MCA_orte_hnp_uri
+    "ompi5": Launcher(("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                      "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", jax_detects=False),
+    # mpiexec of MPICH and Intel MPI (Hydra's PMI)
+    "pmi": Launcher(("PMI_SIZE", "PMI_RANK"), "PMI_SIZE", "PMI_RANK", jax_detects=False),
+}
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
 def detect_launcher() -> tuple[str, int | None] | None:
-    """``(name, process count)`` of the cluster launcher JAX's auto-detection recognises.
+    """``(name, process count)`` of the first of :data:`LAUNCHERS` whose variables are all set.
 
-    Asks JAX's own cluster environments (SLURM, Open MPI, Kubernetes, Cloud TPU), so this
-    agrees with what ``jax.distributed.initialize()`` would do; ``None`` outside a launcher.
+    ``None`` outside a launcher; the count is ``None`` when its variable is not a number.
     """
-    try:
-        from jax._src import clusters
-
-        environments = clusters.ClusterEnv._cluster_types
-    except (ImportError, AttributeError):  # a JAX without the registry: rely on flags
-        return None
-    for env in environments:
-        if env.opt_in_only_method or not env.is_env_present():
-            continue
-        try:
-            count = int(env.get_process_count())
-        except Exception:  # some launchers learn the count only while initializing
-            count = None
-        return env.name, count
+    for name, launcher in LAUNCHERS.items():
+        if all(var in os.environ for var in launcher.present):
+            return name, _env_int(launcher.count)
     return None
 
 
@@ -108,8 +132,9 @@ def from_args_and_env(
 ) -> DistributedConfig:
     """The run's :class:`DistributedConfig`: flags win, else what JAX detects from the environment.
 
-    Single process (``launcher=None``) when nothing asks for more, or when the flags or the
-    launcher say one process. Raises :class:`DistributedError` for incomplete or bad settings.
+    Under a launcher JAX does not bootstrap (:data:`LAUNCHERS`), its process count and id fill
+    the unset flags. Single process (``launcher=None``) when nothing asks for more, or when the
+    flags or the launcher say one process. Raises :class:`DistributedError` for incomplete or bad settings.
     """
     for name, value in (
         ("initialization_timeout", initialization_timeout),
@@ -143,7 +168,14 @@ def from_args_and_env(
     else:
         return DistributedConfig(initialization_timeout=initialization_timeout,
                                  heartbeat_timeout=heartbeat_timeout, shutdown_timeout=shutdown_timeout)
-    if detected is None:
+    bootstrapped = detected is not None and LAUNCHERS[detected[0]].jax_detects
+    if detected is not None and not bootstrapped:  # JAX finds nothing here: take the launcher's count and id
+        num_processes = detected[1] if num_processes is None else num_processes
+        process_id = _env_int(LAUNCHERS[detected[0]].rank) if process_id is None else process_id
+    count = num_processes if num_processes is not None else (detected[1] if detected else None)
+    if count == 1:  # one process joins nobody
+        launcher = None
+    elif not bootstrapped:
         missing = [
             flag
             for flag, value, env in (
@@ -153,15 +185,18 @@ def from_args_and_env(
             )
             if value is None and env is None
         ]
+        if missing and detected is not None:
+            raise DistributedError(
+                f"multi-process training needs {', '.join(missing)} too ({detected[0]} gives the process "
+                "count and id, and JAX finds the coordinator only under srun or Open MPI 4's mpirun): pass "
+                f"--coordinator HOST:PORT (process 0's host and a free port) or set {COORDINATOR_ENV}"
+            )
         if missing:
             raise DistributedError(
                 f"multi-process training needs {', '.join(missing)} too (no cluster launcher such as "
                 "SLURM's srun was detected to supply them): pass --coordinator HOST:PORT "
                 "--num-processes N --process-id I on every process"
             )
-    count = num_processes if num_processes is not None else (detected[1] if detected else None)
-    if count == 1:
-        launcher = None
     return DistributedConfig(
         coordinator=coordinator,
         num_processes=num_processes,

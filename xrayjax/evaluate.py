@@ -7,8 +7,12 @@ confusion matrix, ROC-AUC), ``curves.png``, ``confusion.png``, ``tsne.png`` and
 
 from __future__ import annotations
 
+from xrayjax.cli import quiet_interrupts, run_command
+
+if __name__ == "__main__":
+    quiet_interrupts()  # the imports below take seconds
+
 import argparse
-import dataclasses
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -16,41 +20,29 @@ from typing import Any
 
 import numpy as np
 from sklearn.manifold import TSNE
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
-from xrayjax.cli import run_command
 from xrayjax.config import positive_int
-from xrayjax.data import Split, Splits, load_splits
+from xrayjax.data import Split, Splits
 from xrayjax.gradcam import grad_cam
-from xrayjax.predict import infer, infer_features, probabilities
-from xrayjax.stats import intervals
-from xrayjax.runfiles import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    Run,
-    load_run,
-    read_config,
-    write_json,
-)
+from xrayjax.inference import infer, infer_features, probabilities
+from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
+from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
 
 GRADCAM_IMAGES = 8
 TSNE_POINTS = 2000  # at most this many points (a seeded random subset): t-SNE's time grows faster than N
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1, confusion matrix and ROC-AUC (scikit-learn), and
+    """Accuracy, per-class precision/recall/F1, confusion matrix (scikit-learn), macro F1 and
+    ROC-AUC (:mod:`xrayjax.stats`, the code its intervals and cross-validation use too), and
     their 95% intervals in ``ci95`` (:func:`xrayjax.stats.intervals`).
 
     ``probs`` is (N, K) with K = len(class_names); the prediction is its argmax. ROC-AUC is
     on the class-1 probability for two classes and one-vs-rest macro for more; a class absent
-    from ``labels`` is left out of the average and named in ``notes`` instead of failing.
+    from ``labels`` is left out of the averages and named in ``notes`` instead of failing.
     """
     labels = np.asarray(labels, np.int64)
     probs = np.asarray(probs, np.float64)
@@ -62,8 +54,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
         labels, preds, labels=list(range(k)), zero_division=0
     )
     notes = []
-    present = [c for c in range(k) if (labels == c).any()]
-    missing = [class_names[c] for c in range(k) if c not in present]
+    missing = [class_names[c] for c in range(k) if not (labels == c).any()]
     if missing:
         notes.append(f"no test example of {', '.join(missing)}: its recall and AUC are undefined")
     result = {
@@ -78,22 +69,19 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
             }
             for c, name in enumerate(class_names)
         },
-        "macro_f1": float(np.mean(f1[present])) if present else None,
+        "macro_f1": macro_f1(labels, probs),
         "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(k))).tolist(),
+        "roc_auc": roc_auc(labels, probs),
     }
-    if len(present) < 2:
+    if result["roc_auc"] is None:
         notes.append("ROC-AUC needs at least two classes in the labels: not computed")
-        result["roc_auc"] = None
     elif k == 2:
-        result["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
         result["roc_auc_positive_class"] = class_names[1]
     else:
-        per_class = {
-            class_names[c]: float(roc_auc_score(labels == c, probs[:, c])) if c in present else None
-            for c in range(k)
+        result["roc_auc_per_class"] = {
+            name: None if np.isnan(auc) else float(auc)
+            for name, auc in zip(class_names, roc_auc_per_class(labels, probs))
         }
-        result["roc_auc"] = float(np.mean([v for v in per_class.values() if v is not None]))
-        result["roc_auc_per_class"] = per_class
         result["roc_auc_average"] = "one-vs-rest, macro over the classes present"
     result["ci95"] = intervals(labels, probs, class_names)
     result["notes"] = notes
@@ -201,10 +189,13 @@ def evaluate_run(
     batch_size: int | None = None,
     quiet: bool = False,
     features: Mapping[str, Any] | None = None,
+    data_dir: str | None = None,
+    tfds_dir: str | None = None,
 ) -> dict:
     """Test metrics and the four figures of a run, written into ``run_dir``; returns the metrics.
 
-    ``splits`` defaults to the data the run was trained on (its config.json settings).
+    ``splits`` defaults to the splits the run recorded (``splits.json``), rebuilt from its data
+    (``data_dir`` and ``tfds_dir`` when they moved).
     ``features`` maps split names to the backbone's output for every image of that split, in
     order (training's feature cache): given for all three splits, only the head runs here.
     Otherwise the backbone runs in batches of ``batch_size``, by default the per-device batch
@@ -214,7 +205,7 @@ def evaluate_run(
     run_dir = pathlib.Path(run_dir)
     cfg = run.config
     if splits is None:
-        splits = load_splits(cfg.data_config())
+        splits = load_run_splits(run_dir, data_dir, tfds_dir, quiet=quiet)
     if cfg.folds:  # its final model trained on train+validation
         splits = splits.pooled()
     class_names = tuple(run.class_names)
@@ -301,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True,
                         help="run folder written by `python -m xrayjax.train --out DIR`")
     parser.add_argument("--data-dir",
-                        help="dataset location, if not where the run was trained (folder or zip)")
+                        help="dataset location, if not where the run was trained (folder or zip); the run's "
+                        "recorded splits (splits.json) are scored, image by image")
     parser.add_argument("--tfds-dir", help="prepared-data folder, if not the run's")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="inference batch (default: the run's per-device training batch, so that on "
@@ -310,13 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        splits = None
-        if args.data_dir or args.tfds_dir:
-            run_config = read_config(pathlib.Path(args.run))[0]
-            moved = dataclasses.replace(run_config, data_dir=args.data_dir or run_config.data_dir,
-                                        tfds_dir=args.tfds_dir or run_config.tfds_dir)
-            splits = load_splits(moved.data_config())
-        metrics = evaluate_run(args.run, splits, batch_size=args.batch_size, quiet=args.quiet)
+        metrics = evaluate_run(args.run, batch_size=args.batch_size, quiet=args.quiet, data_dir=args.data_dir,
+                               tfds_dir=args.tfds_dir)
         print(summary(metrics))
         print(f"written to {args.run}")
         return 0

@@ -1,8 +1,10 @@
 """Figures for people: training curves, confusion matrix, t-SNE map and Grad-CAM panels.
 
-Every function takes plain numpy data, draws with matplotlib's Agg backend (no display
-needed) and writes one PNG. Computing what is drawn (metrics, t-SNE, Grad-CAM) lives in
-:mod:`xrayjax.evaluate` and :mod:`xrayjax.gradcam`.
+Every function takes plain numpy data, draws on its own ``matplotlib.figure.Figure`` (no
+pyplot, no display needed) and writes one PNG. Neither importing this module nor plotting
+changes matplotlib's backend or global rcParams (a notebook's settings stay its own): the
+font sizes apply inside each function, through ``matplotlib.rc_context``. Computing what is
+drawn (metrics, t-SNE, Grad-CAM) lives in :mod:`xrayjax.evaluate` and :mod:`xrayjax.gradcam`.
 """
 
 from __future__ import annotations
@@ -11,40 +13,38 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 120
 MARKERS = {"train": "o", "test": "^"}
-
-plt.rcParams.update(
-    {
-        "font.size": 11,
-        "axes.titlesize": 12,
-        "axes.labelsize": 11,
-        "legend.fontsize": 10,
-        "figure.titlesize": 13,
-    }
-)
+# The project's font sizes, set (matplotlib.rc_context) while each figure is drawn and saved.
+FONT_SIZES = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "figure.titlesize": 13,
+}
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
+def _save(fig: Figure, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
 
 
+@matplotlib.rc_context(FONT_SIZES)
 def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy and loss per epoch, train vs validation, in two panels (from history.json).
     A run without a validation split has no validation curve."""
     if not history:
         raise ValueError("plot_curves: the training history is empty (no epoch finished)")
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train")
         if all(f"val_{metric}" in h for h in history):
@@ -62,9 +62,11 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     _save(fig, path)
 
 
+@matplotlib.rc_context(FONT_SIZES)
 def plot_cv(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
     """Each fold's validation (held-out) accuracy and loss per epoch, and their mean, from cv.json."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in records[0]["history"]]
     for ax, metric, label in ((axes[0], "val_accuracy", "Held-out accuracy"), (axes[1], "val_loss", "Held-out loss")):
         curves = np.array([[h[metric] for h in r["history"]] for r in records])
@@ -84,6 +86,7 @@ def plot_cv(records: Sequence[dict], path: str | os.PathLike, title: str = "") -
     _save(fig, path)
 
 
+@matplotlib.rc_context(FONT_SIZES)
 def plot_confusion(
     matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = ""
 ) -> None:
@@ -92,7 +95,8 @@ def plot_confusion(
     k = len(class_names)
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(1.5 * k + 2.8, 1.3 * k + 1.8))
+    fig = Figure(figsize=(1.5 * k + 2.8, 1.3 * k + 1.8))
+    ax = fig.subplots()
     image = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
     for i in range(k):
@@ -109,6 +113,7 @@ def plot_confusion(
     _save(fig, path)
 
 
+@matplotlib.rc_context(FONT_SIZES)
 def plot_tsne(
     points: np.ndarray,
     labels: np.ndarray,
@@ -119,8 +124,9 @@ def plot_tsne(
 ) -> None:
     """A 2-D t-SNE map: colour = class, marker = subset ("train" circles, "test" triangles)."""
     points, labels, subsets = np.asarray(points), np.asarray(labels), np.asarray(subsets)
-    colours = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    colours = matplotlib.colormaps["tab10"].colors
+    fig = Figure(figsize=(7.5, 6.2))
+    ax = fig.subplots()
     for subset, marker in MARKERS.items():
         for k, name in enumerate(class_names):
             keep = (subsets == subset) & (labels == k)
@@ -139,6 +145,7 @@ def plot_tsne(
     _save(fig, path)
 
 
+@matplotlib.rc_context(FONT_SIZES)
 def plot_gradcam(
     images: np.ndarray,
     heatmaps: np.ndarray,
@@ -152,7 +159,8 @@ def plot_gradcam(
     n = len(images)
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 1.0, 3.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.3 * cols + 1.0, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, heat, true, pred, conf in zip(
@@ -167,7 +175,6 @@ def plot_gradcam(
     fig.suptitle(f"{title}\ntitle in green: correct prediction; in red: wrong")
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     cax = fig.add_axes((0.93, 0.15, 0.015, 0.7))
-    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, 1.0), cmap="jet")
+    scale = ScalarMappable(Normalize(0.0, 1.0), cmap="jet")
     fig.colorbar(scale, cax=cax, label="importance for the predicted class (max = 1)")
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from xrayjax.inference import backbone_features
 from xrayjax.models import submodule_variables
-from xrayjax.predict import backbone_features
 
 
 def grad_cam(

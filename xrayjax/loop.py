@@ -4,7 +4,8 @@ It joins the other processes of a multi-host run, builds the steps of
 :mod:`xrayjax.steps`, feeds them batches, checks every loss, and after each epoch writes the
 history and a checkpoint (:mod:`xrayjax.runfiles`, process 0 only). With a frozen backbone and
 no augmentation (the fast path) the backbone runs once over every image and each epoch
-trains only the head. Evaluation is not part of the loop: see :mod:`xrayjax.evaluate`.
+trains only the head, on a state that holds only the head. Evaluation is not part of the
+loop: see :mod:`xrayjax.evaluate`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from xrayjax import distributed, runfiles
-from xrayjax.config import TrainConfig
-from xrayjax.data import Split, Splits, batches, dataset_classes, load_splits
-from xrayjax.data.pipeline import split_folds
+from xrayjax.config import RunSpec, TrainConfig, resolve_run
+from xrayjax.data import Split, Splits, batches, load_splits
+from xrayjax.data.pipeline import batch_rows, split_folds
+from xrayjax.tasks import SPLITS
 from xrayjax.steps import (
     StepModel,
     TrainState,
@@ -43,29 +45,42 @@ from xrayjax.steps import (
     replicate,
 )
 
-SPLITS = ("train", "validation", "test")
-
-
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the message says where and what to try."""
 
 
+def check_finite(per_step: Sequence[Mapping[str, Any]], epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` at the first step whose mean loss is NaN or infinite (the
+    one divergence check of training and of every cross-validation fold)."""
+    for step, metrics in enumerate(per_step):
+        loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+
+
 @dataclasses.dataclass
 class TrainResult:
-    """What :func:`fit` returns. ``features``: the fast path's cached backbone output per split
-    (in split order), for ``xrayjax.evaluate.evaluate_run(..., features=...)``."""
+    """What :func:`fit` returns: the run it trained (``spec``, resolved once), the final state, the
+    history, the splits and the timed phases. ``features``: the fast path's cached backbone
+    output per split (in split order), for ``xrayjax.evaluate.evaluate_run(..., features=...)``."""
 
+    spec: RunSpec
     state: TrainState
     history: list[dict[str, float]]
-    run_dir: Path
     splits: Splits
     features: dict[str, jax.Array]
     timings: dict[str, float]
+    first_epoch: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.run_dir
 
 
 class Timings(dict):
     """Wall seconds per phase (``setup``, ``data_load``, ``compile``, ``features``, ``train``,
-    then ``evaluate`` from the CLI), written to ``<out>/timings.json``."""
+    then ``evaluate`` and ``cross_validation`` from the CLI, which records them in
+    ``<out>/timings.json``)."""
 
     def add(self, name: str, seconds: float) -> None:
         self[name] = round(self.get(name, 0.0) + seconds, 3)
@@ -103,20 +118,21 @@ def rates(sums: Mapping[str, Any]) -> tuple[float, float]:
     return sums["loss_sum"] / count, sums["correct"] / count
 
 
-def row_index(rows: np.ndarray, batch_size: int, num_devices: int, *, shuffle: bool, seed: int, epoch: int
+def row_index(rows: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, epoch: int
               ) -> tuple[np.ndarray, np.ndarray]:
     """Each step's ``rows`` (of cached features) and padding mask, both (S, B): the full path's
     batches (same order, same padding) as indices."""
-    split = Split(np.zeros((len(rows), 1, 1, 3), np.uint8), np.asarray(rows, np.int32), ())
-    steps = list(batches(split, batch_size, num_devices, shuffle=shuffle, seed=seed, epoch=epoch))
-    return np.stack([_flat(b["label"]) for b in steps]), np.stack([_flat(b["mask"]) for b in steps])
+    order, mask = batch_rows(len(rows), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    return np.asarray(rows)[order].astype(np.int32), mask
 
 
 class Trainer:
     """One run's steps over its data: compile, cache features, train an epoch, evaluate a split.
 
     ``devices`` are those of every process (:func:`xrayjax.distributed.training_devices`); the
-    pmapped steps get this process's slice of each global batch. Owns no files.
+    pmapped steps get this process's slice of each global batch. On the fast path the epochs
+    train a head-only state (:meth:`TrainState.head_only`); :meth:`full` puts it back into the
+    whole model's state. Owns no files.
     """
 
     def __init__(self, config: TrainConfig, model: StepModel, splits: Splits, devices: list, timings: Timings):
@@ -135,7 +151,7 @@ class Trainer:
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The fast path's batches of a split: rows of its cached features and the padding mask."""
-        return row_index(np.arange(len(getattr(self.splits, name))), self.config.batch_size, len(self.devices),
+        return row_index(np.arange(len(getattr(self.splits, name))), self.config.batch_size,
                          shuffle=shuffle, seed=self.config.seed, epoch=epoch)
 
     def _compiled(self, fn: Callable, *example: Any) -> Callable:
@@ -148,7 +164,16 @@ class Trainer:
             return fn.lower(*example).compile()
 
     def place(self, state: TrainState) -> TrainState:
-        return jax.device_put(state, self.home) if self.fast else replicate(state, self.devices)
+        """The state the epochs train: the head's part on this process's first device (fast path,
+        the whole state kept for :meth:`full`), else the whole state replicated."""
+        if not self.fast:
+            return replicate(state, self.devices)
+        self.whole = jax.device_put(state, self.home)
+        return self.whole.head_only()
+
+    def full(self, state: TrainState) -> TrainState:
+        """The whole model's state from the state the epochs train."""
+        return self.whole.with_head(state) if self.fast else state
 
     def compile(self, state: TrainState) -> None:
         """The full path's train and eval steps, or the fast path's head epochs."""
@@ -171,12 +196,12 @@ class Trainer:
         if "validation" in self.cached:
             self.head_eval = self._compiled(eval_fn, state, *example("validation"))
 
-    def cache(self, state: TrainState, log: Log) -> None:
+    def cache(self, log: Log) -> None:
         """The fast path: the backbone's features of every cached split, as one padded stream."""
         parts = [getattr(self.splits, name) for name in self.cached]
         stream = Split.concat(parts)
-        backbone = replicate({"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
-                             self.devices)
+        backbone = replicate({"params": self.whole.params["backbone"],
+                              "batch_stats": self.whole.batch_stats["backbone"]}, self.devices)
         step = make_feature_step(self.model, self.devices)
         began, chunks = time.perf_counter(), []
         for batch in tqdm(batches(stream, self.config.batch_size, len(self.devices), shuffle=False),
@@ -203,15 +228,10 @@ class Trainer:
                 state, metrics = self.train_fn(state, distributed.local_shard(batch, self.devices),
                                                jax.random.fold_in(key, step))
                 per_step.append(metrics)
-        sums = dict.fromkeys(("loss_sum", "correct", "count"), 0.0)
-        for step, metrics in enumerate(jax.device_get(per_step)):
-            loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-            for k in sums:
-                sums[k] += float(metrics[k])
-            bar.update()
-        return state, sums
+        per_step = jax.device_get(per_step)
+        check_finite(per_step, epoch)
+        bar.update(len(per_step))
+        return state, {k: float(sum(float(m[k]) for m in per_step)) for k in ("loss_sum", "correct", "count")}
 
     def evaluate(self, state: TrainState, name: str) -> dict[str, float]:
         """Loss and accuracy sums over a split, inference mode."""
@@ -227,16 +247,22 @@ class Trainer:
                 for k in ("loss_sum", "correct", "count")}
 
 
-def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | None
+def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, quiet: bool
            ) -> tuple[StepModel, TrainState, Splits, int, list, str | None]:
     """The model, the initial (or resumed) state, the data, the first epoch, the history so far
-    and the sha256 of the run's ``frozen.msgpack`` (None for a fresh run)."""
-    run_dir = Path(config.out)
+    and the sha256 of the run's ``frozen.msgpack`` (None for a fresh run). A resumed run trains
+    on the splits it recorded."""
+    config, run_dir = spec.config, spec.run_dir
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
                          "it or choose another --out")
+    checkpoint, history = (runfiles.check_resume(config, run_dir, spec.class_names) if config.resume
+                           else (None, []))
+    if checkpoint is not None and checkpoint.epoch >= config.epochs:
+        raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
+                         f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
     backbone = None
-    if not config.resume:  # before the data, so missing weights stop the run at once
+    if checkpoint is None:  # before the data, so missing weights stop the run at once
         if config.init == "random":
             log(f"--init random: the {config.arch} backbone is initialised randomly (seed {config.seed}), "
                 "not from ImageNet")
@@ -245,15 +271,11 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
                                      weights_dir=config.weights_dir, seed=config.seed)
     if splits is None:
         with timings.phase("data_load"):
-            splits = load_splits(config.data_config())
+            recorded = runfiles.read_splits(run_dir) if checkpoint is not None else None
+            splits = load_splits(config.data_config(), spec.dataset, recorded, quiet=quiet)
     if config.folds:  # the final model trains on train+validation; the folds must be possible
         splits = splits.pooled()
         split_folds(splits.train, config.folds, config.seed, config.group_by == "source")
-    checkpoint, history = (runfiles.check_resume(config, run_dir, splits.class_names) if config.resume
-                           else (None, []))
-    if checkpoint is not None and checkpoint.epoch >= config.epochs:
-        raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
-                         f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
     if config.batch_size > len(splits.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(splits.train)} training "
                          f"images; pass at most {len(splits.train)}")
@@ -270,22 +292,26 @@ def _start(config: TrainConfig, log: Log, timings: Timings, splits: Splits | Non
     return model, state, splits, checkpoint.epoch, history, checkpoint.frozen_sha256
 
 
-def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
-    """Train a run as ``config`` says; ``splits`` (``xrayjax.data.Splits``) skips loading the data.
+def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainResult:
+    """Train a run as ``config`` says (a TrainConfig, resolved here, or a RunSpec already resolved
+    by :func:`xrayjax.config.resolve_run`); ``splits`` (``xrayjax.data.Splits``) skips loading the data.
 
-    Locks ``config.out`` while it trains, writes ``config.json``, then after every epoch
-    ``history.json`` and ``checkpoint.msgpack`` (process 0 of a multi-process run only). A
-    run that stops before its first checkpoint removes the files it wrote.
+    Locks the run folder while it trains, writes ``config.json`` and ``splits.json``, then after
+    every epoch ``history.json`` and ``checkpoint.msgpack`` (process 0 of a multi-process run
+    only). A run that stops before its first checkpoint removes the files it wrote. A resumed run
+    trains on the splits it recorded.
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
-        xrayjax.data.DataError: the data cannot be found, read or prepared.
+        xrayjax.data.DataError: the data cannot be found, read or prepared, or no longer holds
+            the images a resumed run recorded.
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
         ValueError: a bad setting, ``resume`` with settings other than the run's, or a run
             folder in use by another process (``xrayjax.runfiles.RunFolderError``).
         xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
     """
-    config = config.resolved(splits.class_names if splits is not None else dataset_classes(config.data_config()))
+    spec = config if isinstance(config, RunSpec) else resolve_run(config, splits)
+    config = spec.config
     distributed.initialize(distributed.from_args_and_env(
         config.coordinator, config.num_processes, config.process_id,
         initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,
@@ -299,7 +325,7 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
                          "pass a multiple, or --num-devices")
     if jax.process_count() > 1:
         log(f"{jax.process_count()} processes, {len(devices)} devices in all; process 0 writes {config.out}")
-    run_dir = Path(config.out)
+    run_dir = spec.run_dir
     created = not run_dir.exists()
     before = set() if created else {p.name for p in run_dir.iterdir()}
     lock = runfiles.RunFolderLock(run_dir) if writer else None
@@ -307,18 +333,19 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
         log(lock.note)
     try:
         timings = Timings()
-        model, state, splits, start, history, frozen_sha = _start(config, log, timings, splits)
+        model, state, splits, start, history, frozen_sha = _start(spec, log, timings, splits,
+                                                                  config.quiet or not writer)
         if writer:
             runfiles.write_config(run_dir, config, splits.class_names, devices)
+            if not start:
+                runfiles.write_splits(run_dir, splits)
         trainer = Trainer(config, model, splits, devices, timings)
         state = trainer.place(state)
         if start < config.epochs:
             trainer.compile(state)
             if trainer.fast:
-                trainer.cache(state, log)
+                trainer.cache(log)
         state = _train_epochs(config, trainer, state, start, history, log, writer, frozen_sha)
-        if writer:
-            runfiles.write_json(run_dir / runfiles.TIMINGS_FILE, timings)
     except BaseException:
         if lock is not None and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
             runfiles.discard_new_run(run_dir, lock, before, created)
@@ -327,8 +354,10 @@ def fit(config: TrainConfig, splits: Splits | None = None) -> TrainResult:
     finally:
         if lock is not None:
             lock.release()
+        if spec.dataset is not None:
+            spec.dataset.close()
     features = {name: f for name, (f, _) in trainer.features.items()}
-    return TrainResult(state, history, run_dir, splits, features, timings)
+    return TrainResult(spec, trainer.full(state), history, splits, features, timings, start)
 
 
 def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, start: int, history: list,
@@ -354,7 +383,8 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, star
                             "seconds": time.perf_counter() - began})
             if writer:
                 runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
-                frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, state, epoch + 1, frozen_sha)
+                frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch + 1,
+                                                       frozen_sha)
             trainer.timings.add("train", time.perf_counter() - began)
             shown = {k: f"{v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "seconds")}
             bar.set_postfix(shown)

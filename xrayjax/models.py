@@ -18,10 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xrayjax.tasks import TASKS, canonical_task
+
 # BatchNorm settings of keras.applications.ResNet50 (Keras' own default momentum).
 BACKBONE_BN_EPSILON = 1.001e-5
 BACKBONE_BN_MOMENTUM = 0.99
-# Keras BatchNormalization defaults, used by the resnet50 four_class head.
+# Keras BatchNormalization defaults, used by the resnet50 multiclass head.
 HEAD_BN_EPSILON = 1e-3
 HEAD_BN_MOMENTUM = 0.99
 # Keras' Dense and Conv2D default kernel initialiser (biases: zeros, as Flax's default; Keras'
@@ -263,14 +265,25 @@ class Head(KerasLayers):
 
 
 class Classifier(nn.Module):
-    """Backbone then head: ``head(backbone(x, train=False), train)``; the backbone is frozen,
-    so its BatchNorm always uses running statistics."""
+    """Backbone then head: ``head(frozen_features(backbone, x), train)``.
+
+    The backbone is frozen: its BatchNorm always uses running statistics, folded into the convs
+    as training, evaluation and prediction fold them (:func:`frozen_features`), so ``apply``
+    gives their logits bit for bit; the backbone's stage outputs are still sown under
+    "intermediates". ``init`` runs the backbone itself, to create its (unfolded) variables.
+    """
 
     backbone: nn.Module
     head: nn.Module
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return self.head(self.backbone(x, train=False), train)
+        if self.is_initializing():
+            return self.head(self.backbone(x, train=False), train)
+        features, state = frozen_features(self.backbone, self.backbone.variables, x, mutable=["intermediates"])
+        for name, values in state["intermediates"].items():
+            for value in values:
+                self.backbone.sow("intermediates", name, value)
+        return self.head(features, train)
 
 
 def submodule_variables(variables: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -291,9 +304,9 @@ def _binary_head(arch: str) -> dict[str, Any]:
     return dict(pool="flatten", hidden=(256,), outputs=1, dropout_first=True)
 
 
-def _four_class_head(arch: str) -> dict[str, Any]:
-    """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(4)
-    (Dense(N) for a dataset of N classes)."""
+def _multiclass_head(arch: str) -> dict[str, Any]:
+    """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(N)
+    (the report's four_class head, N = 4 there)."""
     if arch in _RESNET_STAGES:
         return dict(pool="gap", hidden=(512,), outputs=4, input_bn=True)
     return dict(pool="gap", hidden=(512, 512), outputs=4)
@@ -301,10 +314,15 @@ def _four_class_head(arch: str) -> dict[str, Any]:
 
 _HEADS: dict[str, Callable[[str], dict[str, Any]]] = {
     "binary": _binary_head,
-    "four_class": _four_class_head,
+    "multiclass": _multiclass_head,
 }
 ARCHS: tuple[str, ...] = tuple(_BACKBONES)  # ("vgg16", "vgg19", "resnet50")
-TASKS: tuple[str, ...] = tuple(_HEADS)  # ("binary", "four_class")
+assert tuple(_HEADS) == TASKS
+
+
+def default_l2(arch: str, task: str) -> float:
+    """The report's L2 factor on the head's Dense kernels: none for vgg16's multiclass head."""
+    return 0.0 if (arch, canonical_task(task)) == ("vgg16", "multiclass") else 1e-3
 
 
 def _check_name(kind: str, name: str, valid: Sequence[str]) -> None:
@@ -349,30 +367,36 @@ def fold_batchnorm(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {"params": folded}
 
 
-def frozen_features(backbone: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
+def frozen_features(
+    backbone: nn.Module, variables: Mapping[str, Any], x: jax.Array, mutable: bool | Sequence[str] = False
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """The backbone's output in inference mode with its BatchNorms folded into the convs.
 
-    Training, evaluation, prediction and Grad-CAM all run the frozen backbone through this
-    one function, so an image has the same features everywhere (bf16 runs included).
+    Training, evaluation, prediction, Grad-CAM and :class:`Classifier` all run the frozen
+    backbone through this one function, so an image has the same features everywhere (bf16
+    runs included). ``mutable`` as in ``Module.apply``: ``["intermediates"]`` returns
+    ``(features, state)`` with the sown stage outputs.
     """
     if isinstance(backbone, ResNet):
         backbone = backbone.clone(fold_bn=True)
-    return backbone.apply(fold_batchnorm(variables), x)
+    return backbone.apply(fold_batchnorm(variables), x, mutable=mutable)
 
 
 def create_head(
     arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32, num_classes: int | None = None
 ) -> nn.Module:
     """The report's head for (``arch``, ``task``); returns logits (N, 1) for binary, (N, K) for
-    four_class with K = ``num_classes`` (default 4)."""
+    multiclass (``four_class``, the report's name, is read as multiclass) with K = ``num_classes``
+    (default 4)."""
     _check_name("arch", arch, ARCHS)
+    task = canonical_task(task)
     _check_name("task", task, TASKS)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     layers = _HEADS[task](arch)
     if task == "binary" and num_classes not in (None, 2):
-        raise ValueError(f"the binary head classifies 2 classes, not {num_classes}: use four_class")
-    if task == "four_class" and num_classes is not None:
+        raise ValueError(f"the binary head classifies 2 classes, not {num_classes}: use multiclass")
+    if task == "multiclass" and num_classes is not None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         layers["outputs"] = num_classes
@@ -380,7 +404,7 @@ def create_head(
 
 
 def create_model(
-    arch: str, task: str = "four_class", dropout: float = 0.5, dtype: Any = jnp.float32,
+    arch: str, task: str = "multiclass", dropout: float = 0.5, dtype: Any = jnp.float32,
     num_classes: int | None = None,
 ) -> Classifier:
     """Full classifier; variables sit under ``backbone`` and ``head``. ``dtype`` is the
@@ -481,8 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "BatchNorm moving statistic are non-trainable.",
     )
     parser.add_argument("arch", choices=ARCHS, help="backbone architecture")
-    parser.add_argument("task", choices=TASKS, help="binary: covid/normal; four_class: "
-                        "covid/normal/bacterial/viral pneumonia")
+    parser.add_argument("task", choices=(*TASKS, "four_class"), help="binary: one sigmoid output (Task 1); "
+                        "multiclass (the report's four_class): a softmax over covid/normal/bacterial/viral "
+                        "pneumonia (Task 2)")
     parser.add_argument("--expand", action="store_true",
                         help="also list every backbone layer (Keras layer names)")
     parser.add_argument("--image-size", type=int, default=224,
@@ -490,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (five stride-2 stages), got {args.image_size}")
-    print(summary(args.arch, args.task, expand=args.expand, image_size=args.image_size))
+    print(summary(args.arch, canonical_task(args.task), expand=args.expand, image_size=args.image_size))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 ``lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + ε)``, while optax divides by
 ``sqrt(v̂) + ε``; Keras' ε is therefore larger by ``1 / sqrt(1 - b2^t)`` (30x at step 1), and
 training drifts measurably from Keras' ``fit`` unless the update is written Keras' way.
+:func:`make_optimizers` gives each trainable part of the model (head, opened backbone) its own,
+so the cached-feature path trains a state that holds only the head.
 """
 
 from __future__ import annotations
@@ -77,9 +79,15 @@ def trainable_mask(params: Mapping[str, Any], arch: str, fine_tune: int) -> Any:
     )
 
 
-def make_optimizer(
+def make_optimizers(
     params: Mapping[str, Any], arch: str, fine_tune: int, lr: float
-) -> optax.GradientTransformation:
-    """:func:`keras_adam` on trainable leaves, ``set_to_zero`` on frozen ones (no slots kept)."""
-    labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable_mask(params, arch, fine_tune))
-    return optax.multi_transform({"trainable": keras_adam(lr), "frozen": optax.set_to_zero()}, labels)
+) -> dict[str, optax.GradientTransformation]:
+    """One optimizer per trainable part of ``params`` (``{"backbone", "head"}``): :func:`keras_adam`
+    for the head; with ``fine_tune`` blocks opened, the backbone's :func:`keras_adam` on those
+    blocks' leaves and ``set_to_zero`` on the rest (no slots kept). A frozen backbone has none."""
+    txs = {"head": keras_adam(lr)}
+    if fine_tune:
+        mask = trainable_mask(params, arch, fine_tune)["backbone"]
+        labels = jax.tree.map(lambda t: "trainable" if t else "frozen", mask)
+        txs["backbone"] = optax.multi_transform({"trainable": keras_adam(lr), "frozen": optax.set_to_zero()}, labels)
+    return txs

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xrayjax.atomic import write_atomic
 
 # Keras' weight order within a layer (`trainable_weights + non_trainable_weights`):
 # Conv/Dense [kernel, bias]; BatchNorm [gamma, beta, moving_mean, moving_variance].
@@ -362,22 +363,6 @@ def port_keras_weights(arch: str, h5_path: str | os.PathLike) -> dict[str, Any]:
             f"rerun with --arch {fits[0]}."
         )
         raise WeightMismatchError(str(e) + hint, e.missing, e.unexpected, e.mismatched) from None
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename: never a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_variables(variables: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -1,9 +1,11 @@
 """The files of a run folder: settings, history, checkpoints, and :func:`load_run` to read them.
 
-A run folder holds ``config.json`` (settings, class names, device, versions),
-``history.json`` (one entry per finished epoch), ``checkpoint.msgpack`` (the step, the
-trainable parameters, the head's statistics and the optimizer state after the last epoch)
-and ``frozen.msgpack`` (the leaves that never change, written once). Every file is written
+A run folder holds ``config.json`` (settings, class names, device, versions), ``splits.json``
+(the key of every image in train, validation and test), ``history.json`` (one entry per
+finished epoch), ``checkpoint.msgpack`` (the step, the trainable parameters, the head's
+statistics and the optimizer state after the last epoch), ``frozen.msgpack`` (the leaves that
+never change, written once) and ``timings.json`` (the phases of every command that trained it).
+Each file has one writer here. Every file is written
 atomically; ``history.json`` is written before the checkpoint, so it never holds fewer
 epochs than the checkpoint. The checkpoint records the sha256 of its state and of
 ``frozen.msgpack``, checked on every load. Training holds ``.lock`` (:class:`RunFolderLock`)
@@ -32,8 +34,10 @@ from flax import serialization, traverse_util
 from flax import linen as nn
 
 from xrayjax.config import TrainConfig
+from xrayjax.data import Splits, load_splits
 from xrayjax.models import create_model
-from xrayjax.porting import write_atomic
+from xrayjax.tasks import canonical_task
+from xrayjax.atomic import write_atomic
 from xrayjax.steps import StepModel, TrainState, split_trainable
 
 CONFIG_FILE = "config.json"
@@ -41,16 +45,16 @@ HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.msgpack"
 FROZEN_FILE = "frozen.msgpack"
 TIMINGS_FILE = "timings.json"
+SPLITS_FILE = "splits.json"
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.json"
-RUN_FILES = (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FILE, TIMINGS_FILE, METRICS_FILE)
+RUN_FILES = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FILE, TIMINGS_FILE, METRICS_FILE)
 # Settings a resumed run may change (device and process counts and the fast path change
-# results only by float rounding); every other one must equal the checkpoint's run.
-# Settings added on 2026-11-26 (any dataset, cross-validation): older run folders lack them.
-LATER_SETTINGS = {"test_fraction": 0.2, "group_by": None, "folds": 0, "seeds": 1}
+# results only by float rounding; where the data lives is checked image by image against
+# splits.json); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "weights_dir", "tfds_dir",
-     "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
+     "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
 
 
@@ -118,7 +122,7 @@ class RunFolderLock:
 def discard_new_run(run_dir: Path, lock: RunFolderLock, before: set[str], created: bool) -> None:
     """Undo a run that stopped before its first checkpoint, holding its lock: remove the files it
     wrote (never one that was there before), then the lock, then the folder if it made it."""
-    for name in (CONFIG_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE):
+    for name in (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE):
         if name not in before:
             (run_dir / name).unlink(missing_ok=True)
     lock.release(remove=LOCK_FILE not in before)
@@ -144,11 +148,12 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """The JSON in ``path``; RunFolderError naming the file when it is not valid JSON."""
+    """The JSON in ``path``; RunFolderError naming the file, and what to do, when it is not valid JSON."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"{path} is not valid JSON ({e}); the run folder is damaged") from e
+        raise RunFolderError(f"{path} is not valid JSON ({e}): the run folder is damaged. Restore the file from a "
+                             "backup, or train the run again into a new --out") from e
 
 
 def versions() -> dict[str, str]:
@@ -182,16 +187,64 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
     if not isinstance(meta["config"], dict) or not isinstance(meta["num_devices"], int) or meta["num_devices"] < 1:
         raise RunFolderError(f"{path}: 'config' must be an object and 'num_devices' a positive integer")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    # Settings added after a run was written take their defaults, which reproduce the old behaviour.
-    settings = {**{k: v for k, v in LATER_SETTINGS.items() if k not in meta["config"]}, **meta["config"]}
+    settings = meta["config"]
     unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
     if unknown:
         raise RunFolderError(f"{path} has settings this version of xrayjax does not know: "
                              f"{', '.join(unknown)} (written by a newer version?)")
     if missing:
-        raise RunFolderError(f"{path} lacks the settings {', '.join(missing)} (written by an older version, "
-                             "or edited?)")
-    return TrainConfig(**settings), tuple(meta["class_names"]), int(meta["num_devices"])
+        raise RunFolderError(f"{path} lacks the settings {', '.join(missing)}: written by an older version of "
+                             "xrayjax (or edited); train the run again with this version")
+    config = TrainConfig(**{**settings, "task": canonical_task(settings["task"])})
+    return config, tuple(meta["class_names"]), int(meta["num_devices"])
+
+
+def write_splits(run_dir: Path, splits: Splits) -> None:
+    """``splits.json``: the prepared data's key and every image of each split (see ``Splits.record``)."""
+    write_json(run_dir / SPLITS_FILE, splits.record())
+
+
+def read_splits(run_dir: Path) -> dict[str, Any] | None:
+    """The run's recorded splits, or None when it recorded none (trained on splits given in
+    memory, whose images have no keys)."""
+    path = run_dir / SPLITS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run folder {run_dir} is incomplete, or was written by an "
+                                "older version of xrayjax; train the run again")
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("splits"), dict):
+        raise RunFolderError(f"{path} lacks 'splits': the run folder is damaged; train the run again")
+    return record if any(record["splits"].values()) else None
+
+
+def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | None = None,
+                    quiet: bool = False) -> Splits:
+    """The splits a run trained on, rebuilt from its ``splits.json`` and the data in its
+    ``config.json`` (or ``data_dir``/``tfds_dir`` when the data moved); DataError when images the
+    run recorded are gone, a warning for images it never saw."""
+    config = read_config(run_dir)[0]
+    recorded = read_splits(run_dir)
+    if recorded is None:
+        raise ValueError(f"{run_dir / SPLITS_FILE} names no image: the run was trained on splits given in memory; "
+                         "pass them (evaluate_run(run_dir, splits))")
+    where = "--data-dir" if data_dir else f"the data_dir recorded in {run_dir / CONFIG_FILE}"
+    data_dir = data_dir or config.data_dir
+    if data_dir is None or not Path(data_dir).exists():
+        raise FileNotFoundError(f"{where} ({data_dir}) does not exist: pass --data-dir with the data the run was "
+                                "trained on")
+    moved = dataclasses.replace(config, data_dir=data_dir, tfds_dir=tfds_dir or config.tfds_dir)
+    return load_splits(moved.data_config(), recorded=recorded, quiet=quiet)
+
+
+def append_timings(run_dir: Path, phases: dict[str, float], first_epoch: int) -> None:
+    """Add this command's phases to ``timings.json`` (one record per training command, so a resumed
+    run keeps the phases of each of its parts)."""
+    path = run_dir / TIMINGS_FILE
+    records = read_json(path) if path.is_file() else []
+    if not isinstance(records, list):  # written before one record per command
+        records = [{"phases": records}]
+    records.append({"started_at_epoch": first_epoch, "phases": dict(phases)})
+    write_json(path, records)
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:

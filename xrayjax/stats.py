@@ -5,7 +5,13 @@
 - Macro F1 and ROC-AUC are not proportions: a stratified bootstrap (each class resampled
   within itself, so every resample keeps the test set's class counts), 2,000 resamples,
   seeded, percentile interval.
-- Across cross-validation folds: mean, sample standard deviation, and a Student-t interval.
+- Across cross-validation folds: mean, sample standard deviation, and a Student-t interval of
+  the mean, clipped to [0, 1] (every metric summarised is in [0, 1]; with 3 folds the interval
+  is wide enough to leave it).
+
+:func:`macro_f1`, :func:`roc_auc` and :func:`roc_auc_per_class` are the project's one
+implementation of those metrics: metrics.json, its bootstrap intervals and cross-validation
+all use them.
 """
 
 from __future__ import annotations
@@ -55,20 +61,39 @@ def _auc(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (np.sum(ranks * positive, -1) - n_pos * (n_pos + 1) / 2) / np.maximum(n_pos * n_neg, 1)
 
 
+def _rows(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (R, N) and probabilities (R, N, K) from single (N,), (N, K) inputs or rows of them."""
+    return np.atleast_2d(labels), np.asarray(probs).reshape((-1, *np.shape(probs)[-2:]))
+
+
+def roc_auc_per_class(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC-AUC of each class on its own probability: (K,) for 1-D ``labels``, (R, K)
+    for rows of (R, N). NaN for a class absent from the labels (or the only one present)."""
+    one = np.ndim(labels) == 1
+    labels, probs = _rows(labels, probs)
+    per = []
+    for c in range(probs.shape[-1]):
+        positive = labels == c
+        defined = positive.any(1) & (~positive).any(1)
+        per.append(np.where(defined, _auc(positive, probs[..., c]), np.nan))
+    out = np.stack(per, 1)
+    return out[0] if one else out
+
+
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | float | None:
     """ROC-AUC on class 1 for two classes, one-vs-rest macro over the classes present for more
-    (:func:`xrayjax.evaluate.compute_metrics`' definitions); rows of (R, N) labels at once.
-    None (1-D) or NaN (rows) with fewer than two classes present."""
+    (metrics.json's definitions); rows of (R, N) labels at once. None (1-D) or NaN (rows) with
+    fewer than two classes present."""
     one = np.ndim(labels) == 1
-    labels, probs = np.atleast_2d(labels), np.asarray(probs).reshape((-1, *np.shape(probs)[-2:]))
-    k = probs.shape[-1]
-    if k == 2:
+    labels, probs = _rows(labels, probs)
+    if probs.shape[-1] == 2:
         out = _auc(labels == 1, probs[..., 1])
         out = np.where(((labels == 1).any(1)) & ((labels == 0).any(1)), out, np.nan)
     else:
-        per = np.stack([_auc(labels == c, probs[..., c]) for c in range(k)], 1)
-        present = np.stack([(labels == c).any(1) for c in range(k)], 1)
-        out = np.where(present.sum(1) >= 2, np.sum(per * present, 1) / np.maximum(present.sum(1), 1), np.nan)
+        per = roc_auc_per_class(labels, probs)
+        defined = ~np.isnan(per)
+        out = np.where(defined.any(1), np.sum(np.where(defined, per, 0.0), 1) / np.maximum(defined.sum(1), 1),
+                       np.nan)
     if one:
         return None if np.isnan(out[0]) else float(out[0])
     return out
@@ -115,14 +140,15 @@ def intervals(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
 
 
 def summarise(values: Sequence[float]) -> dict:
-    """Mean, sample std and the Student-t 95% interval of the mean, over folds."""
+    """Mean, sample std and the 95% interval over folds of a metric in [0, 1]: Student-t interval
+    of the mean, clipped to [0, 1] (a few folds' interval can leave the metric's range)."""
     x = np.asarray([v for v in values if v is not None], np.float64)
     if len(x) == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
     mean = float(x.mean())
     std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
     half = float(scipy_stats.t.ppf(0.975, len(x) - 1) * std / np.sqrt(len(x))) if len(x) > 1 else 0.0
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": int(len(x))}
+    return {"mean": mean, "std": std, "ci95": np.clip([mean - half, mean + half], 0.0, 1.0).tolist(), "n": int(len(x))}
 
 
 def folds(labels: np.ndarray, k: int, seed: int, groups: Sequence[str] | None = None) -> list[np.ndarray]:

@@ -29,34 +29,47 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct, traverse_util
+from flax.core import FrozenDict
 
 from xrayjax import distributed
-from xrayjax.config import default_l2
-from xrayjax.models import create_backbone, create_head, frozen_features
-from xrayjax.optim import make_optimizer, trainable_mask
+from xrayjax.models import create_backbone, create_head, default_l2, frozen_features
+from xrayjax.optim import make_optimizers, trainable_mask
 from xrayjax.preprocessing import preprocess_input
 
 AXIS = "batch"
 
 
 class TrainState(struct.PyTreeNode):
-    """Step count, parameters and BatchNorm statistics (each ``{"backbone", "head"}``), and the
-    optimizer with its state."""
+    """Step count, parameters and BatchNorm statistics (each ``{"backbone", "head"}``, or only
+    ``{"head"}`` on the cached-feature path), and one optimizer with its state per trainable part
+    (``tx`` and ``opt_state`` keyed like ``params``; a part without one never changes)."""
 
     step: jax.Array | int
     params: Any
     batch_stats: Any
     opt_state: Any
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    tx: FrozenDict = struct.field(pytree_node=False)
 
-    def apply_gradients(self, grads: Any, head_stats: Any) -> TrainState:
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        return self.replace(
-            step=self.step + 1,
-            params=optax.apply_updates(self.params, updates),
-            opt_state=opt_state,
-            batch_stats={"backbone": self.batch_stats["backbone"], "head": head_stats},
-        )
+    def apply_gradients(self, grads: Mapping[str, Any], head_stats: Any) -> TrainState:
+        """One update of every part that has an optimizer, from ``grads`` of those parts."""
+        params, opt_state = dict(self.params), {}
+        for part, tx in self.tx.items():
+            updates, opt_state[part] = tx.update(grads[part], self.opt_state[part], self.params[part])
+            params[part] = optax.apply_updates(self.params[part], updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
+                            batch_stats={**self.batch_stats, "head": head_stats})
+
+    def head_only(self) -> TrainState:
+        """The head's part alone (a frozen backbone's state has nothing else that trains)."""
+        if set(self.tx) != {"head"}:
+            raise ValueError("only a state whose backbone is frozen has a head-only part")
+        return self.replace(params={"head": self.params["head"]}, batch_stats={"head": self.batch_stats["head"]})
+
+    def with_head(self, head: TrainState) -> TrainState:
+        """This state with the head, its statistics, its optimizer state and the step of ``head``."""
+        return self.replace(step=head.step, params={**self.params, "head": head.params["head"]},
+                            batch_stats={**self.batch_stats, "head": head.batch_stats["head"]},
+                            opt_state=head.opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +156,15 @@ def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict
 
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:
-    """A fresh TrainState; the optimizer's init is one compiled program, not one per shape."""
+    """A fresh TrainState; each optimizer's init is one compiled program, not one per shape."""
     params = jax.device_put(dict(variables["params"]))  # jnp.asarray would compile per shape
-    tx = make_optimizer(params, model.arch, model.fine_tune, lr)
+    txs = make_optimizers(params, model.arch, model.fine_tune, lr)
     return TrainState(
         step=0,
         params=params,
         batch_stats=jax.device_put(dict(variables["batch_stats"])),
-        opt_state=jax.jit(tx.init)(params),
-        tx=tx,
+        opt_state={part: jax.jit(tx.init)(params[part]) for part, tx in txs.items()},
+        tx=FrozenDict(txs),
     )
 
 
@@ -246,8 +259,9 @@ def train_step(
 
     (_, (metrics, head_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = jax.lax.pmean(grads, AXIS)
-    full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads}
-    return state.apply_gradients(traverse_util.unflatten_dict(full_grads), head_stats), metrics
+    # a part with an optimizer takes gradients for all its leaves: zeros for its frozen ones
+    zeros = {k: jnp.zeros_like(v) for k, v in frozen.items() if k[0] in state.tx}
+    return state.apply_gradients(traverse_util.unflatten_dict({**zeros, **grads}), head_stats), metrics
 
 
 def eval_step(model: StepModel, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -262,12 +276,12 @@ def head_train_step(
     model: StepModel, state: TrainState, features: jax.Array, labels: jax.Array, mask: jax.Array,
     rng: jax.Array,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The fast path's step: :func:`train_step` on cached backbone features of a global batch."""
+    """The fast path's step: :func:`train_step` on cached backbone features of a global batch, for
+    a head-only state (:meth:`TrainState.head_only`)."""
     (_, (metrics, head_stats)), head_grads = jax.value_and_grad(
         lambda p: head_loss(model, p, state.batch_stats["head"], features, labels, mask, rng), has_aux=True
     )(state.params["head"])
-    grads = {"backbone": jax.tree.map(jnp.zeros_like, state.params["backbone"]), "head": head_grads}
-    return state.apply_gradients(grads, head_stats), metrics
+    return state.apply_gradients({"head": head_grads}, head_stats), metrics
 
 
 def head_train_epoch(

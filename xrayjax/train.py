@@ -7,50 +7,51 @@ their defaults). From Python use ``xrayjax.fit(TrainConfig(...))`` and
 
 from __future__ import annotations
 
-import signal
-import sys
-from collections.abc import Sequence
-from pathlib import Path
+from xrayjax.cli import EXIT_FAILED, quiet_interrupts, run_command
 
-import jax
+if __name__ == "__main__":
+    quiet_interrupts()  # the imports below take seconds
 
-from xrayjax import distributed, runfiles
-from xrayjax.cli import one_line_warnings
-from xrayjax.config import TrainConfig, from_args
-from xrayjax.crossval import cross_validate, cv_summary
-from xrayjax.data import DataError, dataset_classes
-from xrayjax.distributed import runtime_error
-from xrayjax.evaluate import evaluate_run, summary
-from xrayjax.loop import TrainingDiverged, fit
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from xrayjax import distributed, runfiles  # noqa: E402
+from xrayjax.config import RunSpec, TrainConfig, from_args, resolve_run  # noqa: E402
+from xrayjax.crossval import cross_validate, cv_summary  # noqa: E402
+from xrayjax.evaluate import evaluate_run, summary  # noqa: E402
+from xrayjax.loop import TrainingDiverged, fit  # noqa: E402
 
 DESCRIPTION = (
     "Train a chest X-ray classifier: a frozen ImageNet backbone and the report's head, data "
     "parallel over all local devices (or over several hosts: see the multi-host flags). Writes "
-    "config.json, then history.json and checkpoint.msgpack after every epoch into --out; then "
-    "evaluates the test split (metrics.json and figures) and prints the test accuracy."
+    "config.json and splits.json, then history.json and checkpoint.msgpack after every epoch into "
+    "--out; then evaluates the test split (metrics.json and figures) and prints the test accuracy."
 )
 
 
-def run(config: TrainConfig) -> dict | None:
-    """Train, then (process 0, unless ``config.evaluate`` is off) evaluate; returns the metrics."""
-    result = fit(config)
-    metrics = None
-    if config.evaluate and not len(result.splits.test) and distributed.is_main_process():
+def run(spec: RunSpec) -> dict | None:
+    """Train, then (process 0, unless ``config.evaluate`` is off) evaluate and cross-validate;
+    record the phases in ``timings.json``; returns the metrics."""
+    config = spec.config
+    result = fit(spec)
+    metrics = cv = None
+    main = distributed.is_main_process()
+    if config.evaluate and not len(result.splits.test) and main:
         print("no test split (no test/ folder, and --test-fraction held out no image): nothing to evaluate",
               file=sys.stderr)
-    elif config.evaluate and distributed.is_main_process():
+    elif config.evaluate and main:
         with result.timings.phase("evaluate"):
             metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features)
-    cv = None
-    if config.folds and distributed.is_main_process():
+    if config.folds and main:
         with result.timings.phase("cross_validation"):
-            cv = cross_validate(config, result)
-    if metrics is not None or cv is not None:  # fit wrote the training phases; add these
-        runfiles.write_json(result.run_dir / runfiles.TIMINGS_FILE, result.timings)
-    if not config.quiet and distributed.is_main_process():
-        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()), file=sys.stderr)
+            cv = cross_validate(result)
+    if main:
+        runfiles.append_timings(result.run_dir, result.timings, result.first_epoch)
+        if not config.quiet:
+            print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()), file=sys.stderr)
     distributed.wait_for_all("xrayjax.train: process 0 has written the run")
-    if distributed.is_main_process():
+    if main:
         last = result.history[-1] if result.history else {}
         validation = (f", val_accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last
                       else ", no validation split")
@@ -63,10 +64,11 @@ def run(config: TrainConfig) -> dict | None:
 
 
 def _interrupted_hint(config: TrainConfig) -> str:
+    """What an interrupted run left, for the resolved ``config`` of the run."""
+    out = Path(config.out)
     try:
-        out = Path(config.resolved(dataset_classes(config.data_config())).out)
         done = len(runfiles.read_history(out)) if (out / runfiles.CHECKPOINT_FILE).is_file() else 0
-    except (ValueError, DataError):
+    except ValueError:
         return ""
     if done >= config.epochs:
         return f": training had finished; evaluate it with python -m xrayjax.evaluate --run {out}"
@@ -75,36 +77,25 @@ def _interrupted_hint(config: TrainConfig) -> str:
     return ": no epoch finished, so nothing was kept"
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: flags into a TrainConfig, :func:`run`; errors as one-line messages, never tracebacks.
-    SIGTERM ends the run as Ctrl-C does (the last checkpoint is kept)."""
+    """CLI: flags into a TrainConfig, resolved once into a RunSpec, then :func:`run`; errors as
+    one-line messages, never tracebacks. SIGTERM ends the run as Ctrl-C does (the last
+    checkpoint is kept)."""
     config = from_args(argv, description=DESCRIPTION)
-    signal.signal(signal.SIGTERM, _interrupt)
-    one_line_warnings()
-    try:
-        run(config)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, DataError, distributed.DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted{_interrupted_hint(config)}", file=sys.stderr)
-        return 130
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
-            print(f"error: the accelerator failed: {runtime_error(e)}", file=sys.stderr)
-            return 1
-        print(f"error: a collective with the other processes failed ({e}); another process has "
-              "probably died (see its log). Restart every process with the same flags and --resume "
-              "to continue from process 0's last checkpoint", file=sys.stderr)
-        return 1
-    return 0
+    spec: RunSpec | None = None
+
+    def body() -> int:
+        nonlocal spec
+        spec = resolve_run(config)
+        try:
+            run(spec)
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        return 0
+
+    return run_command(body, start_backend=False, known=(distributed.DistributedError,),
+                       interrupted=lambda: "" if spec is None else _interrupted_hint(spec.config))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 
 from xrayjax.data.augment import AugmentConfig, augment_images
 from xrayjax.data.pipeline import (
-    DataConfig, RecordImages, Split, Splits, batches, dataset_classes, load_splits,
+    DataConfig, Dataset, RecordImages, Split, Splits, batches, load_splits, open_dataset,
 )
 from xrayjax.data.source import CHALLENGE_CLASSES, DataError
 
 __all__ = [
-    "CHALLENGE_CLASSES", "AugmentConfig", "DataConfig", "DataError", "RecordImages", "Split", "Splits",
-    "augment_images", "batches", "dataset_classes", "load_splits",
+    "CHALLENGE_CLASSES", "AugmentConfig", "DataConfig", "DataError", "Dataset", "RecordImages", "Split", "Splits",
+    "augment_images", "batches", "load_splits", "open_dataset",
 ]

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 import time
-import warnings
 
-from xrayjax.data.decode import COLORS
-from xrayjax.data.source import TASKS, DataError, resolve_source
+from xrayjax.cli import quiet_interrupts, run_command
+from xrayjax.tasks import TASKS
+
+quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
+
+from xrayjax.data.decode import COLORS  # noqa: E402
+from xrayjax.data.source import resolve_source  # noqa: E402
 
 DATA_DIR_HELP = (
     "the dataset: a folder (or zip) of split folders <split>/<class>/<images> (train/ required, "
@@ -54,26 +58,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    """Prepare the dataset (the challenge's: both tasks); print each prepared folder (which
+    ``--data-dir`` also takes, to read it as it is) and its counts."""
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
 
-    tasks = TASKS if resolve_source(args.data_dir).is_challenge else (None,)
-    for task in tasks:
-        start = time.perf_counter()
-        builder = prepare(args.data_dir, args.color, args.tfds_dir, args.skip_bad_images, task)
-        splits = read_prepared(builder)
-        meta = builder.info.metadata
-        print(f"\n{builder.builder_config.name}: {builder.data_dir} "
-              f"({time.perf_counter() - start:.1f} s, from {meta.get('source')})")
-        names = class_names(builder)
-        width = max(max(map(len, names)), 5)
-        print("  split       " + "  ".join(f"{n:>{width}}" for n in names) + "  total")
-        for split, data in splits.items():
-            per = [int((data.labels == i).sum()) for i in range(len(names))]
-            print(f"  {split:<10}  " + "  ".join(f"{c:>{width}}" for c in per) + f"  {sum(per):>5}")
-        for key, title in (("junk", "junk files"), ("not_images", "not images"),
-                           ("bad_images", "bad images"), ("ignored", "ignored folders")):
-            if meta.get(key):
-                print(f"  skipped {len(meta[key])} {title}: {', '.join(meta[key])}")
+    with resolve_source(args.data_dir) as source:
+        for task in TASKS if source.is_challenge else (None,):
+            start = time.perf_counter()
+            builder = prepare(source, source.listing(task), args.color, args.tfds_dir, args.skip_bad_images, task)
+            splits = read_prepared(builder)
+            meta = builder.info.metadata
+            print(f"\n{builder.builder_config.name}: {builder.data_dir} "
+                  f"({time.perf_counter() - start:.1f} s, from {meta.get('source')})")
+            names = class_names(builder)
+            width = max(max(map(len, names)), 5)
+            print("  split       " + "  ".join(f"{n:>{width}}" for n in names) + "  total")
+            for split, data in splits.items():
+                per = [int((data.labels == i).sum()) for i in range(len(names))]
+                print(f"  {split:<10}  " + "  ".join(f"{c:>{width}}" for c in per) + f"  {sum(per):>5}")
+            for key, title in (("junk", "junk files"), ("not_images", "not images"),
+                               ("bad_images", "bad images"), ("ignored", "ignored folders")):
+                if meta.get(key):
+                    print(f"  skipped {len(meta[key])} {title}: {', '.join(meta[key])}")
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -84,17 +90,14 @@ def _audit(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit status: 0, or 2 for bad input (one line on stderr)."""
     args = _parser().parse_args(argv)
-    previous = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
-    try:
+
+    def body() -> int:
         (_prepare if args.command == "prepare" else _audit)(args)
-    except (OSError, ValueError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        warnings.formatwarning = previous
-    return 0
+        return 0
+
+    return run_command(body, start_backend=False)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ Exact duplicates are found by sha256 of the file bytes, near-duplicates by two 2
 perceptual hashes of the grayscale image (a difference hash and a DCT hash, both in numpy):
 a pair is near when both differ in at most ``NEAR_BITS`` bits. On the challenge's data the one
 real near-duplicate pair differs by 15 and 14 bits and every other pair by at least 18 / 50.
-Source groups (:func:`group_key`: a paper's figures, a Kaggle patient) in more than one split
-are listed: images of one patient on both sides make the test score optimistic. A shortcut is
-a property other than the X-ray itself that predicts the class: the audit fits a depth-3
-decision tree on the colour mode alone, and on the image size alone, and warns when its
-5-fold accuracy beats always answering the largest class by ``SHORTCUT_MARGIN`` or more.
+Source groups (:func:`~xrayjax.data.groups.group_key`: a paper's figures, a Kaggle patient) in
+more than one split are listed: images of one patient on both sides make the test score
+optimistic. A shortcut is a property other than the X-ray itself that predicts the class: the
+audit fits a depth-3 decision tree on the colour mode alone, and on the image size alone, and
+warns when its 5-fold accuracy beats always answering the largest class by ``SHORTCUT_MARGIN``
+or more. Zip members with an unsafe path (absolute, a drive letter, ``..``) are listed, never read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,33 +25,13 @@ import numpy as np
 from PIL import Image
 
 from xrayjax.data.decode import BadImage, NotAnImage, open_image, to_rgb
+from xrayjax.data.groups import group_key
 from xrayjax.data.source import DataError, Source, SourceFile, TaskFile, resolve_source
 
 HASH_SIDE = 16
 NEAR_BITS = 32
 SHORTCUT_MARGIN = 0.15
 _BLOCK = 512  # rows of the pairwise hash distances computed at once (memory: rows x N x 32 bytes)
-_FIGURE = re.compile(
-    r"[-_.](?:f\d|fig|gr\d|fx\d|g\d{3}|day\d|case\d|main[-_.]|pdf\b|webp\b)", re.IGNORECASE
-)
-_KAGGLE_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
-_KAGGLE_IM = re.compile(r"(IM-\d+)-\d+", re.IGNORECASE)
-_VIEW = re.compile(r"[-_](?:PA|AP|L|lateral|[a-d])$", re.IGNORECASE)
-
-
-def group_key(name: str) -> str:
-    """The source a file name points to: a Kaggle patient or a paper (figures, days, panels)."""
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    if m := _KAGGLE_PERSON.match(stem):
-        return m.group(1).lower()
-    if m := _KAGGLE_IM.search(stem):
-        return m.group(1).upper()
-    if m := _FIGURE.search(stem):
-        stem = stem[:m.start()]
-    stem = re.sub(r"-[a-d]-", "-", stem)  # auntminnie-a-..., auntminnie-b-...: panels
-    while (m := _VIEW.search(stem)) and m.start() > 0:
-        stem = stem[:m.start()]
-    return stem
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -138,17 +118,17 @@ def _scope(splits: set[str]) -> str:
 def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
     """Inspect every file of the dataset (the challenge's: all/, and two/ against it) and return
     a JSON-ready report."""
-    source = resolve_source(data_dir)
-    listing = source.listing()
-    class_names = listing.class_names
-    tasks: dict[str, TaskFile] = {t.file.member: t for t in listing.files}
-    files = [t.file for t in listing.files]
-    junk = list(listing.junk)
-    if listing.challenge:  # two/ is meant to be a copy of part of all/: check that too
-        files += [f for f in source.files if f.member.startswith("two/") and f.is_image_name]
-        junk += [f.member for f in source.files if f.member.startswith("two/") and not f.is_image_name]
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        infos = dict(zip((f.member for f in files), pool.map(lambda f: _inspect(source, f), files)))
+    with resolve_source(data_dir) as source:
+        listing = source.listing()
+        class_names = listing.class_names
+        tasks: dict[str, TaskFile] = {t.file.member: t for t in listing.files}
+        files = [t.file for t in listing.files]
+        junk = list(listing.junk)
+        if listing.challenge:  # two/ is meant to be a copy of part of all/: check that too
+            files += [f for f in source.files if f.member.startswith("two/") and f.is_image_name]
+            junk += [f.member for f in source.files if f.member.startswith("two/") and not f.is_image_name]
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            infos = dict(zip((f.member for f in files), pool.map(lambda f: _inspect(source, f), files)))
     two_not_in_all = sorted(
         m for m in infos if m not in tasks and infos.get("all/" + m[4:], {}).get("sha256") != infos[m]["sha256"]
     )
@@ -216,6 +196,7 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
         "shortcuts": shortcuts,
         "junk": sorted(junk),
         "ignored": list(listing.ignored),
+        "unsafe_zip_members": list(listing.unsafe),
         "not_images": sorted(m for m in tasks if infos[m]["status"] == "not_image"),
         "unreadable": [{"file": source.describe(m), "error": infos[m]["error"]}
                        for m in sorted(infos) if infos[m]["status"] == "bad"],
@@ -262,6 +243,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     listing("Junk files (skipped)", report["junk"])
     listing("Ignored folders", report["ignored"])
+    if report["unsafe_zip_members"]:
+        listing("Zip members with an unsafe path (skipped, never read)", report["unsafe_zip_members"])
     listing("Not images by content (skipped)", report["not_images"])
     listing("Unreadable images", [f"{u['file']}: {u['error']}" for u in report["unreadable"]])
     if report["two_not_copies_of_all"]:

@@ -2,8 +2,11 @@
 
 One builder config per prepared dataset, named ``<label>-<color>-<key>``: ``key`` hashes the
 listing's fingerprint (every image's path, size and modification time, the class names),
-the colour policy and :data:`~xrayjax.data.decode.DECODER_VERSION`. Changing, adding or removing
-an image, or changing the decoder, so prepares again into a new folder; nothing else does.
+the colour policy, whether bad images were skipped and
+:data:`~xrayjax.data.decode.DECODER_VERSION`. Changing, adding or removing an image, or changing
+the decoder, so prepares again into a new folder; nothing else does. A prepared folder
+(``<tfds_dir>/xray_folders/<config>/1.0.0``, as ``prepare`` prints it) is read back as it is by
+:func:`prepared_builder`.
 Files: ``array_record``, read back with random access (``as_data_source``). Each example
 holds the 224x224 pixels as a raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for
 keep; TFDS writes and reads that with numpy alone, no image decoding on load), the label as a
@@ -12,6 +15,7 @@ keep; TFDS writes and reads that with numpy alone, no image decoding on load), t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -27,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from xrayjax.data.decode import COLORS, DECODER_VERSION, IMAGE_SIZE, BadImage, NotAnImage, decode
-from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, TaskFile, resolve_source
+from xrayjax.data.decode import DECODER_VERSION, IMAGE_SIZE, BadImage, NotAnImage, decode
+from xrayjax.data.source import DataError, Listing, Source, TaskFile
+from xrayjax.tasks import canonical_task
 
 NAME = "xray_folders"
 FILE_FORMAT = "array_record"
@@ -61,19 +66,20 @@ class FoldersConfig(tfds.core.BuilderConfig):
 def _label(source: Source, listing: Listing, task: str | None) -> str:
     """A readable prefix for the config name: the dataset folder (and the challenge's task)."""
     if listing.challenge:
-        return f"covid_xray-{task or 'four_class'}"
+        return f"covid_xray-{canonical_task(task) or 'multiclass'}"
     stem = source.location.name.removesuffix(".zip") if source.is_zip else source.location.name
     return re.sub(r"[^A-Za-z0-9_.]+", "_", stem).strip("_.") or "dataset"
 
 
-def config_for(source: Source, listing: Listing, color: str, task: str | None) -> FoldersConfig:
-    """The builder config of a listing prepared with ``color``."""
-    if color not in COLORS:
-        raise DataError(f"unknown color {color!r}: choose one of {', '.join(COLORS)}")
-    key = hashlib.sha256(f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}".encode()).hexdigest()[:16]
+def config_for(source: Source, listing: Listing, color: str, task: str | None,
+               skip_bad_images: bool = False) -> FoldersConfig:
+    """The builder config of a listing prepared with ``color``; data prepared skipping bad images
+    has its own key, so a strict preparation never reuses it."""
+    key = hashlib.sha256(
+        f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}\n{skip_bad_images}".encode()).hexdigest()[:16]
     return FoldersConfig(
         name=f"{_label(source, listing, task)}-{color}-{key}", class_names=listing.class_names, color=color,
-        description=f"{source}: {', '.join(listing.class_names)}; color={color}",
+        description=f"{source}: {', '.join(listing.class_names)}; color={color}; skip_bad_images={skip_bad_images}",
     )
 
 
@@ -88,11 +94,22 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
     url_infos = None
 
     def __init__(self, *, source: Source | None = None, listing: Listing | None = None,
-                 skip_bad_images: bool = False, workers: int | None = None, **kwargs):
+                 skip_bad_images: bool = False, workers: int | None = None, quiet: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.source, self.listing = source, listing
         self.skip_bad_images = skip_bad_images
         self.workers = workers or os.cpu_count() or 1
+        self.quiet = quiet
+
+    # TFDS prints (termcolor.cprint, no logger) "Downloading and preparing dataset ..." before
+    # preparing and "Dataset ... downloaded and prepared ..." after; ``quiet`` drops both.
+    def _log_download_bytes(self) -> None:
+        if not self.quiet:
+            super()._log_download_bytes()
+
+    def _log_download_done(self) -> None:
+        if not self.quiet:
+            super()._log_download_done()
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
@@ -162,34 +179,45 @@ def _builder(config: FoldersConfig, tfds_dir: str | None, **kwargs) -> XrayFolde
     return XrayFolders(config=config, data_dir=tfds_dir, file_format=FILE_FORMAT, **kwargs)
 
 
-def _already_prepared(label: str, color: str, tfds_dir: str | None) -> XrayFolders | None:
-    """The newest prepared dataset named ``<label>-<color>-*`` (when its source is not at hand)."""
-    root = Path(tfds_dir or tfds.core.constants.DATA_DIR).expanduser() / NAME
-    found = sorted(root.glob(f"{label}-{color}-*/*/dataset_info.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
+def prepared_builder(path: str | os.PathLike) -> tfds.core.DatasetBuilder | None:
+    """The builder of a folder ``prepare`` wrote, read as it is (no source needed): its version
+    folder ``<tfds_dir>/xray_folders/<config>/1.0.0``, or its config folder holding one version.
+    None when ``path`` is not such a folder."""
+    folder = Path(path).expanduser()
+    if not (folder / "dataset_info.json").is_file():
+        versions = [v.parent for v in folder.glob("*/dataset_info.json") if tfds.core.Version.is_valid(v.parent.name)]
+        if len(versions) != 1:
+            return None
+        folder = versions[0]
+    if not tfds.core.Version.is_valid(folder.name) or folder.parent.parent.name != NAME:
         return None
-    return tfds.builder_from_directory(str(found[-1].parent))
+    return tfds.builder_from_directory(str(folder))
 
 
-def prepare(data_dir: str | None = None, color: str = "gray", tfds_dir: str | None = None,
-            skip_bad_images: bool = False, task: str | None = None) -> XrayFolders:
-    """Prepare the dataset in ``data_dir`` unless it already is; return its builder.
-
-    ``task`` matters only for the challenge's layout (``binary`` reads ``two/``). With
-    ``data_dir=None`` and no dataset at the default place, the newest data prepared from the
-    default dataset is used as it is.
-    """
+@contextlib.contextmanager
+def _progress_bars_off(off: bool) -> Iterator[None]:
+    """TFDS' progress bars off for the block when ``off`` (TFDS' own switch, restored after)."""
+    if not off:
+        yield
+        return
+    before = tfds.core.utils.tqdm_utils._active  # TFDS has a setter, no getter
+    tfds.display_progress_bar(False)
     try:
-        source = resolve_source(data_dir)
-    except DataError:
-        if data_dir is None and not REPO_DATA_DIR.exists():
-            found = _already_prepared(f"covid_xray-{task or 'four_class'}", color, tfds_dir)
-            if found is not None:
-                return found
-        raise
-    listing = source.listing(task)
-    config = config_for(source, listing, color, task)
-    builder = _builder(config, tfds_dir, source=source, listing=listing, skip_bad_images=skip_bad_images)
+        yield
+    finally:
+        tfds.display_progress_bar(before)
+
+
+def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str | None = None,
+            skip_bad_images: bool = False, task: str | None = None, quiet: bool = False) -> XrayFolders:
+    """Prepare ``listing`` (of ``source``) unless it already is; return its builder.
+
+    ``task`` names the challenge's prepared data (its listing says which folders it read).
+    ``quiet``: print nothing (TFDS' preparing and prepared lines and its progress bars).
+    """
+    config = config_for(source, listing, color, task, skip_bad_images)
+    made = dict(source=source, listing=listing, skip_bad_images=skip_bad_images, quiet=quiet)
+    builder = _builder(config, tfds_dir, **made)
     if builder.is_prepared():
         return builder
     config_dir = Path(builder.data_dir).parent
@@ -197,12 +225,13 @@ def prepare(data_dir: str | None = None, color: str = "gray", tfds_dir: str | No
         config_dir.mkdir(parents=True, exist_ok=True)
         with open(config_dir / ".prepare.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing this config: wait for it
-            waited = _builder(config, tfds_dir, source=source, listing=listing, skip_bad_images=skip_bad_images)
+            waited = _builder(config, tfds_dir, **made)
             if waited.is_prepared():  # the other process prepared it meanwhile
                 return waited
             for stale in config_dir.glob("incomplete.*"):  # left by an interrupted prepare
                 shutil.rmtree(stale, ignore_errors=True)
-            builder.download_and_prepare()
+            with _progress_bars_off(quiet):
+                builder.download_and_prepare()
     except PermissionError as err:
         raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
                         "pass a writable --tfds-dir") from err

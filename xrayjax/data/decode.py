@@ -82,9 +82,8 @@ def to_pixels(image: Image.Image, color: str, size: int = IMAGE_SIZE) -> np.ndar
 
 
 def decode(data: bytes, color: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Bytes of one file -> prepared pixels; raises NotAnImage or BadImage."""
-    if color not in COLORS:
-        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    """Bytes of one file -> prepared pixels; raises NotAnImage or BadImage. ``color`` is one of
+    :data:`COLORS`, checked where the settings are (``DataConfig``)."""
     try:
         return to_pixels(open_image(data), color, size)
     except (OSError, ValueError) as err:  # a mode PIL cannot convert

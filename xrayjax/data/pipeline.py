@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from xrayjax.data.audit import group_key
 from xrayjax.data.augment import augment_images
 from xrayjax.data.decode import COLORS, IMAGE_SIZE
-from xrayjax.data.source import TASKS, DataError, resolve_source
+from xrayjax.data.groups import source_groups
+from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
+from xrayjax.tasks import SPLITS, TASKS, canonical_task
 
 TEST_SPLIT_SEED = 0  # the test hold-out does not move with --seed
 GROUP_BY = ("source",)
@@ -28,13 +31,18 @@ class SourceLeakWarning(UserWarning):
     """A split given as a folder shares sources (papers, patients) with train."""
 
 
+class SplitWarning(UserWarning):
+    """A held-out split came out empty, or the data differs from a run's recorded splits."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which data, prepared how, split how. ``data_dir=None``: ../shared/covid_xray.
 
     ``task`` chooses the challenge's folders (binary: ``two/``); None takes every class.
-    ``group_by="source"`` keeps every source group (:func:`xrayjax.data.audit.group_key` of the
-    file name) on one side of each held-out split.
+    ``group_by="source"`` keeps every source group (:func:`xrayjax.data.groups.group_key` of the
+    file name) on one side of each held-out split. The one place the data settings are checked:
+    a bad value raises DataError naming its flag.
     """
 
     task: str | None = None
@@ -49,17 +57,55 @@ class DataConfig:
     group_by: str | None = None
 
     def __post_init__(self):
-        if self.task is not None and self.task not in TASKS:
-            raise DataError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
-        if self.color not in COLORS:
-            raise DataError(f"unknown color {self.color!r}: choose one of {', '.join(COLORS)}")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise DataError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.image_size < 1:
-            raise DataError(f"image_size must be positive, got {self.image_size}")
-        if self.group_by is not None and self.group_by not in GROUP_BY:
-            raise DataError(f"unknown group_by {self.group_by!r}: choose {', '.join(GROUP_BY)}")
+        object.__setattr__(self, "task", canonical_task(self.task))
+        checks = (
+            (self.task in (None, *TASKS), "task", f"one of {', '.join(TASKS)}"),
+            (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
+            (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
+            (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
+            (self.image_size >= 1, "image_size", "positive"),
+            (self.seed >= 0, "seed", "a non-negative integer"),
+            (self.group_by in (None, *GROUP_BY), "group_by", " or ".join(GROUP_BY)),
+        )
+        for ok, name, allowed in checks:
+            if not ok:
+                raise DataError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A dataset found and listed once: its files (``source``, ``listing``), or a folder of data
+    already prepared (``prepared``, a TFDS builder) given as ``--data-dir``. ``location`` is its
+    resolved path."""
+
+    location: str
+    class_names: tuple[str, ...]
+    source: Source | None = None
+    listing: Listing | None = None
+    prepared: Any = None
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def open_dataset(cfg: DataConfig) -> Dataset:
+    """Find and list the data ``cfg`` reads (nothing decoded): the one listing of a run."""
+    if cfg.data_dir is not None and _looks_prepared(Path(cfg.data_dir).expanduser()):
+        from xrayjax.data.builder import class_names, prepared_builder  # imports tensorflow-datasets
+
+        builder = prepared_builder(Path(cfg.data_dir).expanduser())
+        if builder is not None:
+            return Dataset(str(Path(builder.data_dir).resolve()), class_names(builder), prepared=builder)
+    source = resolve_source(cfg.data_dir)
+    listing = source.listing(cfg.task)
+    location = Path(cfg.data_dir).expanduser().resolve() if cfg.data_dir is not None else REPO_DATA_DIR
+    return Dataset(str(location), listing.class_names, source=source, listing=listing)
+
+
+def _looks_prepared(path: Path) -> bool:
+    """A folder written by ``prepare``: a version folder, or a config folder holding one."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or any(path.glob("*/dataset_info.json")))
 
 
 def resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
@@ -117,12 +163,14 @@ class RecordImages:
 
 @dataclasses.dataclass
 class Split:
-    """uint8 images (N, S, S, 3) (a numpy array or :class:`RecordImages`), int32 labels (N,), and
-    the source file names."""
+    """uint8 images (N, S, S, 3) (a numpy array or :class:`RecordImages`), int32 labels (N,), the
+    source file names, and each image's key in the prepared data (``<folder split>/<class>/<file
+    name>``, what ``splits.json`` records; empty for images given as an array)."""
 
     images: np.ndarray | RecordImages
     labels: np.ndarray
     names: tuple[str, ...]
+    keys: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,7 +178,8 @@ class Split:
     def take(self, index: np.ndarray) -> Split:
         index = np.asarray(index, np.int64)
         images = self.images.take(index) if isinstance(self.images, RecordImages) else self.images[index]
-        return Split(images, self.labels[index], tuple(self.names[i] for i in index))
+        return Split(images, self.labels[index], tuple(self.names[i] for i in index),
+                     tuple(self.keys[i] for i in index) if self.keys else ())
 
     @staticmethod
     def concat(parts: Sequence[Split]) -> Split:
@@ -138,27 +187,32 @@ class Split:
         images = [p.images for p in parts]
         joined = (RecordImages.concat(images) if isinstance(images[0], RecordImages)
                   else np.concatenate(images))
-        return Split(joined, np.concatenate([p.labels for p in parts]), sum((p.names for p in parts), ()))
+        keys = sum((p.keys for p in parts), ()) if all(p.keys or not len(p) for p in parts) else ()
+        return Split(joined, np.concatenate([p.labels for p in parts]), sum((p.names for p in parts), ()), keys)
 
 
 @dataclasses.dataclass
 class Splits:
+    """The three splits of a run, its class names, and the key of the prepared data they come from."""
+
     train: Split
     validation: Split
     test: Split
     class_names: tuple[str, ...]
+    data_key: str = ""
 
     def pooled(self) -> Splits:
         """Validation merged into train (cross-validation's final model trains on both)."""
         if not len(self.validation):
             return self
-        return Splits(Split.concat([self.train, self.validation]), self.validation.take(np.zeros(0, np.int64)),
-                      self.test, self.class_names)
+        return dataclasses.replace(self, train=Split.concat([self.train, self.validation]),
+                                   validation=self.validation.take(np.zeros(0, np.int64)))
 
-
-def source_groups(names: Sequence[str]) -> list[str]:
-    """The source group of each file name (a paper, a patient; see ``group_key``)."""
-    return [group_key(name) for name in names]
+    def record(self) -> dict[str, Any]:
+        """What ``splits.json`` holds: the prepared data's key, the class names, and the key of
+        every image of each split, in order."""
+        return {"data_key": self.data_key, "class_names": list(self.class_names),
+                "splits": {name: list(getattr(self, name).keys) for name in SPLITS}}
 
 
 def stratified_split(split: Split, fraction: float, seed: int, by_source: bool = False) -> tuple[Split, Split]:
@@ -195,27 +249,24 @@ def split_folds(split: Split, k: int, seed: int, by_source: bool = False) -> lis
     return folds(split.labels, k, seed, source_groups(split.names) if by_source else None)
 
 
-def dataset_classes(cfg: DataConfig) -> tuple[str, ...]:
-    """The class names of the data ``cfg`` reads, from its folders (nothing decoded); without
-    the default dataset at hand, from the data prepared from it."""
-    try:
-        return resolve_source(cfg.data_dir).listing(cfg.task).class_names
-    except DataError:
-        if cfg.data_dir is not None:
-            raise
-    from xrayjax.data.builder import class_names, prepare  # imports tensorflow-datasets
+def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mapping[str, Any] | None = None,
+                quiet: bool = False) -> Splits:
+    """Prepare the data on first use, then split it: as ``recorded`` (a run's ``splits.json``) says,
+    or holding out of train each split that has no folder. ``dataset``: the data already listed
+    (:func:`open_dataset`), else it is listed here."""
+    from xrayjax.data.builder import prepare, read_prepared  # imports tensorflow-datasets
 
-    return class_names(prepare(None, cfg.color, cfg.tfds_dir, task=cfg.task))
-
-
-def load_splits(cfg: DataConfig) -> Splits:
-    """Prepare the data on first use, then split: a split without a folder is held out of train."""
-    from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
-
-    builder = prepare(cfg.data_dir, cfg.color, cfg.tfds_dir, cfg.skip_bad_images, cfg.task)
-    prepared = {name: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
-                                         cfg.image_size), p.labels, p.names)
-                for name, p in read_prepared(builder).items()}
+    dataset = dataset or open_dataset(cfg)
+    builder = dataset.prepared or prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir,
+                                          cfg.skip_bad_images, cfg.task, quiet=quiet)
+    names = dataset.class_names
+    prepared = {split: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
+                                          cfg.image_size), p.labels, p.names,
+                             tuple(f"{split}/{names[label]}/{name}" for label, name in zip(p.labels, p.names)))
+                for split, p in read_prepared(builder).items()}
+    key = builder.builder_config.name if builder.builder_config is not None else Path(builder.data_dir).parent.name
+    if recorded is not None:
+        return _recorded_splits(prepared, recorded, names, key)
     train = prepared["train"]
     by_source = cfg.group_by == "source"
     if by_source:
@@ -223,10 +274,53 @@ def load_splits(cfg: DataConfig) -> Splits:
     test = prepared.get("test")
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, TEST_SPLIT_SEED, by_source)
+        _warn_if_empty(test, train, cfg.test_fraction, "test")
     validation = prepared.get("validation")
     if validation is None:
         train, validation = stratified_split(train, cfg.val_fraction, cfg.seed, by_source)
-    return Splits(train, validation, test, class_names(builder))
+        _warn_if_empty(validation, train, cfg.val_fraction, "val")
+    return Splits(train, validation, test, names, key)
+
+
+def _warn_if_empty(held: Split, rest: Split, fraction: float, flag: str) -> None:
+    """A fraction > 0 that held out nothing: say why, and which fraction would hold out an image."""
+    if fraction == 0 or len(held) or not len(rest):
+        return
+    largest = int(np.bincount(rest.labels).max())
+    workable = next((f / 100 for f in range(5, 100, 5) if 1 <= round(f / 100 * largest) < largest), None)
+    fix = (f"pass --{flag}-fraction {workable:.2f} or more" if workable is not None else
+           "every class has a single image, so nothing can be held out: add images")
+    warnings.warn(f"--{flag}-fraction {fraction:g} held out no image: each class holds out round({fraction:g} x its "
+                  f"images) but the largest class has {largest}; {fix}, or give a "
+                  f"{'test/' if flag == 'test' else 'val/'} folder", SplitWarning, stacklevel=3)
+
+
+def _recorded_splits(prepared: Mapping[str, Split], recorded: Mapping[str, Any], class_names: tuple[str, ...],
+                     key: str) -> Splits:
+    """The splits a run recorded, rebuilt image by image from the prepared data; DataError when a
+    recorded image is gone or the classes differ, a warning for images the run never saw."""
+    if tuple(recorded.get("class_names", ())) != tuple(class_names):
+        raise DataError(f"the data's classes ({', '.join(class_names)}) are not the run's "
+                        f"({', '.join(recorded.get('class_names', ()))})")
+    pool = Split.concat(list(prepared.values()))
+    row = {k: i for i, k in enumerate(pool.keys)}
+    wanted = {name: recorded["splits"].get(name, []) for name in SPLITS}
+    missing = [k for keys in wanted.values() for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of the run's recorded splits are not in the data any more "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): pass the data the run "
+                        "was trained on (--data-dir)")
+    unseen = sorted(set(row) - {k for keys in wanted.values() for k in keys})
+    if unseen:
+        warnings.warn(f"{len(unseen)} image(s) of the data are in none of the run's recorded splits and are left "
+                      f"out ({', '.join(unseen[:5])}{', ...' if len(unseen) > 5 else ''})", SplitWarning,
+                      stacklevel=3)
+    elif recorded.get("data_key") not in (None, key):
+        warnings.warn(f"the data was prepared again since the run recorded its splits (key {recorded['data_key']}, "
+                      f"now {key}): some of its images were changed or touched; the recorded splits are used",
+                      SplitWarning, stacklevel=3)
+    parts = {name: pool.take(np.array([row[k] for k in keys], np.int64)) for name, keys in wanted.items()}
+    return Splits(parts["train"], parts["validation"], parts["test"], tuple(class_names), key)
 
 
 def _warn_leaks(prepared: dict[str, Split]) -> None:
@@ -246,28 +340,40 @@ def _batch_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Every global batch of an epoch over ``n`` images as rows and a padding mask, both (S, B):
+    a seeded permutation from (seed, epoch) when ``shuffle``, the last batch padded with row 0."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    steps = -(-n // batch_size)
+    rows = np.zeros(steps * batch_size, np.int64)
+    rows[:n] = order
+    mask = np.zeros(steps * batch_size, np.float32)
+    mask[:n] = 1.0
+    return rows.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
             epoch: int = 0, augment: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Global batches {"image", "label", "mask"} shaped (D, B/D, ...); last batch padded, mask 0."""
+    """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order;
+    the last batch padded with zeros, mask 0."""
     if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
         raise ValueError(
             f"batch_size ({batch_size}) must be a positive multiple of num_devices ({num_devices})"
         )
-    n = len(split)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_device = batch_size // num_devices
     shape = split.images.shape[1:]
-    for index, start in enumerate(range(0, n, batch_size)):
-        take = order[start:start + batch_size]
+    rows, mask = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    for index, (step_rows, step_mask) in enumerate(zip(rows, mask)):
+        take = step_rows[step_mask > 0]
         real = split.images[take]
         if augment:
             real = augment_images(real, _batch_seed(seed, epoch, index))
         image = np.zeros((batch_size, *shape), np.uint8)
         label = np.zeros(batch_size, np.int32)
-        mask = np.zeros(batch_size, np.float32)
-        image[:len(take)], label[:len(take)], mask[:len(take)] = real, split.labels[take], 1.0
+        image[:len(take)], label[:len(take)] = real, split.labels[take]
         yield {
             "image": image.reshape(num_devices, per_device, *shape),
             "label": label.reshape(num_devices, per_device),
-            "mask": mask.reshape(num_devices, per_device),
+            "mask": step_mask.reshape(num_devices, per_device),
         }

@@ -12,7 +12,9 @@ Accepted layouts under ``--data-dir`` (a folder, or a zip holding one; a zip is 
 
 Class names are the class folder names sorted as Keras sorts them (Python's ``sorted``). Images
 are files with the suffixes Keras reads (jpeg, png, bmp, gif, tiff) and webp; every other file
-is junk (counted and listed). Folders whose name starts with a dot are ignored.
+is junk (counted and listed). Folders whose name starts with a dot are ignored. Symlinked
+folders are followed, each real folder walked once (a loop is ignored and listed). Zip members
+with an absolute path, a drive letter or a ``..`` part are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import hashlib
 import os
 import pathlib
 import re
+import warnings
 import zipfile
 
-TASKS = ("binary", "four_class")
+from xrayjax.tasks import SPLITS, canonical_task
+
 CHALLENGE_CLASSES: dict[str, tuple[str, ...]] = {
     "binary": ("covid", "normal"),
-    "four_class": ("covid", "normal", "pneumonia_bac", "pneumonia_vir"),
+    "multiclass": ("covid", "normal", "pneumonia_bac", "pneumonia_vir"),
 }
-SPLITS = ("train", "validation", "test")
 # Split folder names (compared in lower case) and the split each one is.
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "valid": "validation",
                  "validation": "validation", "test": "test"}
@@ -42,10 +45,17 @@ JUNK_NAMES = frozenset({".ds_store", "desktop.ini", "thumbs.db"})
 REPO_DATA_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "covid_xray"
 
 _CHALLENGE_TOP = re.compile(r"^(?:(?P<prefix>.*?)/)?all/(?:train|test)/")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class DataError(Exception):
     """Bad input data or a bad data option; the message names the file and says how to fix it."""
+
+
+class LayoutWarning(UserWarning):
+    """The dataset is read, but part of it looks wrong: unsafe zip members (skipped), class
+    folders whose names differ only in case (two classes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +94,8 @@ class Listing:
 
     ``root`` is the folder (relative to the source) the layout starts at; ``splits`` the splits
     that have their own folder. ``fingerprint`` is the sha256 of every image's path, size and
-    modification time, the root and the class names.
+    modification time, the root and the class names. ``unsafe``: the zip members skipped for
+    an absolute path, a drive letter or a ``..`` part.
     """
 
     root: str
@@ -96,16 +107,35 @@ class Listing:
     fingerprint: str
     layout: str  # "split folders" or "class folders"
     challenge: bool = False
+    unsafe: tuple[str, ...] = ()
 
 
 class Source:
-    """The dataset root, a folder or a zip; lists members and reads their bytes."""
+    """The dataset root, a folder or a zip; lists members and reads their bytes.
+
+    Use it in a ``with`` block (or call :meth:`close`): it holds a zip open until closed.
+    ``unsafe``: the zip members skipped for their path (absolute, a drive letter, ``..``);
+    ``repeats``: the folders not walked again, their real path walked already (symlinks).
+    """
 
     def __init__(self, location: pathlib.Path, zip_prefix: str | None = None):
         self.location = location
         self._zip_prefix = zip_prefix
         self._zip: zipfile.ZipFile | None = None
+        self.unsafe: tuple[str, ...] = ()
+        self.repeats: tuple[str, ...] = ()
         self.files, self.dirs = self._list()
+
+    def close(self) -> None:
+        """Close the zip, if the source is one; nothing can be read afterwards."""
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def is_zip(self) -> bool:
@@ -121,7 +151,11 @@ class Source:
         if self.is_zip:
             self._zip = zipfile.ZipFile(self.location)
             head = self._zip_prefix + "/" if self._zip_prefix else ""
+            unsafe = []
             for info in self._zip.infolist():
+                if _unsafe(info.filename):  # never a class, never read
+                    unsafe.append(info.filename)
+                    continue
                 if not info.filename.startswith(head) or info.filename.startswith("__MACOSX/"):
                     continue
                 member = info.filename[len(head):].rstrip("/")
@@ -132,9 +166,22 @@ class Source:
                     continue
                 when = datetime.datetime(*info.date_time).timestamp()
                 found.append(SourceFile(member, info.file_size, int(when * 1e9)))
+            self.unsafe = tuple(unsafe)
         else:
-            for dirpath, dirnames, names in os.walk(self.location):
+            walked, repeats = {os.path.realpath(self.location)}, []
+            for dirpath, dirnames, names in os.walk(self.location, followlinks=True):
                 rel = pathlib.Path(dirpath).relative_to(self.location).as_posix()
+                # Symlinked folders are followed; one whose real path is walked already (a second
+                # link to it, or a loop) is not walked again. Sorted, real folders before links.
+                kept = []
+                for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+                    real = os.path.realpath(os.path.join(dirpath, d))
+                    if real in walked:
+                        repeats.append(d if rel == "." else f"{rel}/{d}")
+                    else:
+                        walked.add(real)
+                        kept.append(d)
+                dirnames[:] = kept
                 dirs.update(d if rel == "." else f"{rel}/{d}" for d in dirnames)
                 for name in names:
                     path = pathlib.Path(dirpath, name)
@@ -144,6 +191,7 @@ class Source:
                     except OSError:  # a dangling or looping symlink: unreadable, found when read
                         size, mtime = -1, 0
                     found.append(SourceFile(path.relative_to(self.location).as_posix(), size, mtime))
+            self.repeats = tuple(sorted(repeats))
         for f in found:  # a zip may list a file without its folders
             parts = f.member.split("/")[:-1]
             dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -178,9 +226,14 @@ class Source:
         return "all" in self.dirs and "all/train" in self.dirs and "train" not in self.dirs
 
     def listing(self, task: str | None = None) -> Listing:
-        """The dataset's images and classes (``task`` matters only for the challenge's layout)."""
-        if task is not None and task not in TASKS:
-            raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+        """The dataset's images and classes (``task`` matters only for the challenge's layout:
+        ``binary`` reads ``two/``). Warns (:class:`LayoutWarning`) about skipped unsafe zip
+        members and class folders whose names differ only in case."""
+        task = canonical_task(task)
+        if self.unsafe:
+            warnings.warn(f"{self}: skipped {len(self.unsafe)} zip member(s) with an absolute path, a drive "
+                          f"letter or a '..' part: {', '.join(self.unsafe)}. They are never read; remove them "
+                          "from the zip", LayoutWarning, stacklevel=2)
         only = None
         if self.is_challenge:
             root = "two" if task == "binary" and "two" in self.dirs else "all"
@@ -216,7 +269,7 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
                             "like splits)")
         parents = {"train": root}
     depth = len(root.split("/")) if root else 0
-    files, junk, ignored = [], [], set()
+    files, junk, ignored = [], [], {d for d in source.repeats if d.startswith(head)}
     per_folder: dict[tuple[str, str], list[SourceFile]] = {}
     split_of = {folder: split for split, folder in parents.items()}
     for f in source.files:
@@ -251,6 +304,14 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
             if not cls.startswith(".") and (only is None or cls in only):
                 per_folder.setdefault((split, cls), [])
     _check(source, parents, per_folder, split_layout)
+    for split, folder in parents.items():
+        by_case: dict[str, list[str]] = {}
+        for cls in sorted(cls for s, cls in per_folder if s == split):
+            by_case.setdefault(cls.lower(), []).append(cls)
+        for same in (names for names in by_case.values() if len(names) > 1):
+            warnings.warn(f"{source.describe(folder)}: class folders {' and '.join(n + '/' for n in same)} differ "
+                          f"only in case: they are read as {len(same)} classes; merge them if they are one",
+                          LayoutWarning, stacklevel=3)
     class_names = tuple(sorted(cls for split, cls in per_folder if split == "train"))
     for (split, cls), members in sorted(per_folder.items()):
         files.extend(TaskFile(f, split, class_names.index(cls)) for f in members)
@@ -259,7 +320,8 @@ def _list_layout(source: Source, root: str, only: tuple[str, ...] | None) -> Lis
         digest.update(f"{t.file.member}\t{t.file.size}\t{t.file.mtime_ns}\n".encode())
     return Listing(root, class_names, tuple(s for s in SPLITS if s in parents), tuple(files), tuple(junk),
                    tuple(sorted(ignored)), digest.hexdigest(),
-                   "split folders" if split_layout else "class folders", challenge=source.is_challenge)
+                   "split folders" if split_layout else "class folders", challenge=source.is_challenge,
+                   unsafe=source.unsafe)
 
 
 def _mixed_depth(source: Source, file: SourceFile, folder: str) -> DataError:
@@ -297,13 +359,24 @@ def _check(source: Source, parents: dict[str, str],
                             f"{train_dir}/{cls}/ or remove the folder.")
 
 
+def _unsafe(member: str) -> bool:
+    """A zip member whose path leaves the dataset: absolute, with a drive letter or a ``..`` part."""
+    return member.startswith(("/", "\\")) or bool(_DRIVE.match(member)) or ".." in re.split(r"[/\\]", member)
+
+
 def _zip_prefix(path: pathlib.Path) -> str:
     """The folder inside the zip that holds the dataset ('' when it sits at the top)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.startswith("__MACOSX/")]
-    except (OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable zip file ({err})") from err
+            names = [n for n in zf.namelist() if not n.startswith("__MACOSX/") and not _unsafe(n)]
+    except zipfile.BadZipFile as err:
+        with open(path, "rb") as f:
+            if path.suffix.lower() == ".zip" or f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                raise DataError(f"{path}: a damaged or truncated zip file ({err}): copy or download it "
+                                "again") from err
+        raise DataError(f"{path}: a file that is not a zip; pass the dataset's folder or its zip") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err})") from err
     challenge = sorted({m.group("prefix") or "" for n in names if (m := _CHALLENGE_TOP.match(n))}, key=len)
     if challenge:
         return challenge[0]
@@ -318,14 +391,12 @@ def resolve_source(data_dir: str | os.PathLike | None) -> Source:
     if data_dir is None:
         if not REPO_DATA_DIR.exists():
             raise DataError(
-                f"no dataset found at the default location {REPO_DATA_DIR}: pass --data-dir PATH "
-                "(a folder of class folders, of split folders, or a zip of one)"
+                f"no dataset at the default location {REPO_DATA_DIR}: pass --data-dir PATH (a folder or zip "
+                "of class folders, or a prepared folder as `python -m xrayjax.data prepare` prints it)"
             )
         data_dir = REPO_DATA_DIR
     path = pathlib.Path(data_dir).expanduser()
     if path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"{path}: a file that is not a zip; pass the dataset's folder or its zip")
         return Source(path.resolve(), _zip_prefix(path))
     if not path.exists():
         raise DataError(f"--data-dir {path} does not exist")
