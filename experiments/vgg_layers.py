@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xrayjax.models import _VGG_DEPTHS, _VGG_WIDTHS, create_backbone, frozen_features
+from xrayjax.models import create_backbone, frozen_features
+from xrayjax.models.backbones import VGG_DEPTHS, VGG_WIDTHS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def layer_rows(arch: str, batch: int, size: int, dtype, steps: int, repeats: int
     rng = np.random.default_rng(0)
     rows, h, cin = [], size, 3
     layer = jax.jit(_conv_layer, static_argnums=3)
-    for block, (depth, width) in enumerate(zip(_VGG_DEPTHS[arch], _VGG_WIDTHS), start=1):
+    for block, (depth, width) in enumerate(zip(VGG_DEPTHS[arch], VGG_WIDTHS), start=1):
         for i in range(1, depth + 1):
             x = jnp.asarray(rng.normal(size=(batch, h, h, cin)), dtype)
             kernel = jnp.asarray(rng.normal(size=(3, 3, cin, width)) * 0.05, dtype)
@@ -97,7 +98,7 @@ def forward_rows(arch: str, batch: int, size: int, dtype, steps: int, repeats: i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=sorted(_VGG_DEPTHS), default="vgg16")
+    p.add_argument("--arch", choices=sorted(VGG_DEPTHS), default="vgg16")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")

@@ -23,8 +23,8 @@ from xrayjax.models import (
     create_head,
     create_model,
     fold_batchnorm,
-    main,
 )
+from xrayjax.models.__main__ import main
 from xrayjax.data import Split
 from xrayjax.inference import backbone_features, infer
 from xrayjax.porting import merge_keras_weights

@@ -1,0 +1,77 @@
+"""Flax model zoo equal to the Keras models of the report, layer for layer.
+
+Backbones (``vgg16``, ``vgg19``, ``resnet50``; :mod:`xrayjax.models.backbones`) mirror
+``keras.applications.<Model>(include_top=False)``; heads (:mod:`xrayjax.models.heads`) mirror
+the report's classifier tops and return logits; :class:`Classifier` joins a backbone and a head.
+Run ``python -m xrayjax.models ARCH TASK`` for a Keras-style summary.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xrayjax.models.backbones import ARCHS, BLOCKS, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features
+from xrayjax.models.heads import Head, create_head, default_l2
+from xrayjax.tasks import TASKS
+
+__all__ = [
+    "ARCHS", "BLOCKS", "TASKS", "Classifier", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
+    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "submodule_variables",
+]
+
+
+class Classifier(nn.Module):
+    """Backbone then head: ``head(frozen_features(backbone, x), train)``.
+
+    The backbone is frozen: its BatchNorm always uses running statistics, folded into the convs
+    as training, evaluation and prediction fold them (:func:`frozen_features`), so ``apply``
+    gives their logits bit for bit; the backbone's stage outputs are still sown under
+    "intermediates". ``init`` runs the backbone itself, to create its (unfolded) variables.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.is_initializing():
+            return self.head(self.backbone(x, train=False), train)
+        features, state = frozen_features(self.backbone, self.backbone.variables, x, mutable=["intermediates"])
+        for name, values in state["intermediates"].items():
+            for value in values:
+                self.backbone.sow("intermediates", name, value)
+        return self.head(features, train)
+
+
+def submodule_variables(variables: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The variables of one submodule (``"backbone"`` or ``"head"``) of a :class:`Classifier`."""
+    return {collection: tree[name] for collection, tree in variables.items() if name in tree}
+
+
+def create_model(
+    arch: str, task: str = "multiclass", dropout: float = 0.5, dtype: Any = jnp.float32,
+    num_classes: int | None = None,
+) -> Classifier:
+    """Full classifier; variables sit under ``backbone`` and ``head``. ``dtype`` is the
+    backbone's compute dtype; the head computes in float32, as in training."""
+    return Classifier(
+        backbone=create_backbone(arch, dtype=dtype),
+        head=create_head(arch, task, dropout=dropout, num_classes=num_classes),
+    )
+
+
+def num_params(tree: Any) -> int:
+    """The number of values in a tree of arrays (or of ``jax.eval_shape`` output)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def count_params(variables: Mapping[str, Any]) -> dict[str, int]:
+    """Keras-convention counts: head params are trainable; backbone params and every
+    BatchNorm statistic are not. Works on arrays or on ``jax.eval_shape`` output."""
+    params = variables.get("params", {})
+    trainable = num_params(params.get("head", {}))
+    total = num_params(params) + num_params(variables.get("batch_stats", {}))
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}

@@ -1,0 +1,101 @@
+"""The report's classifier tops: one per task, returning logits, with Keras' layer names."""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xrayjax.models.backbones import RESNET_STAGES, ARCHS
+from xrayjax.models.layers import (
+    HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, KERAS_KERNEL_INIT, KerasLayers, batch_norm, check_name, keras_name,
+)
+from xrayjax.tasks import TASKS, canonical_task
+
+
+class Head(KerasLayers):
+    """Classifier top of the report, returning logits.
+
+    Layers, in order: optional BatchNormalization, ``pool`` ("flatten" or "gap"), optional
+    Dropout, then per hidden width Dense+ReLU+Dropout, then the output Dense. Layers carry
+    the names Keras gives them automatically (``dense``, ``dense_1``, ``dropout``, ...).
+    """
+
+    pool: str
+    hidden: tuple[int, ...]
+    outputs: int
+    input_bn: bool = False
+    dropout_first: bool = False
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = jnp.asarray(x, self.dtype)
+        if self.input_bn:
+            x = batch_norm(
+                x, train, "batch_normalization", self.dtype, HEAD_BN_EPSILON, HEAD_BN_MOMENTUM
+            )
+        if self.pool == "flatten":
+            x = self.flatten(x, name="flatten")
+        else:
+            x = self.global_average_pooling(x, name="global_average_pooling2d")
+        drop = functools.partial(nn.Dropout, self.dropout, deterministic=not train)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=KERAS_KERNEL_INIT)
+        if self.dropout_first:
+            x = drop(name="dropout")(x)
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(dense(width, name=keras_name("dense", i))(x))
+            x = drop(name=keras_name("dropout", i + self.dropout_first))(x)
+        self.sow("intermediates", "embedding", x)
+        x = dense(self.outputs, name=keras_name("dense", len(self.hidden)))(x)
+        return x.astype(jnp.float32)
+
+
+def _binary_head(arch: str) -> dict[str, Any]:
+    """Task 1: Flatten -> Dropout -> Dense(256, relu) -> Dropout -> Dense(1)."""
+    del arch
+    return dict(pool="flatten", hidden=(256,), outputs=1, dropout_first=True)
+
+
+def _multiclass_head(arch: str) -> dict[str, Any]:
+    """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(N)
+    (the report's four_class head, N = 4 there)."""
+    if arch in RESNET_STAGES:
+        return dict(pool="gap", hidden=(512,), outputs=4, input_bn=True)
+    return dict(pool="gap", hidden=(512, 512), outputs=4)
+
+
+_HEADS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "binary": _binary_head,
+    "multiclass": _multiclass_head,
+}
+assert tuple(_HEADS) == TASKS
+
+
+def default_l2(arch: str, task: str) -> float:
+    """The report's L2 factor on the head's Dense kernels: none for vgg16's multiclass head."""
+    return 0.0 if (arch, canonical_task(task)) == ("vgg16", "multiclass") else 1e-3
+
+
+def create_head(
+    arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32, num_classes: int | None = None
+) -> nn.Module:
+    """The report's head for (``arch``, ``task``); returns logits (N, 1) for binary, (N, K) for
+    multiclass (``four_class``, the report's name, is read as multiclass) with K = ``num_classes``
+    (default 4)."""
+    check_name("arch", arch, ARCHS)
+    task = canonical_task(task)
+    check_name("task", task, TASKS)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    layers = _HEADS[task](arch)
+    if task == "binary" and num_classes not in (None, 2):
+        raise ValueError(f"the binary head classifies 2 classes, not {num_classes}: use multiclass")
+    if task == "multiclass" and num_classes is not None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        layers["outputs"] = num_classes
+    return Head(**layers, dropout=dropout, dtype=dtype)
