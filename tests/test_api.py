@@ -1,10 +1,13 @@
-"""The public API: no import shadows ``xrayjax.fit``, the README's Python examples run as written,
-and the module layout keeps its one-way dependencies."""
+"""The public API and its docs: no import shadows ``xrayjax.fit``, the Python examples of the README
+and of docs/ run as written, their shell commands parse, their links resolve, and the module
+layout keeps its one-way dependencies."""
 
 import ast
+import json
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -19,16 +22,155 @@ def _python(code: str, cwd: pathlib.Path, **env: str) -> subprocess.CompletedPro
                           text=True, timeout=600)
 
 
-def test_readme_python_examples_run_as_written_after_importing_the_cli_module(data_root, tmp_path):
-    # One fresh interpreter: `import xrayjax.train` first (a test collector or a notebook may
-    # import the CLI module), then every ```python block of the README as written; the
-    # training example calls xrayjax.fit, which no import may shadow.
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    assert len(blocks) >= 2 and any("xrayjax.fit(" in b for b in blocks)
-    prelude = "import xrayjax.train\nassert callable(xrayjax.train.main)\n"
-    done = _python(prelude + "\n".join(blocks), tmp_path, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# The two set-up commands of the README, kept exactly as the project's instructions give them.
+SETUP_COMMANDS = (
+    'python3 -m pip install -e ".[dev]" && python3 -m xrayjax.train --arch vgg19 --init random '
+    "--data-dir ../shared/covid_xray --out runs/vgg19",
+    'python3 -m pip install -e ".[dev]" && python3 -m pytest -q',
+)
+# The commands the docs may show: `python -m MODULE` (a package runs its __main__) or `python SCRIPT`,
+# each parsed by its main(argv).
+COMMANDS = {"xrayjax.train", "xrayjax.evaluate", "xrayjax.predict", "xrayjax.data", "xrayjax.models", "xrayjax.bench",
+            "weights/port.py", "experiments/reproduce_report.py"}
+NOT_OURS = {"pip", "pytest"}  # python -m pip / pytest: not the project's commands
+
+
+def _fenced(page: pathlib.Path, languages: tuple[str, ...]) -> list[str]:
+    """The fenced code blocks of ``page`` in one of ``languages``, in order."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+            if lang in languages]
+
+
+def _page_id(page: pathlib.Path) -> str:
+    return page.relative_to(REPO).as_posix()
+
+
+def test_every_page_is_linked_from_the_readme_and_the_readme_is_short():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 200
+    for command in SETUP_COMMANDS:
+        assert command in readme, f"the README lost its set-up command {command!r}"
+    for page in PAGES[1:]:
+        assert f"]({_page_id(page)})" in readme, f"README.md does not link {_page_id(page)}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_links_point_to_files_and_headings_that_exist(page):
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{_page_id(page)} links {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{_page_id(page)} links {target}: no such heading"
+
+
+def _shell_commands(page: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """(command, argv) of every project command in ``page``: each line of its bash blocks, and
+    every inline code span that starts with python."""
+    lines = [line for block in _fenced(page, ("bash", "sh")) for line in block.splitlines()]
+    lines += re.findall(r"`(python3? [^`]+)`", page.read_text())
+    found = []
+    for line in lines:
+        for part in re.split(r"&&|\|\||;|\|", line):
+            words = shlex.split(part, comments=True)
+            starts = [i for i, w in enumerate(words) if w in ("python", "python3")]
+            if not starts:
+                continue
+            words = words[starts[0] + 1:]
+            target = words[1] if words[:1] == ["-m"] else words[0]
+            argv = words[2:] if words[:1] == ["-m"] else words[1:]
+            if target not in NOT_OURS:
+                found.append((target, argv))
+    return found
+
+
+_PARSE_ALL = """
+import argparse, importlib, importlib.util, io, json, pathlib, sys, contextlib
+class Parsed(Exception):
+    pass
+parse_args = argparse.ArgumentParser.parse_args
+def parse_only(self, *args, **kwargs):
+    parse_args(self, *args, **kwargs)
+    raise Parsed
+argparse.ArgumentParser.parse_args = parse_only
+failures = []
+for where, target, argv in json.load(sys.stdin):
+    if target.endswith(".py"):  # a script: loaded once under its own name, as `python SCRIPT` would
+        name = "_script_" + pathlib.Path(target).stem
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, target)
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[name])
+        module = sys.modules[name]
+    else:  # python -m: a package runs its __main__
+        module = importlib.import_module(target)
+        if hasattr(module, "__path__"):
+            module = importlib.import_module(target + ".__main__")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            module.main(argv)
+        failures.append(f"{where}: {target} {argv}: main() ran past its parser")
+    except Parsed:
+        pass
+    except SystemExit as e:
+        if e.code not in (0, None):
+            failures.append(f"{where}: {target} {' '.join(argv)}: {err.getvalue().strip()}")
+print(json.dumps(failures))
+"""
+
+
+def test_shell_commands_in_the_docs_parse_as_written(tmp_path):
+    # Every `python -m xrayjax...` and project script the pages show is parsed by its own
+    # command line (flags, choices, required arguments), without running it.
+    commands = []
+    for page in PAGES:
+        for target, argv in _shell_commands(page):
+            assert target in COMMANDS, f"{_page_id(page)} shows an unknown command: python {target} {argv}"
+            commands.append((_page_id(page), target, argv))
+    assert {c[1] for c in commands} >= {"xrayjax.train", "xrayjax.data", "xrayjax.evaluate", "xrayjax.predict"}
+    done = subprocess.run([sys.executable, "-c", _PARSE_ALL], input=json.dumps(commands), cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "runs" / "try" / "metrics.json").is_file()
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(f.splitlines()[0] + " " + f.splitlines()[-1] for f in failures)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+    """One prepared-data folder for every page's examples (the data is prepared once)."""
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _fenced(p, ("python",))], ids=_page_id)
+def test_python_examples_run_as_written(page, data_root, tfds_dir, tmp_path):
+    # One fresh interpreter per page, in an empty folder: every ```python block of the page as
+    # written, in order (a block may use what an earlier one made). The README's first imports
+    # the CLI module (a test collector or a notebook may), then calls xrayjax.fit, which no
+    # import may shadow.
+    blocks = _fenced(page, ("python",))
+    prelude = ""
+    if page.name == "README.md":
+        assert any("xrayjax.fit(" in b for b in blocks)
+        prelude = "import xrayjax.train\nassert callable(xrayjax.train.main)\n"
+    done = _python(prelude + "\n".join(blocks), tmp_path, TFDS_DATA_DIR=str(tfds_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    if page.name == "README.md":
+        assert (tmp_path / "runs" / "try" / "metrics.json").is_file()
+
+
+def test_the_readme_and_the_docs_have_python_examples():
+    assert {_page_id(p) for p in PAGES if _fenced(p, ("python",))} >= {"README.md", "docs/models.md"}
 
 
 def _imports() -> dict[str, set[str]]:

@@ -133,7 +133,7 @@ def test_streamed_images_equal_the_decoded_files(tmp_path):
     ({"train/a": 2, "train/b": 2}, "val/", r"val holds no class folders: add them, or remove the folder"),
     ({"training/a": 2, "training/b": 2, "testing/a": 1}, None, r"holds testing/, training/ but no train/ folder"),
 ])
-def test_bad_layouts_are_clear_errors_and_write_nothing(tmp_path, counts, extra, message):
+def test_bad_layouts_are_clear_errors_and_write_nothing(tmp_path, counts, extra, message, capsys):
     root = make(tmp_path / "d", {k: v for k, v in counts.items() if v})
     for folder, n in counts.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -145,13 +145,27 @@ def test_bad_layouts_are_clear_errors_and_write_nothing(tmp_path, counts, extra,
         _splits(root, tmp_path)
     from xrayjax.data.__main__ import main
 
+    from xrayjax.train import main as train_main
+
     assert main(["prepare", "--data-dir", str(root), "--tfds-dir", str(tmp_path / "tfds")]) == 2
+    capsys.readouterr()
+    assert train_main(["--data-dir", str(root), "--init", "random", "--tfds-dir", str(tmp_path / "tfds"),
+                       "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_a_bad_layout_is_one_line_from_the_command_line(tmp_path):
+    root = make(tmp_path / "d", {"train/a": 3})
     run = subprocess.run([sys.executable, "-m", "xrayjax.train", "--data-dir", str(root), "--init", "random",
                           "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
-    assert not (tmp_path / "run").exists()
-    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        f"error: {root / 'train'} holds a single class (a): a classifier needs at least 2 class folders. Expected "
+        "<split>/<class>/<images> (train/ required; val/ and test/ optional) or <class>/<images>, with at least 2 "
+        "class folders."]
 
 
 # --- heads and the task from the data -----------------------------------------------------

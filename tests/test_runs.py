@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import jax
 import numpy as np
@@ -64,6 +63,18 @@ def test_every_run_records_its_splits_and_absolute_paths(trained):
     config = json.loads((result.run_dir / runfiles.CONFIG_FILE).read_text())["config"]
     assert config["data_dir"] == str(data) and config["out"] == str(result.run_dir)
     assert pathlib.Path(config["tfds_dir"]).is_absolute() and result.run_dir.is_absolute()
+
+
+def test_a_run_lists_its_dataset_once_and_closes_it(small_dataset, tmp_path, monkeypatch):
+    from xrayjax.data import source
+
+    listed, closed = [], []
+    real_init, real_listing, real_close = source.Source.__init__, source.Source.listing, source.Source.close
+    monkeypatch.setattr(source.Source, "__init__", lambda self, *a, **k: listed.append("walk") or real_init(self, *a, **k))
+    monkeypatch.setattr(source.Source, "listing", lambda self, *a, **k: listed.append("list") or real_listing(self, *a, **k))
+    monkeypatch.setattr(source.Source, "close", lambda self: closed.append(1) or real_close(self))
+    fit(_config(small_dataset, tmp_path / "run"))
+    assert listed == ["walk", "list"] and closed == [1]
 
 
 def test_evaluation_scores_the_recorded_splits_from_any_directory(trained, tmp_path, monkeypatch):

@@ -25,9 +25,10 @@ MAX_IMAGE_SIZE = 1024  # prepared images are 224 px; beyond this only memory gro
 MULTI_HOST = "multi-host"
 _MULTI_HOST_HELP = (
     "Run the same command on every host, changing only --process-id. Without these flags they "
-    "come from the environment jax.distributed.initialize understands (JAX_COORDINATOR_ADDRESS; "
-    "SLURM's srun, Open MPI, Kubernetes, Cloud TPU). --batch-size stays global; process 0 writes "
-    "--out and evaluates; --resume needs its checkpoint on every host."
+    "come from the environment (JAX_COORDINATOR_ADDRESS; SLURM's srun and Open MPI 4 give all three; "
+    "Open MPI 5 and MPICH give the count and id, so pass --coordinator; Kubernetes and Cloud TPU need "
+    "the flags). --batch-size stays global; process 0 writes --out and evaluates; --resume needs its "
+    "checkpoint on every host."
 )
 
 

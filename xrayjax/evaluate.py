@@ -29,6 +29,7 @@ from xrayjax.data import Split, Splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, probabilities
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
+from xrayjax.tasks import SPLITS
 from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
 
 GRADCAM_IMAGES = 8
@@ -216,7 +217,7 @@ def evaluate_run(
             f"the data's classes {splits.class_names} differ from the run's {class_names} "
             f"({run_dir / CONFIG_FILE}): evaluate with the task the run was trained on"
         )
-    names = [name for name in ("train", "validation", "test") if len(getattr(splits, name))]
+    names = [name for name in SPLITS if len(getattr(splits, name))]
     cached = features is not None and all(name in features for name in names)
     if cached:
         for name in names:

@@ -256,9 +256,14 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
     (:func:`open_dataset`), else it is listed here."""
     from xrayjax.data.builder import prepare, read_prepared  # imports tensorflow-datasets
 
-    dataset = dataset or open_dataset(cfg)
-    builder = dataset.prepared or prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir,
-                                          cfg.skip_bad_images, cfg.task, quiet=quiet)
+    opened = dataset is None
+    dataset = open_dataset(cfg) if opened else dataset
+    try:
+        builder = dataset.prepared or prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir,
+                                              cfg.skip_bad_images, cfg.task, quiet=quiet)
+    finally:
+        if opened:
+            dataset.close()
     names = dataset.class_names
     prepared = {split: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
                                           cfg.image_size), p.labels, p.names,
