@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,15 +102,16 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
         self.workers = workers or os.cpu_count() or 1
         self.quiet = quiet
 
-    # TFDS prints (termcolor.cprint, no logger) "Downloading and preparing dataset ..." before
-    # preparing and "Dataset ... downloaded and prepared ..." after; ``quiet`` drops both.
+    # TFDS prints (termcolor.cprint, no logger) "Downloading and preparing dataset Unknown size
+    # ..." before preparing and "Dataset ... downloaded and prepared ..." after, though nothing is
+    # downloaded: one line of our own instead, none when ``quiet``.
     def _log_download_bytes(self) -> None:
         if not self.quiet:
-            super()._log_download_bytes()
+            print(f"preparing {len(self.listing.files)} images of {self.source} into {self.data_dir} (once: "
+                  "later runs reuse them)", file=sys.stderr, flush=True)
 
     def _log_download_done(self) -> None:
-        if not self.quiet:
-            super()._log_download_done()
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
