@@ -2,7 +2,12 @@
 and of docs/ run as written, their shell commands parse, their links resolve, and the module
 layout keeps its one-way dependencies."""
 
+import argparse
 import ast
+import contextlib
+import importlib
+import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -14,12 +19,6 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _python(code: str, cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", **env}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=600)
 
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -94,79 +93,113 @@ def _shell_commands(page: pathlib.Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-_PARSE_ALL = """
-import argparse, importlib, importlib.util, io, json, pathlib, sys, contextlib
-class Parsed(Exception):
-    pass
-parse_args = argparse.ArgumentParser.parse_args
-def parse_only(self, *args, **kwargs):
-    parse_args(self, *args, **kwargs)
-    raise Parsed
-argparse.ArgumentParser.parse_args = parse_only
-failures = []
-for where, target, argv in json.load(sys.stdin):
-    if target.endswith(".py"):  # a script: loaded once under its own name, as `python SCRIPT` would
+class _Parsed(Exception):
+    """Raised by the patched ArgumentParser.parse_args once the command line has parsed."""
+
+
+def _command_main(target: str):
+    """The main() that `python TARGET` (a script, loaded once under its own name) or
+    `python -m TARGET` (a package runs its __main__) calls."""
+    if target.endswith(".py"):
         name = "_script_" + pathlib.Path(target).stem
         if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, target)
+            spec = importlib.util.spec_from_file_location(name, REPO / target)
             sys.modules[name] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(sys.modules[name])
-        module = sys.modules[name]
-    else:  # python -m: a package runs its __main__
-        module = importlib.import_module(target)
-        if hasattr(module, "__path__"):
-            module = importlib.import_module(target + ".__main__")
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            module.main(argv)
-        failures.append(f"{where}: {target} {argv}: main() ran past its parser")
-    except Parsed:
-        pass
-    except SystemExit as e:
-        if e.code not in (0, None):
-            failures.append(f"{where}: {target} {' '.join(argv)}: {err.getvalue().strip()}")
-print(json.dumps(failures))
-"""
+        return sys.modules[name].main
+    module = importlib.import_module(target)
+    if hasattr(module, "__path__"):
+        module = importlib.import_module(target + ".__main__")
+    return module.main
 
 
-def test_shell_commands_in_the_docs_parse_as_written(tmp_path):
+def test_shell_commands_in_the_docs_parse_as_written(monkeypatch):
     # Every `python -m xrayjax...` and project script the pages show is parsed by its own
-    # command line (flags, choices, required arguments), without running it.
+    # command line (flags, choices, required arguments), without running it: main(argv) runs
+    # until its parser has parsed, here, from the repository root.
     commands = []
     for page in PAGES:
         for target, argv in _shell_commands(page):
             assert target in COMMANDS, f"{_page_id(page)} shows an unknown command: python {target} {argv}"
             commands.append((_page_id(page), target, argv))
     assert {c[1] for c in commands} >= {"xrayjax.train", "xrayjax.data", "xrayjax.evaluate", "xrayjax.predict"}
-    done = subprocess.run([sys.executable, "-c", _PARSE_ALL], input=json.dumps(commands), cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, *args, **kwargs):
+        parse_args(self, *args, **kwargs)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.chdir(REPO)
+    failures = []
+    for where, target, argv in commands:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                _command_main(target)(argv)
+            failures.append(f"{where}: {target} {argv}: main() ran past its parser")
+        except _Parsed:
+            pass
+        except SystemExit as e:
+            if e.code not in (0, None):
+                failures.append(f"{where}: {target} {' '.join(argv)}: {err.getvalue().strip()}")
     assert not failures, "\n".join(f.splitlines()[0] + " " + f.splitlines()[-1] for f in failures)
 
 
+_RUN_PAGES = """
+import contextlib, json, os, sys, traceback
+results = {}
+for page, code, cwd in json.load(sys.stdin):
+    environ = dict(os.environ)
+    os.chdir(cwd)
+    print(f"=== {page}", flush=True)
+    try:
+        exec(compile(code, page, "exec"), {"__name__": "__main__"})
+        results[page] = None
+    except BaseException:  # SystemExit included: the page failed
+        results[page] = traceback.format_exc()
+    finally:  # the next page starts from the same environment (docs/multi-host.md sets OMPI_*)
+        os.environ.clear()
+        os.environ.update(environ)
+with open(sys.argv[1], "w") as f:
+    json.dump(results, f)
+"""
+EXAMPLE_PAGES = [p for p in PAGES if _fenced(p, ("python",))]
+
+
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory) -> pathlib.Path:
-    """One prepared-data folder for every page's examples (the data is prepared once)."""
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.mark.parametrize("page", [p for p in PAGES if _fenced(p, ("python",))], ids=_page_id)
-def test_python_examples_run_as_written(page, data_root, tfds_dir, tmp_path):
-    # One fresh interpreter per page, in an empty folder: every ```python block of the page as
-    # written, in order (a block may use what an earlier one made). The README's first imports
-    # the CLI module (a test collector or a notebook may), then calls xrayjax.fit, which no
-    # import may shadow.
-    blocks = _fenced(page, ("python",))
-    prelude = ""
-    if page.name == "README.md":
-        assert any("xrayjax.fit(" in b for b in blocks)
-        prelude = "import xrayjax.train\nassert callable(xrayjax.train.main)\n"
-    done = _python(prelude + "\n".join(blocks), tmp_path, TFDS_DATA_DIR=str(tfds_dir))
+def examples_run(data_root, tmp_path_factory) -> dict:
+    """Every page's ```python blocks as written, in order (a block may use what an earlier one
+    made), each page in an empty folder of its own and a fresh namespace, all in one interpreter
+    (one JAX import, one prepared-data folder). The README runs first: its prelude imports the
+    CLI module (a test collector or a notebook may), then it calls xrayjax.fit, which no import
+    may shadow. Returns each page's folder and its traceback (None when it ran)."""
+    root = tmp_path_factory.mktemp("examples")
+    assert EXAMPLE_PAGES[0].name == "README.md"
+    jobs, folders = [], {}
+    for page in EXAMPLE_PAGES:
+        blocks = _fenced(page, ("python",))
+        prelude = ""
+        if page.name == "README.md":
+            assert any("xrayjax.fit(" in b for b in blocks)
+            prelude = "import xrayjax.train\nassert callable(xrayjax.train.main)\n"
+        folders[page] = root / _page_id(page).replace("/", "_")
+        folders[page].mkdir()
+        jobs.append((_page_id(page), prelude + "\n".join(blocks), str(folders[page])))
+    results = root / "results.json"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "TFDS_DATA_DIR": str(root / "tfds")}
+    done = subprocess.run([sys.executable, "-c", _RUN_PAGES, str(results)], input=json.dumps(jobs), cwd=root,
+                          env=environment, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return {"folders": folders, "failures": json.loads(results.read_text())}
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=_page_id)
+def test_python_examples_run_as_written(page, examples_run):
+    failure = examples_run["failures"][_page_id(page)]
+    assert failure is None, failure[-3000:]
     if page.name == "README.md":
-        assert (tmp_path / "runs" / "try" / "metrics.json").is_file()
+        assert (examples_run["folders"][page] / "runs" / "try" / "metrics.json").is_file()
 
 
 def test_the_readme_and_the_docs_have_python_examples():

@@ -170,15 +170,16 @@ def test_a_bad_layout_is_one_line_from_the_command_line(tmp_path):
 
 # --- heads and the task from the data -----------------------------------------------------
 
-def test_impossible_folds_stop_before_training(tmp_path):
+def test_impossible_folds_stop_before_training(tmp_path, capsys):
+    from xrayjax.train import main as train_main
+
     root = make(tmp_path / "d", {"train/a": 6, "train/b": 2, "test/a": 1, "test/b": 1})
-    run = subprocess.run([sys.executable, "-m", "xrayjax.train", "--data-dir", str(root), "--init", "random",
-                          "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "run"), "--folds", "3",
-                          "--image-size", "32", "--batch-size", "4"], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == ("error: --folds 3: the smallest class has 2 image(s); pass "
-                                                  "--folds 2 or fewer")
-    assert not (tmp_path / "run").exists() and "epoch" not in run.stderr
+    assert train_main(["--data-dir", str(root), "--init", "random", "--tfds-dir", str(tmp_path / "tfds"), "--out",
+                       str(tmp_path / "run"), "--folds", "3", "--image-size", "32", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: --folds 3: the smallest class has 2 image(s); pass --folds 2 or fewer"
+    assert not (tmp_path / "run").exists() and "epoch" not in err
 
 
 def test_task_and_head_follow_the_number_of_classes():
@@ -222,24 +223,24 @@ def three_classes(data_root, tmp_path_factory):
     return root
 
 
-def test_three_classes_train_end_to_end(three_classes, tmp_path):
+def test_three_classes_train_end_to_end(three_classes, tmp_path, capsys):
+    # the training and prediction commands' main(argv), as `python -m` runs them
+    from xrayjax.predict import main as predict_main
+    from xrayjax.train import main as train_main
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "xrayjax.train", "--arch", "vgg16", "--init", "random", "--data-dir",
-           str(three_classes), "--tfds-dir", str(tmp_path / "tfds"), "--out", str(out), "--image-size", "32",
-           "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.25"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_main(["--arch", "vgg16", "--init", "random", "--data-dir", str(three_classes), "--tfds-dir",
+                       str(tmp_path / "tfds"), "--out", str(out), "--image-size", "32", "--epochs", "2",
+                       "--batch-size", "4", "--val-fraction", "0.25"]) == 0, capsys.readouterr().err[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"] and config["config"]["task"] == "multiclass"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["class_names"] == ["COVID", "NORMAL", "PNEUMONIA"]
     assert set(metrics["per_class"]) == {"COVID", "NORMAL", "PNEUMONIA"} and len(metrics["test_predictions"]) == 6
-    assert "PNEUMONIA" in proc.stdout
+    assert "PNEUMONIA" in capsys.readouterr().out
     image = next((three_classes / "test" / "NORMAL").glob("*"))
-    pred = subprocess.run([sys.executable, "-m", "xrayjax.predict", "--run", str(out), "--json", str(image)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert pred.returncode == 0, pred.stderr[-2000:]
-    assert set(json.loads(pred.stdout)[0]["probabilities"]) == {"COVID", "NORMAL", "PNEUMONIA"}
+    assert predict_main(["--run", str(out), "--json", str(image)]) == 0, capsys.readouterr().err[-2000:]
+    assert set(json.loads(capsys.readouterr().out)[0]["probabilities"]) == {"COVID", "NORMAL", "PNEUMONIA"}
     dataset = open_dataset(DataConfig(data_dir=str(three_classes)))
     dataset.close()
     assert dataset.class_names == ("COVID", "NORMAL", "PNEUMONIA")

@@ -42,59 +42,85 @@ def _env() -> dict[str, str]:
     return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
 
 
-def _run_processes(commands: list[list[str]], tmp: pathlib.Path, tag: str) -> list[tuple[int, str]]:
-    """Start every command at once; (exit status, stderr) of each, killing all on a hang."""
+def _start_processes(commands: list[list[str]], tmp: pathlib.Path, tag: str):
+    """Start every command at once, each logging into ``<tag><i>.log``; returns a function that
+    waits for them all and gives (exit status, log) of each, killing all on a hang."""
     logs = [tmp / f"{tag}{i}.log" for i in range(len(commands))]
     procs = []
     for command, log in zip(commands, logs):
         with open(log, "wb") as f:
             procs.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{tag}: processes hung; logs:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
-    return [(code, log.read_text()) for code, log in zip(codes, logs)]
+
+    def wait() -> list[tuple[int, str]]:
+        try:
+            codes = [p.wait(timeout=PROCESS_TIMEOUT) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{tag}: processes hung; logs:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+        return [(code, log.read_text()) for code, log in zip(codes, logs)]
+
+    return wait
 
 
-def _train_two_processes(tmp: pathlib.Path, tag: str, **overrides) -> list[dict]:
-    """Both processes train (out: ``multi<process id>``); each dumps params and history."""
+def _start_two_processes(tmp: pathlib.Path, phases: list[tuple[str, dict]]):
+    """Start both processes, each training every phase in turn (out: ``multi<process id>``) and
+    dumping params and history after each; returns a function that waits for them and gives the
+    dumps per phase, per process."""
     port = _free_port()
     jobs = [
-        {"tmp": str(tmp), "name": f"multi{i}", "dump": str(tmp / f"{tag}{i}.msgpack"),
-         "config": {**overrides, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
-                    "process_id": i, "coordinator_timeout": 60}}
+        {"tmp": str(tmp), "name": f"multi{i}",
+         "phases": [{"dump": str(tmp / f"{tag}{i}.msgpack"),
+                     "config": {**overrides, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                                "process_id": i, "coordinator_timeout": 60}}
+                    for tag, overrides in phases]}
         for i in range(2)
     ]
-    results = _run_processes([[sys.executable, __file__, json.dumps(job)] for job in jobs], tmp, tag)
-    for code, log in results:
-        assert code == 0, log[-4000:]
-    return [serialization.msgpack_restore(pathlib.Path(job["dump"]).read_bytes()) for job in jobs]
+    wait = _start_processes([[sys.executable, __file__, json.dumps(job)] for job in jobs], tmp, "multi")
+
+    def dumps() -> list[list[dict]]:
+        for code, log in wait():
+            assert code == 0, log[-4000:]
+        return [[serialization.msgpack_restore(pathlib.Path(job["phases"][k]["dump"]).read_bytes()) for job in jobs]
+                for k in range(len(phases))]
+
+    return dumps
 
 
 def _worker(job: dict) -> None:
-    result = fit(tiny_config(pathlib.Path(job["tmp"]), job["name"], **job["config"]), tiny_splits("binary"))
-    state = serialization.to_state_dict(jax.device_get(result.state))
-    payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
-    pathlib.Path(job["dump"]).write_bytes(serialization.msgpack_serialize(payload))
+    tmp = pathlib.Path(job["tmp"])
+    for k, phase in enumerate(job["phases"]):
+        if k:  # between the phases, process 1's host gets a copy of process 0's run folder
+            distributed.wait_for_all("phase written")
+            if phase["config"]["process_id"] == 1:
+                written = sorted(p.name for p in (tmp / "multi1").glob("*"))  # process 1 wrote nothing
+                (tmp / "process1_files.json").write_text(json.dumps(written))
+                shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)
+                shutil.copy(tmp / "multi1" / "checkpoint.msgpack", tmp / "copied.msgpack")
+            distributed.wait_for_all("run folder copied")
+        result = fit(tiny_config(tmp, job["name"], **phase["config"]), tiny_splits("binary"))
+        state = serialization.to_state_dict(jax.device_get(result.state))
+        payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
+        pathlib.Path(phase["dump"]).write_bytes(serialization.msgpack_serialize(payload))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """vgg16 binary, 10 images in global batches of 4: epoch 1 on the full path, then resumed
-    to epoch 2 on the cached-feature path; one process with 4 devices vs two with 2 each."""
+    to epoch 2 on the cached-feature path; one process with 4 devices vs two with 2 each (the
+    two train both epochs in one process each, process 1 resuming from a copy of process 0's
+    epoch-1 folder)."""
     tmp = tmp_path_factory.mktemp("dist")
     splits = tiny_splits("binary")
+    multi = _start_two_processes(tmp, [("epoch1", dict(epochs=1, cache_features=False)),
+                                       ("epoch2", dict(epochs=2, resume=True))])
+    # the one-process runs train here while the two processes run
     single1 = fit(tiny_config(tmp, "single", epochs=1, cache_features=False, num_devices=4), splits)
     single2 = fit(tiny_config(tmp, "single", epochs=2, resume=True, num_devices=4), splits)
-    multi1 = _train_two_processes(tmp, "epoch1", epochs=1, cache_features=False)
-    process1_files = sorted(p.name for p in (tmp / "multi1").glob("*"))
-    shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)  # process 1's host gets a copy
-    copied = (tmp / "multi1" / "checkpoint.msgpack").read_bytes()
-    multi2 = _train_two_processes(tmp, "epoch2", epochs=2, resume=True)
-    return {"tmp": tmp, "single": (single1, single2), "multi": (multi1, multi2),
-            "process1_files": process1_files, "copied": copied}
+    multi = multi()
+    return {"tmp": tmp, "single": (single1, single2), "multi": multi,
+            "process1_files": json.loads((tmp / "process1_files.json").read_text()),
+            "copied": (tmp / "copied.msgpack").read_bytes()}
 
 
 def test_two_processes_equal_one_process(runs):
@@ -125,13 +151,13 @@ def test_missing_peer_or_coordinator_fails_with_message(tmp_path):
     commands = [
         [sys.executable, "-m", "xrayjax.train", "--init", "random", "--image-size", "32", "--quiet",
          "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", str(i),
-         "--coordinator-timeout", "10", "--out", str(tmp_path / f"run{i}")]
+         "--coordinator-timeout", "2", "--out", str(tmp_path / f"run{i}")]
         for i in range(2)
     ]
-    for i, (code, log) in enumerate(_run_processes(commands, tmp_path, "alone")):
+    for i, (code, log) in enumerate(_start_processes(commands, tmp_path, "alone")()):
         assert code == distributed.EXIT_NOT_JOINED, log[-3000:]
         assert f"error: process {i} of 2 via flags at coordinator 127.0.0.1:" in log
-        assert "could not reach all processes within 10 s" in log and "--coordinator-timeout" in log
+        assert "could not reach all processes within 2 s" in log and "--coordinator-timeout" in log
         assert not (tmp_path / f"run{i}").exists()
 
 

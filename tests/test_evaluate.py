@@ -166,13 +166,18 @@ def test_tsne_handles_small_n_and_rejects_tiny_n():
         tsne_points(np.zeros((3, 5)))
 
 
-def _init(arch, task, size):
+def _init(arch, task, size, compiled=False):
+    """The model and random variables: initialised op by op from threefry key 0, or (compiled)
+    by one compiled init from an rbg key, much cheaper to compile."""
     model = create_model(arch, task)
-    return model, model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    x = jnp.zeros((1, size, size, 3))
+    if compiled:
+        return model, jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(0, impl="rbg"))
+    return model, model.init(jax.random.key(0), x, train=False)
 
 
 def test_gradcam_on_a_four_class_model_has_image_shape_and_range():
-    model, variables = _init("vgg16", "multiclass", 64)
+    model, variables = _init("vgg16", "multiclass", 64, compiled=True)
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     heat, logits = grad_cam(model, variables, images)
     assert heat.shape == (3, 64, 64) and logits.shape == (3, 4)
@@ -227,9 +232,17 @@ def tiny_run(data_root, tmp_path_factory):
     return out, splits
 
 
-def test_evaluate_run_writes_metrics_and_figures(tiny_run):
+@pytest.fixture(scope="module")
+def evaluated(tiny_run) -> dict:
+    """evaluate_run on the tiny run's folder, the backbone run on its images (once, for the
+    tests that read its metrics)."""
     run_dir, splits = tiny_run
-    metrics = evaluate_run(run_dir, splits, quiet=True)
+    return evaluate_run(run_dir, splits, quiet=True)
+
+
+def test_evaluate_run_writes_metrics_and_figures(tiny_run, evaluated):
+    run_dir, splits = tiny_run
+    metrics = evaluated
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert metrics["n"] == 12 and np.sum(metrics["confusion_matrix"]) == 12
     probs = predict(load_run(run_dir), splits.test.images[:])
@@ -243,20 +256,22 @@ def test_evaluate_run_writes_metrics_and_figures(tiny_run):
         _assert_readable_png(run_dir / f"{name}.png")
 
 
-def test_evaluate_run_from_cached_features_runs_only_the_head(tiny_run, tmp_path):
+def test_evaluate_run_from_cached_features_runs_only_the_head(tiny_run, evaluated, tmp_path):
     run_dir, splits = tiny_run
     run_dir = shutil.copytree(run_dir, tmp_path / "run")
+    for figure in run_dir.glob("*.png"):  # the figures checked below are this evaluation's
+        figure.unlink()
     run = load_run(run_dir)
     features = {name: backbone_features(run.model, run.variables, getattr(splits, name).images[:])
                 for name in ("train", "validation", "test")}
-    expected = evaluate_run(run_dir, splits, quiet=True)
+    expected = evaluated  # the same run folder evaluated on the images
     # Blank images: whatever the metrics say can only come from the features.
     blank = Splits(*(Split(np.zeros(s.images.shape, np.uint8), s.labels, s.names)
                      for s in (splits.train, splits.validation, splits.test)), splits.class_names)
     got = evaluate_run(run_dir, blank, quiet=True, features=features)
     assert got["accuracy_by_split"] == expected["accuracy_by_split"]
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
-    for row, want in zip(got["test_predictions"], expected["test_predictions"]):
+    for row, want in zip(got["test_predictions"], expected["test_predictions"], strict=True):
         assert row["predicted"] == want["predicted"]
         np.testing.assert_allclose(list(row["probabilities"].values()),
                                    list(want["probabilities"].values()), atol=1e-5)

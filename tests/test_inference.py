@@ -32,7 +32,8 @@ def test_probabilities_of_one_logit_and_of_several():
 
 def test_infer_pads_batches_keeps_order_and_equals_the_head_on_cached_features():
     model = create_model("vgg16", "multiclass")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))  # one compile
+    variables = init(jax.random.key(0, impl="rbg"))
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     split = Split(images, np.zeros(5, np.int32), tuple("abcde"))
     logits, embeddings = infer(model, variables, split, batch_size=2)  # 2 + 2 + 1 padded to 2

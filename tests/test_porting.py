@@ -432,21 +432,24 @@ def test_cli_ports_a_local_file(vgg16_file, tmp_path, capsys):
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded, ported))
 
 
-def test_cli_errors_write_nothing(vgg16_file, include_top_h5, tmp_path):
+def test_cli_errors_write_nothing(vgg16_file, include_top_h5, tmp_path, capsys):
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(vgg16_file.read_bytes()[:100_000])
     out = tmp_path / "out"
     out.mkdir()
-    script = [sys.executable, str(REPO / "weights" / "port.py")]
+    # the first case from the command line (exit status, no traceback), the others in-process
+    argv = ["--arch", "vgg16", "--h5", str(truncated), "--out", str(out)]
+    done = subprocess.run([sys.executable, str(REPO / "weights" / "port.py"), *argv], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert str(truncated) in done.stderr and "truncated" in done.stderr and "Traceback" not in done.stderr
+    assert list(out.iterdir()) == []
     for arch, h5, expected in (
-        ("vgg16", truncated, "truncated"),
         ("vgg19", vgg16_file, "rerun with --arch vgg16"),
         ("resnet50", include_top_h5, "_notop.h5"),
     ):
-        argv = [*script, "--arch", arch, "--h5", str(h5), "--out", str(out)]
-        done = subprocess.run(argv, capture_output=True, text=True)
-        assert done.returncode == 1, done.stderr
-        assert str(h5) in done.stderr and expected in done.stderr and "Traceback" not in done.stderr
+        assert port_script.main(["--arch", arch, "--h5", str(h5), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert str(h5) in err and expected in err and "Traceback" not in err
         assert list(out.iterdir()) == []
 
 

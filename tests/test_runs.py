@@ -37,20 +37,38 @@ def _config(data: pathlib.Path, out: pathlib.Path, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def trained(small_dataset, tmp_path_factory):
     """A copy of the small dataset (2 train + 1 test image per class) and a 1-epoch run on it,
-    trained from a relative --data-dir and --out."""
+    trained from a relative --data-dir and --out; ``sources`` records what the run did with its
+    dataset (walked, listed, closed)."""
+    from xrayjax.data import source
+
     root = tmp_path_factory.mktemp("spec")
     data = pathlib.Path(shutil.copytree(small_dataset, root / "data"))
-    here = os.getcwd()
-    os.chdir(root)
-    try:
+    sources = {"listed": [], "closed": []}
+    real_init, real_listing, real_close = source.Source.__init__, source.Source.listing, source.Source.close
+
+    def init(self, *a, **k):
+        sources["listed"].append("walk")
+        real_init(self, *a, **k)
+
+    def listing(self, *a, **k):
+        sources["listed"].append("list")
+        return real_listing(self, *a, **k)
+
+    def close(self):
+        sources["closed"].append(1)
+        real_close(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(source.Source, "__init__", init)
+        patch.setattr(source.Source, "listing", listing)
+        patch.setattr(source.Source, "close", close)
+        patch.chdir(root)
         result = fit(_config(pathlib.Path("data"), pathlib.Path("run"), tfds_dir="tfds"))
-    finally:
-        os.chdir(here)
-    return data, result
+    return data, result, sources
 
 
 def test_every_run_records_its_splits_and_absolute_paths(trained):
-    data, result = trained
+    data, result, _ = trained
     record = json.loads((result.run_dir / runfiles.SPLITS_FILE).read_text())
     assert record["class_names"] == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
     expected = {split: sorted(f"{'test' if split == 'test' else 'train'}/{p.parent.name}/{p.name}"
@@ -65,20 +83,13 @@ def test_every_run_records_its_splits_and_absolute_paths(trained):
     assert pathlib.Path(config["tfds_dir"]).is_absolute() and result.run_dir.is_absolute()
 
 
-def test_a_run_lists_its_dataset_once_and_closes_it(small_dataset, tmp_path, monkeypatch):
-    from xrayjax.data import source
-
-    listed, closed = [], []
-    real_init, real_listing, real_close = source.Source.__init__, source.Source.listing, source.Source.close
-    monkeypatch.setattr(source.Source, "__init__", lambda self, *a, **k: listed.append("walk") or real_init(self, *a, **k))
-    monkeypatch.setattr(source.Source, "listing", lambda self, *a, **k: listed.append("list") or real_listing(self, *a, **k))
-    monkeypatch.setattr(source.Source, "close", lambda self: closed.append(1) or real_close(self))
-    fit(_config(small_dataset, tmp_path / "run"))
-    assert listed == ["walk", "list"] and closed == [1]
+def test_a_run_lists_its_dataset_once_and_closes_it(trained):
+    sources = trained[2]
+    assert sources["listed"] == ["walk", "list"] and sources["closed"] == [1]
 
 
 def test_evaluation_scores_the_recorded_splits_from_any_directory(trained, tmp_path, monkeypatch):
-    data, result = trained
+    data, result, _ = trained
     run = pathlib.Path(shutil.copytree(result.run_dir, tmp_path / "run"))
     monkeypatch.chdir(tmp_path)
     first = evaluate_run(run, quiet=True)
@@ -105,7 +116,7 @@ def test_evaluation_scores_the_recorded_splits_from_any_directory(trained, tmp_p
 
 
 def test_evaluation_names_where_a_missing_data_dir_came_from(trained, tmp_path):
-    _, result = trained
+    _, result, _ = trained
     run = pathlib.Path(shutil.copytree(result.run_dir, tmp_path / "run"))
     path = run / runfiles.CONFIG_FILE
     meta = json.loads(path.read_text())
@@ -117,7 +128,7 @@ def test_evaluation_names_where_a_missing_data_dir_came_from(trained, tmp_path):
 
 
 def test_resume_trains_on_the_recorded_splits_and_keeps_every_command_s_timings(trained, tmp_path):
-    data, result = trained
+    data, result, _ = trained
     run = pathlib.Path(shutil.copytree(result.run_dir, tmp_path / "run"))
     runfiles.append_timings(run, {"train": 1.0}, 0)
     extra = data / "all" / "train" / "covid" / "added_later.jpeg"
@@ -158,7 +169,7 @@ def test_a_split_that_holds_out_nothing_says_which_fraction_would(small_dataset,
 
 
 def test_a_damaged_history_says_what_to_do(trained, tmp_path):
-    _, result = trained
+    _, result, _ = trained
     run = pathlib.Path(shutil.copytree(result.run_dir, tmp_path / "run"))
     (run / runfiles.HISTORY_FILE).write_text('[{"epoch": 1, "train_lo')
     with pytest.raises(runfiles.RunFolderError, match="is not valid JSON .* Restore the file from a backup, or "
