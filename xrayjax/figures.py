@@ -1,15 +1,18 @@
-"""Figures for people: training curves, confusion matrix, t-SNE map and Grad-CAM panels.
+"""Figures for people: training curves, confusion matrix, ROC curves, t-SNE map and Grad-CAM
+panels.
 
 Every function takes plain numpy data, draws on its own ``matplotlib.figure.Figure`` (no
 pyplot, no display needed) and writes one PNG. Neither importing this module nor plotting
 changes matplotlib's backend or global rcParams (a notebook's settings stay its own): the
 font sizes apply inside each function, through ``matplotlib.rc_context``. Computing what is
-drawn (metrics, t-SNE, Grad-CAM) lives in :mod:`xrayjax.evaluate` and :mod:`xrayjax.gradcam`.
+drawn (metrics, t-SNE, Grad-CAM) lives in :mod:`xrayjax.evaluate` and :mod:`xrayjax.gradcam`;
+the ROC curves are scikit-learn's ``roc_curve`` and their AUCs :mod:`xrayjax.stats`'.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -18,6 +21,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
+
+from xrayjax.stats import roc_auc_known
 
 DPI = 120
 MARKERS = {"train": "o", "test": "^"}
@@ -110,6 +116,46 @@ def plot_confusion(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title or f"Confusion matrix (test, n={int(matrix.sum())})")
+    _save(fig, path)
+
+
+@matplotlib.rc_context(FONT_SIZES)
+def plot_roc(
+    labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Test ROC curves of a multi-label task, one per label on its known rows ((N, L) labels 1.0,
+    0.0 or NaN), with its AUC in the legend, beside the chance diagonal; labels with one class
+    are named in the title, not drawn. Colours and dashes tell 14 labels apart."""
+    labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    colours = matplotlib.colormaps["tab10"].colors
+    fig = Figure(figsize=(10.5, 6.8))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
+    skipped, aucs = [], []
+    for j, name in enumerate(label_names):
+        known = ~np.isnan(labels[:, j])
+        auc = roc_auc_known(labels[known, j], probs[known, j])
+        if np.isnan(auc):
+            skipped.append(name)
+            continue
+        fpr, tpr, _ = roc_curve(labels[known, j], probs[known, j])
+        drawn = len(aucs)
+        aucs.append(float(auc))
+        ax.plot(fpr, tpr, lw=1.6, color=colours[drawn % len(colours)], ls=("-", "--", "-.")[drawn // len(colours) % 3],
+                label=f"{name} (AUC {auc:.3f}, {int(labels[known, j].sum())} pos)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, title="label (test)")
+    heading = title or "ROC curves per label (test)"
+    if aucs:
+        heading += f"\nmean ROC-AUC {np.mean(aucs):.3f} over {len(aucs)} labels"
+    if skipped:
+        heading += "\n" + textwrap.fill("not drawn, one class in test: " + ", ".join(skipped), 90)
+    ax.set_title(heading)
     _save(fig, path)
 
 

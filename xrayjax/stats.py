@@ -5,13 +5,16 @@
 - Macro F1 and ROC-AUC are not proportions: a stratified bootstrap (each class resampled
   within itself, so every resample keeps the test set's class counts), 2,000 resamples,
   seeded, percentile interval.
+- Multi-label tasks (:mod:`xrayjax.multilabel_metrics`) use the same AUC on each label's known
+  rows (:func:`roc_auc_known`) and the same bootstrap, stratified per label, or over rows jointly
+  for the mean over labels.
 - Across cross-validation folds: mean, sample standard deviation, and a Student-t interval of
   the mean, clipped to [0, 1] (every metric summarised is in [0, 1]; with 3 folds the interval
   is wide enough to leave it).
 
-:func:`macro_f1`, :func:`roc_auc` and :func:`roc_auc_per_class` are the project's one
-implementation of those metrics: metrics.json, its bootstrap intervals and cross-validation
-all use them.
+:func:`macro_f1`, :func:`roc_auc`, :func:`roc_auc_per_class` and :func:`roc_auc_known` are the
+project's one implementation of those metrics: metrics.json, its bootstrap intervals and
+cross-validation all use them.
 """
 
 from __future__ import annotations
@@ -53,12 +56,27 @@ def macro_f1(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return out if np.ndim(probs) == 3 else float(out[0])
 
 
-def _auc(positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Mann-Whitney ROC-AUC per row (ties count half), as scikit-learn's ``roc_auc_score``."""
+def _auc(positive: np.ndarray, scores: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """Mann-Whitney ROC-AUC per row (ties count half), as scikit-learn's ``roc_auc_score``; with
+    ``known``, over the known entries only (``positive`` False elsewhere): the others rank above
+    every (finite) score, so the known entries' ranks are their ranks among themselves."""
+    if known is not None:
+        scores = np.where(known, scores, np.inf)
     ranks = scipy_stats.rankdata(scores, axis=-1)
     n_pos = positive.sum(-1)
-    n_neg = positive.shape[-1] - n_pos
+    n_neg = (positive.shape[-1] if known is None else known.sum(-1)) - n_pos
     return (np.sum(ranks * positive, -1) - n_pos * (n_pos + 1) / 2) / np.maximum(n_pos * n_neg, 1)
+
+
+def roc_auc_known(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC-AUC of ``scores`` for ``labels`` 1.0 against 0.0, NaN labels (unknown) left out: (N,)
+    inputs give a 0-d array, rows of (R, N) one value each; NaN where the known labels hold one
+    class. Multi-label tasks' per-label AUC (:mod:`xrayjax.multilabel_metrics`)."""
+    labels = np.asarray(labels, np.float64)
+    known = ~np.isnan(labels)
+    positive = labels == 1
+    n_pos, n_neg = positive.sum(-1), known.sum(-1) - positive.sum(-1)
+    return np.where((n_pos > 0) & (n_neg > 0), _auc(positive, np.asarray(scores, np.float64), known), np.nan)
 
 
 def _rows(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +118,19 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | float | None:
 
 
 def bootstrap(labels: np.ndarray, probs: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], np.ndarray],
-              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
+              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+              strata: np.ndarray | None = None) -> list[float] | None:
     """Percentile 95% interval of ``metric`` over stratified bootstrap resamples (each class
     resampled with replacement within itself), computed a block of resamples at a time so that
-    memory stays flat whatever the test set's size."""
+    memory stays flat whatever the test set's size. Resamples where ``metric`` is not finite are
+    left out.
+
+    ``strata`` (one value per row) replaces the classes as the groups resampled within
+    themselves: all equal, it is the ordinary bootstrap of rows, which resamples the rows of
+    (N, L) multi-label ``labels`` and ``probs`` jointly."""
     labels, probs = np.asarray(labels), np.asarray(probs)
-    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    strata = labels if strata is None else np.asarray(strata)
+    members = [np.flatnonzero(strata == c) for c in np.unique(strata)]
     block = max(1, _BLOCK_VALUES // probs.size)
     values = []
     for b, start in enumerate(range(0, resamples, block)):
