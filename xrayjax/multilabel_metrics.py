@@ -72,7 +72,8 @@ def _threshold(val_labels: np.ndarray | None, val_probs: np.ndarray | None, j: i
         return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD}: no validation data"
     chosen = youden_threshold(val_labels[:, j], val_probs[:, j])
     if chosen is None:
-        return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD}: one class among the label's known validation rows"
+        return DEFAULT_THRESHOLD, (f"default {DEFAULT_THRESHOLD}: fewer than two classes among the label's known "
+                                   "validation rows")
     return chosen, FROM_VALIDATION
 
 
