@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xrayjax.data import DataConfig, Dataset, Splits, open_dataset
+from xrayjax.data.csv_labels import UNCERTAIN
 from xrayjax.data.pipeline import GROUP_BY
 from xrayjax.models import ARCHS, BLOCKS, default_l2
 from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
@@ -42,12 +43,28 @@ class TrainConfig:
     """Every setting of a run (recorded in ``<out>/config.json``); see each field's help."""
 
     arch: str = _field("vgg16", "backbone", choices=ARCHS)
-    task: str | None = _field(None, "the head: binary (one sigmoid output, the report's Task 1) or multiclass "
+    task: str | None = _field(None, "the head: binary (one sigmoid output, the report's Task 1), multiclass "
                               "(a softmax over the N classes, the report's Task 2 head; four_class is its old "
-                              "name) (default: from the data: binary for 2 classes, multiclass for more; on the "
-                              "challenge's data binary reads two/)", choices=(*TASKS, *TASK_ALIASES))
+                              "name) or multilabel (one sigmoid per label of a --labels file) (default: from the "
+                              "data: multilabel with --labels, else binary for 2 classes, multiclass for more; on "
+                              "the challenge's data binary reads two/)", choices=(*TASKS, *TASK_ALIASES))
     data_dir: str | None = _field(None, "dataset: a folder or zip of <split>/<class>/<images> or <class>/<images> "
                                   "(default: ../shared/covid_xray next to the repo)")
+    labels: str | None = _field(None, "a labels CSV in place of class folders: ChestX-ray14's Data_Entry_2017.csv, "
+                                "CheXpert's train.csv, the COVID-19 image data collection's metadata.csv, or a "
+                                "generic CSV (path, then a labels column joined by | or one 0/1/blank column per "
+                                "label; optional patient); the images sit under --data-dir (default: the CSV's "
+                                "folder). Splits keep each patient on one side", metavar="CSV")
+    uncertain: str = _field("ignore", "with --labels, what CheXpert's -1 (uncertain) means: ignore (unknown, "
+                            "masked out of the loss), zeros or ones (the CheXpert paper's U-Ignore, U-Zeros, "
+                            "U-Ones)", choices=UNCERTAIN)
+    views: str | None = _field(None, "with --labels, keep only these views (comma-separated, e.g. PA,AP; CheXpert's "
+                               "lateral view is L); the rows left out are counted", metavar="LIST")
+    skip_missing: bool = _field(False, "with --labels, leave out the rows whose image is missing (a partial "
+                                "download) instead of stopping")
+    label_weights: str | None = _field(None, "balanced: weigh each label's loss by its positive count n as "
+                                       "TorchXRayVision does, max(n) - n + mean(n), scaled to a maximum of 1 "
+                                       "(default: every label 1)", choices=("balanced",))
     tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
     color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
                         choices=("gray", "keep"))
@@ -106,7 +123,8 @@ class TrainConfig:
         return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
                           val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction,
                           seed=self.seed, skip_bad_images=self.skip_bad_images, image_size=self.image_size,
-                          group_by=self.group_by)
+                          group_by=self.group_by, labels=self.labels, uncertain=self.uncertain, views=self.views,
+                          skip_missing=self.skip_missing)
 
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
         """A copy with ``task`` (from ``class_names`` when unset; ``four_class`` read as
@@ -115,8 +133,8 @@ class TrainConfig:
 
         Raises ValueError naming the flag and its allowed range.
         """
-        task = canonical_task(self.task) or (
-            None if class_names is None else "binary" if len(class_names) == 2 else "multiclass")
+        task = canonical_task(self.task) or ("multilabel" if self.labels is not None else None if class_names is None
+                                             else "binary" if len(class_names) == 2 else "multiclass")
         if task is None:
             raise ValueError("--task is unset: pass it, or the dataset's class names to choose it")
         if task == "binary" and class_names is not None and len(class_names) != 2:
@@ -141,6 +159,8 @@ class TrainConfig:
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),
             (not self.folds or (self.cache_features and self.fine_tune == 0 and not self.augment), "folds",
              "0 with --augment, --fine-tune or --no-cache-features (folds train heads on cached features)"),
+            (not self.folds or task != "multilabel", "folds", "0 for multilabel runs (not supported yet)"),
+            (self.label_weights is None or task == "multilabel", "label_weights", "unset without --labels"),
         )
         for ok, name, allowed in checks:
             if not ok:
@@ -155,6 +175,7 @@ class TrainConfig:
             l2=default_l2(self.arch, task) if self.l2 is None else float(self.l2),
             out=absolute(self.out or str(Path("runs") / f"{self.arch}_{task}")),
             data_dir=absolute(self.data_dir), tfds_dir=absolute(self.tfds_dir), weights_dir=absolute(self.weights_dir),
+            labels=absolute(self.labels),
         )
 
 

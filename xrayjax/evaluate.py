@@ -28,6 +28,7 @@ from xrayjax.config import positive_int
 from xrayjax.data import Split, Splits
 from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, probabilities
+from xrayjax.multilabel_metrics import multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
 from xrayjax.tasks import SPLITS
 from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
@@ -231,6 +232,10 @@ def evaluate_run(
                         desc=None if quiet else f"evaluating {name}")
             for name in names
         }
+    if cfg.task == "multilabel":
+        metrics = _multilabel_report(run, splits, outputs, run_dir, features["test"] if cached else None)
+        write_json(run_dir / METRICS_FILE, metrics)
+        return metrics
     probs = {name: probabilities(logits) for name, (logits, _) in outputs.items()}
     metrics = compute_metrics(splits.test.labels, probs["test"], class_names)
     metrics["class_names"] = list(class_names)
@@ -255,6 +260,55 @@ def evaluate_run(
     return metrics
 
 
+def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib.Path,
+                       test_features: np.ndarray | None) -> dict:
+    """metrics.json of a multilabel run (:func:`multilabel_metrics`, thresholds chosen on
+    validation), and curves.png, roc.png, tsne.png (coloured by the most frequent training label)
+    and gradcam.png (each image's top label)."""
+    names, cfg = tuple(run.class_names), run.config
+    probs = {name: probabilities(logits, multilabel=True) for name, (logits, _) in outputs.items()}
+    validated = "validation" in probs
+    metrics = multilabel_metrics(splits.test.labels, probs["test"], names,
+                                 splits.validation.labels if validated else None,
+                                 probs.get("validation"), seed=cfg.seed)
+    metrics["probabilities"] = "sigmoid of each label's logit: P(label present)"
+    metrics["run"] = {key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")}
+    thresholds = np.array([metrics["per_label"][n]["threshold"] for n in names])
+    metrics["test_predictions"] = [
+        {"name": name, "labels": {n: None if np.isnan(v) else int(v) for n, v in zip(names, row)},
+         "probabilities": {n: round(float(p), 6) for n, p in zip(names, prob)},
+         "positive": [n for n, p, th in zip(names, prob, thresholds) if p >= th]}
+        for name, row, prob in zip(splits.test.names, splits.test.labels, probs["test"])]
+    title = f"{cfg.arch} multilabel ({cfg.init} init, color={cfg.color})"
+    paths = {name: run_dir / f"{name}.png" for name in ("curves", "roc", "tsne", "gradcam")}
+    metrics["notes"] = []
+    if run.history:
+        figures.plot_curves(run.history, paths["curves"], title=title)
+    else:
+        metrics["notes"].append("history.json is empty: no curves.png")
+        del paths["curves"]
+    figures.plot_roc(splits.test.labels, probs["test"], names, paths["roc"],
+                     title=f"{title}\nROC curves on the test set (n={len(splits.test)})")
+    frequent = int(np.argmax(np.nansum(splits.train.labels == 1.0, axis=0)))
+    seen = [name for name in ("train", "test") if name in outputs]
+    column = np.concatenate([getattr(splits, name).labels[:, frequent] for name in seen])
+    colour = np.where(np.isnan(column), 2, column).astype(np.int32)
+    figures.plot_tsne(tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed), colour,
+                      np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
+                      (f"no {names[frequent]}", names[frequent], "unknown"), paths["tsne"],
+                      title=f"{title}\nt-SNE of the head's penultimate features, by {names[frequent]}")
+    chosen = np.arange(min(GRADCAM_IMAGES, len(splits.test)))
+    top = probs["test"][chosen].argmax(1)
+    heat, _ = grad_cam(run.model, run.variables, splits.test.images[chosen], classes=top,
+                       features=None if test_features is None else np.asarray(test_features)[chosen])
+    truth = [", ".join(n for n, v in zip(names, row) if v == 1.0) or "none" for row in splits.test.labels[chosen]]
+    figures.plot_gradcam(splits.test.images[chosen], heat, truth, [names[i] for i in top],
+                         probs["test"][chosen, top], paths["gradcam"],
+                         title=f"{title}: Grad-CAM of each image's top label on the last conv block")
+    metrics["figures"] = {name: path.name for name, path in paths.items()}
+    return metrics
+
+
 def _ci(interval: list[float] | None) -> str:
     return "" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
 
@@ -262,6 +316,10 @@ def _ci(interval: list[float] | None) -> str:
 def summary(metrics: dict) -> str:
     """A short readable report of :func:`evaluate_run`'s metrics, with their 95% intervals."""
     run, ci = metrics["run"], metrics["ci95"]
+    if metrics.get("task") == "multilabel":
+        return "\n".join([f"{run['arch']} multilabel ({run['init']} init, color={run['color']}, epochs {run['epochs']})",
+                          multilabel_summary(metrics), *(f"note: {n}" for n in metrics["notes"]),
+                          "figures: " + ", ".join(metrics["figures"].values()) + "; metrics.json"])
     by_split = ", ".join(f"{k} {v:.1%}" for k, v in metrics["accuracy_by_split"].items())
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}{_ci(ci['roc_auc'])}"
     f1 = "n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}{_ci(ci['macro_f1'])}"

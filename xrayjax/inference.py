@@ -24,14 +24,17 @@ from xrayjax.preprocessing import preprocess_input
 BATCH_SIZE = 32
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
+def probabilities(logits: np.ndarray, multilabel: bool = False) -> np.ndarray:
     """Logits (N, 1) or (N, K) -> class probabilities (N, 2) or (N, K), rows summing to 1.
 
     One logit means a sigmoid head whose output is P(class 1); column 0 is then 1 - that.
+    ``multilabel``: each column's own sigmoid, P(label present), (N, K).
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, K), got shape {logits.shape}")
+    if multilabel:
+        return expit(logits)
     if logits.shape[1] == 1:
         positive = expit(logits[:, 0])
         return np.stack([1.0 - positive, positive], axis=1)

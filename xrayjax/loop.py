@@ -279,8 +279,14 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
     if config.batch_size > len(splits.train):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(splits.train)} training "
                          f"images; pass at most {len(splits.train)}")
+    weights = None
+    if config.label_weights == "balanced":
+        from xrayjax.multilabel_metrics import label_weights
+
+        weights = label_weights(splits.train.labels)
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
-                             l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names))
+                             l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names),
+                             label_weights=weights)
     with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
         variables = (checkpoint.state if checkpoint is not None else
                      init_variables(model, config.image_size, seed=config.seed, backbone=backbone))

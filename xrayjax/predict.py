@@ -5,8 +5,11 @@ any PIL mode, the run's colour setting, PIL-nearest resize to 224 then to the ru
 size), then run through the model (:mod:`xrayjax.inference`). Binary runs have one logit, the
 evidence for the second class name (``normal`` on the challenge's data): its sigmoid is that
 class's probability and the first class's is 1 minus it. Multiclass runs take a softmax over
-their N classes. ``--json`` prints a list, one object per image in input order:
-``{"image", "probabilities", "predicted"}``, or ``{"image", "error"}`` for an unreadable one.
+their N classes. Multilabel runs give each label's own sigmoid and whether it passes the
+label's threshold (chosen on validation by the run's evaluation, in ``metrics.json``; 0.5 before
+the run is evaluated). ``--json`` prints a list, one object per image in input order:
+``{"image", "probabilities", "predicted"}`` (multilabel: ``{"image", "probabilities",
+"thresholds", "positive"}``, keyed by label name), or ``{"image", "error"}`` for an unreadable one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from xrayjax.data import DataError, Split
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
 from xrayjax.inference import BATCH_SIZE, infer, probabilities
-from xrayjax.runfiles import Run, load_run
+from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json
 
 
 def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarray:
@@ -51,7 +54,8 @@ def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarr
 def predict(
     run: Run, images: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = BATCH_SIZE
 ) -> np.ndarray:
-    """Class probabilities (N, K), columns in ``run.class_names`` order.
+    """Class probabilities (N, K), columns in ``run.class_names`` order (multilabel: each
+    label's probability).
 
     ``run`` is an ``xrayjax.runfiles.Run`` (``load_run(DIR)``); ``images`` are file paths or
     an already prepared uint8 array (N, S, S, 3) at the run's image size.
@@ -69,18 +73,34 @@ def predict(
     names = tuple(f"#{i}" for i in range(len(pixels)))
     split = Split(pixels, np.zeros(len(pixels), np.int32), names)
     logits, _ = infer(run.model, run.variables, split, min(batch_size, len(split)))
-    return probabilities(logits)
+    return probabilities(logits, multilabel=run.config.task == "multilabel")
 
 
-def _table(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str]) -> str:
+def thresholds(run: Run) -> tuple[np.ndarray, str]:
+    """A multilabel run's per-label thresholds and where they come from: its evaluation's
+    (metrics.json, chosen on validation), or 0.5 each before it is evaluated."""
+    path = run.run_dir / METRICS_FILE
+    if path.is_file():
+        per_label = read_json(path).get("per_label", {})
+        if set(per_label) == set(run.class_names):
+            return np.array([per_label[n]["threshold"] for n in run.class_names]), f"from {path}"
+    return np.full(len(run.class_names), 0.5), "0.5 (the run is not evaluated yet: python -m xrayjax.evaluate)"
+
+
+def _table(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
+           cut: np.ndarray | None = None) -> str:
+    """One row per image; the predicted class, or (``cut``: per-label thresholds) the labels
+    passing theirs."""
     width = max(len("image"), *(len(p) for p in paths))
     cols = [max(len(c), 6) for c in class_names]
     classes = "  ".join(f"{c:>{w}}" for c, w in zip(class_names, cols))
-    header = f"{'image':<{width}}  {classes}  predicted"
+    header = f"{'image':<{width}}  {classes}  {'predicted' if cut is None else 'positive'}"
     rows = [header, "-" * len(header)]
     for path, row in zip(paths, probs):
         cells = "  ".join(f"{p:>{w}.3f}" for p, w in zip(row, cols))
-        rows.append(f"{path:<{width}}  {cells}  {class_names[int(row.argmax())]}")
+        chosen = (", ".join(c for c, p, th in zip(class_names, row, cut) if p >= th) or "none") if cut is not None \
+            else class_names[int(row.argmax())]
+        rows.append(f"{path:<{width}}  {cells}  {chosen}")
     return "\n".join(rows)
 
 
@@ -112,15 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failures[i] = str(e)
         names = run.class_names
         probs = dict(zip(pixels, predict(run, np.stack(list(pixels.values())), args.batch_size))) if pixels else {}
+        cut, source = thresholds(run) if run.config.task == "multilabel" else (None, "")
+
+        def result(i: int) -> dict:
+            by_name = {c: float(p) for c, p in zip(names, probs[i])}
+            if cut is None:
+                return {"probabilities": by_name, "predicted": names[int(probs[i].argmax())]}
+            return {"probabilities": by_name, "thresholds": dict(zip(names, map(float, cut))),
+                    "positive": [c for c, p, th in zip(names, probs[i], cut) if p >= th]}
+
         if args.json:
-            print(json.dumps([
-                {"image": path, "error": failures[i]} if i in failures else
-                {"image": path, "probabilities": {c: float(p) for c, p in zip(names, probs[i])},
-                 "predicted": names[int(probs[i].argmax())]}
-                for i, path in enumerate(args.images)
-            ], indent=2))
+            print(json.dumps([{"image": path, "error": failures[i]} if i in failures else {"image": path, **result(i)}
+                              for i, path in enumerate(args.images)], indent=2))
         elif probs:
-            print(_table([args.images[i] for i in probs], np.stack(list(probs.values())), names))
+            print(_table([args.images[i] for i in probs], np.stack(list(probs.values())), names, cut))
+            if cut is not None:
+                print(f"positive: a probability at or above its label's threshold, {source}")
         for failure in failures.values():
             print(f"error: {failure}", file=sys.stderr)
         if failures:

@@ -82,6 +82,7 @@ class StepModel:
     head: nn.Module
     l2: float
     fine_tune: int = 0
+    label_weights: tuple[float, ...] | None = None
 
     @property
     def frozen_backbone(self) -> bool:
@@ -97,9 +98,11 @@ def build_step_model(
     l2: float | None = None,
     fine_tune: int = 0,
     num_classes: int | None = None,
+    label_weights: Sequence[float] | None = None,
 ) -> StepModel:
     """Backbone (bf16 compute when asked) and float32 head of (arch, task), ``num_classes``
-    outputs for four_class (default 4)."""
+    outputs for multiclass and multilabel (default 4); ``label_weights`` weigh each label's loss
+    (multilabel)."""
     return StepModel(
         arch=arch,
         task=task,
@@ -107,6 +110,7 @@ def build_step_model(
         head=create_head(arch, task, dropout=dropout, num_classes=num_classes),
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
+        label_weights=None if label_weights is None else tuple(float(w) for w in label_weights),
     )
 
 
@@ -198,6 +202,10 @@ def head_loss(
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     """Mask-weighted mean cross-entropy + L2 on the head's Dense kernels (Keras semantics).
 
+    Multilabel: for each label the mean binary cross-entropy over the samples whose label is
+    known (not NaN), summed over the labels, each weighted by ``model.label_weights`` when set
+    (TorchXRayVision's loss); accuracy is each sample's fraction of known labels right at 0.5.
+
     Training mode when ``rng`` (the dropout key) is given, else inference. Returns
     ``(loss, (metrics, new_head_stats))``; metrics are sums over the real samples
     (``loss_sum`` = loss times count, ``correct``, ``count``).
@@ -212,17 +220,28 @@ def head_loss(
             rngs={"dropout": rng} if train else None,
             mutable=["batch_stats"] if train and head_stats else [],
         )
-    if model.task == "binary":
-        per_sample = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
-        correct = (logits[:, 0] > 0).astype(jnp.int32) == labels
-    else:
-        per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = jnp.argmax(logits, axis=-1) == labels
     count = jnp.sum(mask)
+    if model.task == "multilabel":
+        known = (~jnp.isnan(labels)) & (mask[:, None] > 0)
+        targets = jnp.where(known, labels, 0.0)
+        bce = jnp.where(known, optax.sigmoid_binary_cross_entropy(logits, targets), 0.0)
+        per_label = jnp.sum(bce, axis=0) / jnp.maximum(jnp.sum(known, axis=0), 1)
+        weights = 1.0 if model.label_weights is None else jnp.asarray(model.label_weights)
+        data_loss = jnp.sum(weights * per_label)
+        right = jnp.sum(known & ((logits > 0) == (targets > 0.5)), axis=1)
+        correct = right / jnp.maximum(jnp.sum(known, axis=1), 1)
+    else:
+        if model.task == "binary":
+            per_sample = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(jnp.float32))
+            correct = (logits[:, 0] > 0).astype(jnp.int32) == labels
+        else:
+            per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            correct = jnp.argmax(logits, axis=-1) == labels
+        data_loss = jnp.sum(mask * per_sample) / jnp.maximum(count, 1.0)
     penalty = model.l2 * sum(
         jnp.sum(jnp.square(layer["kernel"])) for name, layer in head_params.items() if name.startswith("dense")
     )
-    loss = jnp.sum(mask * per_sample) / jnp.maximum(count, 1.0) + penalty
+    loss = data_loss + penalty
     metrics = {"loss_sum": loss * count, "correct": jnp.sum(mask * correct), "count": count}
     return loss, (metrics, updates.get("batch_stats", head_stats))
 

@@ -10,7 +10,9 @@ the decoder, so prepares again into a new folder; nothing else does. A prepared 
 Files: ``array_record``, read back with random access (``as_data_source``). Each example
 holds the 224x224 pixels as a raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for
 keep; TFDS writes and reads that with numpy alone, no image decoding on load), the label as a
-``ClassLabel`` carrying the class names, and the file name.
+``ClassLabel`` carrying the class names, and the file name. A labels-file dataset (``multilabel``)
+holds instead its labels as a float32 vector (NaN unknown, -1 uncertain), the image's path in the
+dataset as its name, and its patient.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ class BadImageWarning(UserWarning):
 
 @dataclasses.dataclass
 class FoldersConfig(tfds.core.BuilderConfig):
-    """One prepared dataset: its class names and colour policy."""
+    """One prepared dataset: its class (or label) names and colour policy."""
 
     class_names: tuple[str, ...] = ()
     color: str = "gray"
+    multilabel: bool = False
 
 
 def _label(source: Source, listing: Listing, task: str | None) -> str:
@@ -69,6 +72,7 @@ def _label(source: Source, listing: Listing, task: str | None) -> str:
     if listing.challenge:
         return f"covid_xray-{canonical_task(task) or 'multiclass'}"
     stem = source.location.name.removesuffix(".zip") if source.is_zip else source.location.name
+    stem += "-multilabel" if listing.multilabel else ""
     return re.sub(r"[^A-Za-z0-9_.]+", "_", stem).strip("_.") or "dataset"
 
 
@@ -80,6 +84,7 @@ def config_for(source: Source, listing: Listing, color: str, task: str | None,
         f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}\n{skip_bad_images}".encode()).hexdigest()[:16]
     return FoldersConfig(
         name=f"{_label(source, listing, task)}-{color}-{key}", class_names=listing.class_names, color=color,
+        multilabel=listing.multilabel,
         description=f"{source}: {', '.join(listing.class_names)}; color={color}; skip_bad_images={skip_bad_images}",
     )
 
@@ -115,19 +120,21 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
+        image = tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1 if cfg.color == "gray" else 3), dtype=np.uint8,
+                                     encoding=tfds.features.Encoding.BYTES)
+        if cfg.multilabel:
+            label_key, labels = "labels", {
+                "labels": tfds.features.Tensor(shape=(len(cfg.class_names),), dtype=np.float32),
+                "patient": tfds.features.Text()}
+        else:
+            label_key, labels = "label", {"label": tfds.features.ClassLabel(names=list(cfg.class_names))}
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(
-                    shape=(IMAGE_SIZE, IMAGE_SIZE, 1 if cfg.color == "gray" else 3), dtype=np.uint8,
-                    encoding=tfds.features.Encoding.BYTES,
-                ),
-                "label": tfds.features.ClassLabel(names=list(cfg.class_names)),
-                "name": tfds.features.Text(),
-            }),
-            supervised_keys=("image", "label"),
-            metadata=tfds.core.MetadataDict(),
+            features=tfds.features.FeaturesDict({"image": image, **labels, "name": tfds.features.Text()}),
+            supervised_keys=("image", label_key),
+            metadata=tfds.core.MetadataDict(
+                label_names=list(cfg.class_names)) if cfg.multilabel else tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
@@ -169,12 +176,18 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
                     self.info.metadata["bad_images"].append(task_file.file.member)
                 else:
                     kept += 1
-                    yield task_file.file.member, {
-                        "image": value, "label": task_file.label, "name": task_file.file.name,
-                    }
+                    yield task_file.file.member, self._example(task_file, value)
         if not kept:
             raise DataError(f"{source}: no image of the {split} split could be read (every one was skipped as "
                             "junk or bad); see the warnings above, or `python -m xrayjax.data audit`")
+
+
+    def _example(self, task_file: TaskFile, image: np.ndarray) -> dict:
+        listing = self.listing
+        if listing.multilabel:
+            return {"image": image, "labels": listing.label_matrix[task_file.label], "name": task_file.file.member,
+                    "patient": listing.patients[task_file.label]}
+        return {"image": image, "label": task_file.label, "name": task_file.file.name}
 
 
 def _builder(config: FoldersConfig, tfds_dir: str | None, **kwargs) -> XrayFolders:
@@ -242,32 +255,50 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """One prepared split, sorted by (label, name): the records, their positions in that order,
-    labels and file names. Images stay in the files until read."""
+    """One prepared split, sorted by (label, name) (by name for labels-file data): the records,
+    their positions in that order, labels ((N,) int32, or (N, L) float32), file names (paths in the
+    dataset for labels-file data) and patients (empty when the data has none). Images stay in
+    the files until read."""
 
     records: Sequence
     positions: np.ndarray
     labels: np.ndarray
     names: tuple[str, ...]
+    patients: tuple[str, ...] = ()
+
+
+def is_multilabel(builder: tfds.core.DatasetBuilder) -> bool:
+    return "labels" in builder.info.features
 
 
 def read_prepared(builder: tfds.core.DatasetBuilder) -> dict[str, Prepared]:
     """Every split of a prepared dataset, its images left on disk: each record is read once, in
-    chunks, only for its label and name."""
+    chunks, only for its labels, name and patient."""
     out = {}
+    multilabel = is_multilabel(builder)
+    width = len(class_names(builder))
     for split in builder.info.splits:
         records = builder.as_data_source(split)
-        labels, names = [], []
+        labels, names, patients = [], [], []
         for start in range(0, len(records), READ_CHUNK):
             for r in records.__getitems__(list(range(start, min(start + READ_CHUNK, len(records))))):
-                labels.append(int(r["label"]))
+                labels.append(r["labels"] if multilabel else int(r["label"]))
                 names.append(r["name"].decode())
-        order = np.array(sorted(range(len(labels)), key=lambda i: (labels[i], names[i])), dtype=np.int64)
-        out[split] = Prepared(records, order, np.asarray(labels, np.int32)[order] if labels else
-                              np.zeros(0, np.int32), tuple(names[i] for i in order))
+                if multilabel:
+                    patients.append(r["patient"].decode())
+        if multilabel:
+            order = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
+            matrix = np.asarray(labels, np.float32).reshape(len(names), width)[order]
+        else:
+            order = np.array(sorted(range(len(labels)), key=lambda i: (labels[i], names[i])), dtype=np.int64)
+            matrix = np.asarray(labels, np.int32)[order] if labels else np.zeros(0, np.int32)
+        out[split] = Prepared(records, order, matrix, tuple(names[i] for i in order),
+                              tuple(patients[i] for i in order) if multilabel else ())
     return out
 
 
 def class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
-    """The class names in the prepared dataset's features."""
+    """The class names in the prepared dataset's features (its label names for labels-file data)."""
+    if is_multilabel(builder):
+        return tuple(builder.info.metadata["label_names"])
     return tuple(builder.info.features["label"].names)

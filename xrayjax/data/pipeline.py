@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from xrayjax.data.augment import augment_images
+from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
 from xrayjax.data.decode import COLORS, IMAGE_SIZE
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
@@ -41,8 +42,10 @@ class DataConfig:
 
     ``task`` chooses the challenge's folders (binary: ``two/``); None takes every class.
     ``group_by="source"`` keeps every source group (:func:`xrayjax.data.groups.group_key` of the
-    file name) on one side of each held-out split. The one place the data settings are checked:
-    a bad value raises DataError naming its flag.
+    file name) on one side of each held-out split. ``labels``: a labels file
+    (:mod:`xrayjax.data.csv_labels`) in place of class folders, read with ``uncertain``, ``views``
+    and ``skip_missing``. The one place the data settings are checked: a bad value raises
+    DataError naming its flag.
     """
 
     task: str | None = None
@@ -55,11 +58,21 @@ class DataConfig:
     skip_bad_images: bool = False
     image_size: int = IMAGE_SIZE
     group_by: str | None = None
+    labels: str | None = None
+    uncertain: str = "ignore"
+    views: str | None = None
+    skip_missing: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "task", canonical_task(self.task))
         checks = (
             (self.task in (None, *TASKS), "task", f"one of {', '.join(TASKS)}"),
+            (self.labels is None or self.task in (None, "multilabel"), "task",
+             "multilabel (or unset) with --labels"),
+            (self.labels is not None or self.task != "multilabel", "task",
+             "binary or multiclass for class folders (multilabel reads a --labels file)"),
+            (self.uncertain in UNCERTAIN, "uncertain", f"one of {', '.join(UNCERTAIN)}"),
+            (self.views is None or self.labels is not None, "views", "unset without --labels"),
             (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
@@ -91,6 +104,15 @@ class Dataset:
 
 def open_dataset(cfg: DataConfig) -> Dataset:
     """Find and list the data ``cfg`` reads (nothing decoded): the one listing of a run."""
+    if cfg.labels is not None:
+        from xrayjax.data.csv_images import csv_listing
+        from xrayjax.data.csv_labels import read_labels
+
+        views = [v.strip() for v in cfg.views.split(",") if v.strip()] if cfg.views else None
+        table = read_labels(cfg.labels, views)
+        source = resolve_source(cfg.data_dir if cfg.data_dir is not None else Path(table.csv).parent)
+        listing = csv_listing(source, table, cfg.skip_missing)
+        return Dataset(str(source.location), listing.class_names, source=source, listing=listing)
     if cfg.data_dir is not None and _looks_prepared(Path(cfg.data_dir).expanduser()):
         from xrayjax.data.builder import class_names, prepared_builder  # imports tensorflow-datasets
 
@@ -163,14 +185,17 @@ class RecordImages:
 
 @dataclasses.dataclass
 class Split:
-    """uint8 images (N, S, S, 3) (a numpy array or :class:`RecordImages`), int32 labels (N,), the
-    source file names, and each image's key in the prepared data (``<folder split>/<class>/<file
-    name>``, what ``splits.json`` records; empty for images given as an array)."""
+    """uint8 images (N, S, S, 3) (a numpy array or :class:`RecordImages`), labels (int32 (N,), or
+    float32 (N, L) for multilabel data, NaN where unknown), the source file names, each image's
+    key in the prepared data (``<folder split>/<class>/<file name>``, or ``<split>/<path>`` for a
+    labels file: what ``splits.json`` records; empty for images given as an array) and each
+    image's patient (labels files; empty when unknown)."""
 
     images: np.ndarray | RecordImages
     labels: np.ndarray
     names: tuple[str, ...]
     keys: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -179,7 +204,8 @@ class Split:
         index = np.asarray(index, np.int64)
         images = self.images.take(index) if isinstance(self.images, RecordImages) else self.images[index]
         return Split(images, self.labels[index], tuple(self.names[i] for i in index),
-                     tuple(self.keys[i] for i in index) if self.keys else ())
+                     tuple(self.keys[i] for i in index) if self.keys else (),
+                     tuple(self.groups[i] for i in index) if self.groups else ())
 
     @staticmethod
     def concat(parts: Sequence[Split]) -> Split:
@@ -188,7 +214,9 @@ class Split:
         joined = (RecordImages.concat(images) if isinstance(images[0], RecordImages)
                   else np.concatenate(images))
         keys = sum((p.keys for p in parts), ()) if all(p.keys or not len(p) for p in parts) else ()
-        return Split(joined, np.concatenate([p.labels for p in parts]), sum((p.names for p in parts), ()), keys)
+        groups = sum((p.groups for p in parts), ()) if all(p.groups or not len(p) for p in parts) else ()
+        return Split(joined, np.concatenate([p.labels for p in parts]), sum((p.names for p in parts), ()), keys,
+                     groups)
 
 
 @dataclasses.dataclass
@@ -254,7 +282,7 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
     """Prepare the data on first use, then split it: as ``recorded`` (a run's ``splits.json``) says,
     or holding out of train each split that has no folder. ``dataset``: the data already listed
     (:func:`open_dataset`), else it is listed here."""
-    from xrayjax.data.builder import prepare, read_prepared  # imports tensorflow-datasets
+    from xrayjax.data.builder import is_multilabel, prepare, read_prepared  # imports tensorflow-datasets
 
     opened = dataset is None
     dataset = open_dataset(cfg) if opened else dataset
@@ -265,13 +293,21 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
         if opened:
             dataset.close()
     names = dataset.class_names
+    multilabel = is_multilabel(builder)
+
+    def key_of(split: str, label: Any, name: str) -> str:
+        return f"{split}/{name}" if multilabel else f"{split}/{names[label]}/{name}"
+
     prepared = {split: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
-                                          cfg.image_size), p.labels, p.names,
-                             tuple(f"{split}/{names[label]}/{name}" for label, name in zip(p.labels, p.names)))
+                                          cfg.image_size),
+                             resolve_uncertain(p.labels, cfg.uncertain) if multilabel else p.labels, p.names,
+                             tuple(key_of(split, label, name) for label, name in zip(p.labels, p.names)), p.patients)
                 for split, p in read_prepared(builder).items()}
     key = builder.builder_config.name if builder.builder_config is not None else Path(builder.data_dir).parent.name
     if recorded is not None:
         return _recorded_splits(prepared, recorded, names, key)
+    if multilabel:
+        return _patient_splits(prepared, cfg, names, key)
     train = prepared["train"]
     by_source = cfg.group_by == "source"
     if by_source:
@@ -304,10 +340,14 @@ def _recorded_splits(prepared: Mapping[str, Split], recorded: Mapping[str, Any],
                      key: str) -> Splits:
     """The splits a run recorded, rebuilt image by image from the prepared data; DataError when a
     recorded image is gone or the classes differ, a warning for images the run never saw."""
-    if tuple(recorded.get("class_names", ())) != tuple(class_names):
-        raise DataError(f"the data's classes ({', '.join(class_names)}) are not the run's "
-                        f"({', '.join(recorded.get('class_names', ()))})")
+    wanted_names = tuple(recorded.get("class_names", ()))
+    multilabel = next(iter(prepared.values())).labels.ndim == 2
+    if (not set(wanted_names) <= set(class_names)) if multilabel else wanted_names != tuple(class_names):
+        raise DataError(f"the data's {'labels' if multilabel else 'classes'} ({', '.join(class_names)}) are not "
+                        f"the run's ({', '.join(wanted_names)})")
     pool = Split.concat(list(prepared.values()))
+    if multilabel:  # the run's labels, in its order (it may have left some out)
+        pool = dataclasses.replace(pool, labels=pool.labels[:, [class_names.index(n) for n in wanted_names]])
     row = {k: i for i, k in enumerate(pool.keys)}
     wanted = {name: recorded["splits"].get(name, []) for name in SPLITS}
     missing = [k for keys in wanted.values() for k in keys if k not in row]
@@ -325,7 +365,42 @@ def _recorded_splits(prepared: Mapping[str, Split], recorded: Mapping[str, Any],
                       f"now {key}): some of its images were changed or touched; the recorded splits are used",
                       SplitWarning, stacklevel=3)
     parts = {name: pool.take(np.array([row[k] for k in keys], np.int64)) for name, keys in wanted.items()}
-    return Splits(parts["train"], parts["validation"], parts["test"], tuple(class_names), key)
+    return Splits(parts["train"], parts["validation"], parts["test"], wanted_names, key)
+
+
+def patient_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held_out): whole patients, seeded, until round(fraction * n) images are held out (a
+    row whose patient is unknown is a patient of its own); at least one patient stays."""
+    groups = [g or f"#{i}" for i, g in enumerate(split.groups or ("",) * len(split))]
+    unique, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    target = round(fraction * len(split))
+    if target == 0 or len(unique) < 2:
+        return split, split.take(np.zeros(0, np.int64))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    taken = min(int(np.searchsorted(np.cumsum(counts[order]), target)) + 1, len(unique) - 1)
+    held = np.isin(inverse, order[:taken])
+    return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
+
+
+def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple[str, ...], key: str) -> Splits:
+    """A labels file's splits: its official test split, else patients held out of train (a fixed
+    seed), then validation patients held out of train (the run's seed); a label with no positive
+    in train is left out with a warning."""
+    train = prepared["train"]
+    test = prepared.get("test")
+    if test is None:
+        train, test = patient_split(train, cfg.test_fraction, TEST_SPLIT_SEED)
+    train, validation = patient_split(train, cfg.val_fraction, cfg.seed)
+    positives = np.nansum(train.labels == 1.0, axis=0)
+    known = np.sum(~np.isnan(train.labels), axis=0)
+    keep = np.flatnonzero(positives > 0)
+    for i in np.flatnonzero(positives == 0):
+        why = "no known value" if known[i] == 0 else f"no positive among its {known[i]} known values"
+        warnings.warn(f"label {names[i]!r} is left out: {why} in the training split", SplitWarning, stacklevel=3)
+    if not len(keep):
+        raise DataError("no label has a positive image in the training split: nothing to learn")
+    parts = [dataclasses.replace(s, labels=s.labels[:, keep]) for s in (train, validation, test)]
+    return Splits(*parts, tuple(names[i] for i in keep), key)
 
 
 def _warn_leaks(prepared: dict[str, Split]) -> None:
@@ -360,8 +435,8 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: 
 
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
             epoch: int = 0, augment: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order;
-    the last batch padded with zeros, mask 0."""
+    """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order
+    (multilabel labels (D, B/D, L)); the last batch padded with zeros, mask 0."""
     if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
         raise ValueError(
             f"batch_size ({batch_size}) must be a positive multiple of num_devices ({num_devices})"
@@ -375,10 +450,10 @@ def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, s
         if augment:
             real = augment_images(real, _batch_seed(seed, epoch, index))
         image = np.zeros((batch_size, *shape), np.uint8)
-        label = np.zeros(batch_size, np.int32)
+        label = np.zeros((batch_size, *split.labels.shape[1:]), split.labels.dtype)
         image[:len(take)], label[:len(take)] = real, split.labels[take]
         yield {
             "image": image.reshape(num_devices, per_device, *shape),
-            "label": label.reshape(num_devices, per_device),
+            "label": label.reshape(num_devices, per_device, *split.labels.shape[1:]),
             "mask": step_mask.reshape(num_devices, per_device),
         }

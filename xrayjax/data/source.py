@@ -27,6 +27,7 @@ import pathlib
 import re
 import warnings
 import zipfile
+from typing import Any
 
 from xrayjax.tasks import SPLITS, canonical_task
 
@@ -81,7 +82,8 @@ class SourceFile:
 
 @dataclasses.dataclass(frozen=True)
 class TaskFile:
-    """An image of the dataset: its split (``train``, ``validation``, ``test``) and class index."""
+    """An image of the dataset: its split (``train``, ``validation``, ``test``) and class index
+    (for a labels file: its row of :attr:`Listing.label_matrix`)."""
 
     file: SourceFile
     split: str
@@ -95,7 +97,9 @@ class Listing:
     ``root`` is the folder (relative to the source) the layout starts at; ``splits`` the splits
     that have their own folder. ``fingerprint`` is the sha256 of every image's path, size and
     modification time, the root and the class names. ``unsafe``: the zip members skipped for
-    an absolute path, a drive letter or a ``..`` part.
+    an absolute path, a drive letter or a ``..`` part. A labels file's listing (``layout``
+    "labels file") also holds each image's labels (``label_matrix``, (N, L) float32, NaN
+    unknown) and patient (``patients``, "" unknown); ``class_names`` are then its label names.
     """
 
     root: str
@@ -108,6 +112,12 @@ class Listing:
     layout: str  # "split folders" or "class folders"
     challenge: bool = False
     unsafe: tuple[str, ...] = ()
+    label_matrix: Any = None
+    patients: tuple[str, ...] = ()
+
+    @property
+    def multilabel(self) -> bool:
+        return self.label_matrix is not None
 
 
 class Source:

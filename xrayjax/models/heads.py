@@ -71,6 +71,7 @@ def _multiclass_head(arch: str) -> dict[str, Any]:
 _HEADS: dict[str, Callable[[str], dict[str, Any]]] = {
     "binary": _binary_head,
     "multiclass": _multiclass_head,
+    "multilabel": _multiclass_head,  # the backbone's report head, one sigmoid output per label
 }
 assert tuple(_HEADS) == TASKS
 
@@ -84,8 +85,8 @@ def create_head(
     arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32, num_classes: int | None = None
 ) -> nn.Module:
     """The report's head for (``arch``, ``task``); returns logits (N, 1) for binary, (N, K) for
-    multiclass (``four_class``, the report's name, is read as multiclass) with K = ``num_classes``
-    (default 4)."""
+    multiclass (``four_class``, the report's name, is read as multiclass) and multilabel (the
+    multiclass layers, one logit per label) with K = ``num_classes`` (default 4)."""
     check_name("arch", arch, ARCHS)
     task = canonical_task(task)
     check_name("task", task, TASKS)
@@ -94,8 +95,9 @@ def create_head(
     layers = _HEADS[task](arch)
     if task == "binary" and num_classes not in (None, 2):
         raise ValueError(f"the binary head classifies 2 classes, not {num_classes}: use multiclass")
-    if task == "multiclass" and num_classes is not None:
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if task != "binary" and num_classes is not None:
+        least = 1 if task == "multilabel" else 2
+        if num_classes < least:
+            raise ValueError(f"num_classes must be at least {least} for {task}, got {num_classes}")
         layers["outputs"] = num_classes
     return Head(**layers, dropout=dropout, dtype=dtype)

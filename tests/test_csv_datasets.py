@@ -1,0 +1,183 @@
+"""Labels-file datasets (ChestX-ray14, CheXpert, the COVID-19 image data collection, a generic
+CSV): each format's quirks, splits by patient, missing images, the masked loss, and a round trip
+through train, evaluate and predict."""
+
+import contextlib
+import io
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csv_datasets import chestxray14, chexpert, covid_chestxray, generic
+from xrayjax.data import DataConfig, DataError, load_splits
+from xrayjax.data.csv_images import MissingImagesWarning
+from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
+from xrayjax.data.pipeline import SplitWarning
+from xrayjax.steps import build_step_model, head_loss
+
+
+@pytest.fixture(scope="module")
+def nih(data_root, tmp_path_factory) -> pathlib.Path:
+    return chestxray14(tmp_path_factory.mktemp("nih"), data_root)
+
+
+def test_chestxray14_no_finding_is_no_label_and_the_official_lists_are_the_split(nih):
+    table = read_labels(nih)
+    assert table.format == "chestxray14"
+    assert table.label_names == ("Consolidation", "Infiltration", "Pneumonia")  # No Finding left out
+    normal = [i for i, p in enumerate(table.paths) if 6 <= int(p[:8]) < 12]  # the normal images
+    assert np.all(table.labels[normal] == 0) and not np.isnan(table.labels).any()
+    test_list = (nih.parent / "test_list.txt").read_text().split()
+    assert sorted(p for p, s in zip(table.paths, table.splits) if s == "test") == sorted(test_list)
+    assert {s for s in table.splits} == {"train", "test"}
+    pa = read_labels(nih, views=["PA"])
+    assert len(pa.paths) == 12 and pa.left_out == {"view": 12}
+
+
+def test_chexpert_blanks_uncertain_no_finding_valid_and_views(data_root, tmp_path):
+    table = read_labels(chexpert(tmp_path, data_root))
+    assert table.format == "chexpert" and len(table.label_names) == 13 and "No Finding" not in table.label_names
+    col = {n: i for i, n in enumerate(table.label_names)}
+    rows = {p: r for p, r in zip(table.paths, table.labels)}
+    covid = rows["CheXpert-v1.0-small/train/patient00000/study1/view1_frontal.jpg"]
+    assert covid[col["Consolidation"]] == 1 and covid[col["Pneumonia"]] == 1 and np.isnan(covid[col["Edema"]])
+    normal = rows["CheXpert-v1.0-small/train/patient00006/study1/view1_frontal.jpg"]
+    assert np.all(normal == 0)  # No Finding = 1 makes every other observation 0, blanks included
+    viral = rows["CheXpert-v1.0-small/train/patient00018/study1/view1_frontal.jpg"]
+    assert viral[col["Pneumonia"]] == -1  # uncertain, until --uncertain resolves it
+    assert [resolve_uncertain(viral[None], m)[0, col["Pneumonia"]] for m in ("zeros", "ones")] == [0, 1]
+    assert np.isnan(resolve_uncertain(viral[None], "ignore")[0, col["Pneumonia"]])
+    assert {p.split("/")[1] for p, s in zip(table.paths, table.splits) if s == "test"} == {"valid"}
+    assert dict(zip(table.paths, table.patients))[
+        "CheXpert-v1.0-small/valid/patient00003/study1/view1_lateral.jpg"] == "patient00003"
+    frontal = read_labels(table.csv, views=["AP"])
+    assert frontal.left_out == {"view": 12} and all("frontal" in p for p in frontal.paths)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["today", "early-2020"])
+def test_covid_collection_both_finding_spellings_and_ct_rows(data_root, tmp_path, early):
+    table = read_labels(covid_chestxray(tmp_path, data_root, early=early))
+    assert table.format == "covid-chestxray" and table.left_out == {"modality": 2}
+    assert len(table.paths) == 24 and all(p.startswith("images/") for p in table.paths)
+    expected = ("ARDS", "Bacterial", "COVID-19", "Pneumonia", "Viral") if early else (
+        "Bacterial", "COVID-19", "Pneumonia", "Viral")
+    assert table.label_names == expected
+    covid = table.labels[0]
+    assert [n for n, v in zip(expected, covid) if v == 1] == (["ARDS", "COVID-19"] if early else
+                                                             ["COVID-19", "Pneumonia", "Viral"])
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["columns", "joined"])
+def test_generic_csv_columns_or_joined_labels(data_root, tmp_path, joined):
+    table = read_labels(generic(tmp_path, data_root, joined=joined))
+    assert table.format == "generic" and table.patients[:3] == ("p0", "p0", "p1")
+    if joined:
+        assert table.label_names == ("Consolidation", "Infiltration", "Pneumonia")
+    else:
+        assert table.label_names == ("Consolidation", "Pneumonia")
+        assert np.isnan(table.labels[18:, 1]).all() and not np.isnan(table.labels[:18]).any()  # blanks
+
+
+def test_an_unknown_csv_names_every_format_and_writes_nothing(tmp_path):
+    (tmp_path / "x.csv").write_text("file,diagnosis\na.png,covid\n")
+    with pytest.raises(DataError) as err:
+        load_splits(DataConfig(labels=str(tmp_path / "x.csv"), tfds_dir=str(tmp_path / "tfds")))
+    assert "unrecognised labels file" in str(err.value)
+    assert all(name in str(err.value) and cols[0] in str(err.value) for name, cols in FORMATS.items())
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
+    csv_path = generic(tmp_path, data_root)
+    gone = sorted((tmp_path / "pictures").iterdir())[:2]
+    for path in gone:
+        path.unlink()
+    cfg = DataConfig(labels=str(csv_path), tfds_dir=str(tmp_path / "tfds"), image_size=32)
+    with pytest.raises(DataError) as err:
+        load_splits(cfg)
+    assert "2 of the 24 images" in str(err.value) and "--skip-missing" in str(err.value)
+    assert gone[0].name in str(err.value)
+    with pytest.warns(MissingImagesWarning, match="left out 2 of the 24 rows"):
+        splits = load_splits(DataConfig(**{**cfg.__dict__, "skip_missing": True}), quiet=True)
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 22
+
+
+def test_splits_keep_each_patient_on_one_side_and_official_test_is_exact(data_root, nih, tmp_path):
+    covid = load_splits(DataConfig(labels=str(covid_chestxray(tmp_path / "c", data_root)), image_size=32,
+                                   tfds_dir=str(tmp_path / "tfds"), test_fraction=0.25, val_fraction=0.25), quiet=True)
+    sides = [set(s.groups) for s in (covid.train, covid.validation, covid.test)]
+    assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert covid.class_names == ("Bacterial", "COVID-19", "Pneumonia", "Viral")
+    assert covid.train.labels.shape[1] == 4 and covid.train.labels.dtype == np.float32
+    official = load_splits(DataConfig(labels=str(nih), image_size=32, tfds_dir=str(tmp_path / "tfds")), quiet=True)
+    test_list = (nih.parent / "test_list.txt").read_text().split()
+    assert sorted(k.split("/")[-1] for k in official.test.keys) == sorted(test_list)
+    assert not set(official.train.groups) & set(official.test.groups)
+
+
+def test_labels_without_a_training_positive_are_left_out_with_a_note(data_root, tmp_path):
+    cfg = DataConfig(labels=str(chexpert(tmp_path, data_root)), image_size=32, tfds_dir=str(tmp_path / "tfds"))
+    with pytest.warns(SplitWarning, match="label 'Edema' is left out: no positive among its"):
+        splits = load_splits(cfg, quiet=True)
+    assert splits.class_names == ("Consolidation", "Pneumonia")
+    table = read_labels(cfg.labels)
+    uncertain = {p.removeprefix("CheXpert-v1.0-small/") for p, v in
+                 zip(table.paths, table.labels[:, table.label_names.index("Pneumonia")]) if v == -1}
+    ignored = {k.split("/", 1)[1] for k, v in zip(splits.train.keys, splits.train.labels[:, 1]) if np.isnan(v)}
+    assert ignored and ignored <= uncertain  # the uncertain Pneumonia, ignored by default
+    ones = load_splits(DataConfig(**{**cfg.__dict__, "uncertain": "ones"}), quiet=True)
+    assert not np.isnan(ones.train.labels).any()
+
+
+def test_masked_loss_equals_a_hand_computation():
+    model = build_step_model("vgg16", "multilabel", num_classes=3, l2=0.0, label_weights=[1.0, 0.5, 0.25])
+    logits = np.array([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [1.0, 1.0, 1.0], [0.3, -0.3, 0.0]], np.float32)
+    labels = np.array([[1, 0, np.nan], [0, np.nan, np.nan], [1, 1, 0], [np.nan, 1, 1]], np.float32)
+    mask = np.array([1, 1, 1, 0], np.float32)  # the last row is padding: its labels never count
+
+    class Fixed:  # a head that returns the logits above
+        def apply(self, variables, features, **kw):
+            return jnp.asarray(logits), {}
+
+    model = model.__class__(**{**model.__dict__, "head": Fixed()})
+    loss, (metrics, _) = head_loss(model, {}, {}, np.zeros((4, 1)), labels, mask, None)
+    bce = np.logaddexp(0, logits) - logits * np.nan_to_num(labels)
+    known = ~np.isnan(labels) & (mask[:, None] > 0)
+    per_label = [bce[known[:, j], j].mean() for j in range(3)]
+    assert float(loss) == pytest.approx(1.0 * per_label[0] + 0.5 * per_label[1] + 0.25 * per_label[2], rel=1e-6)
+    right = [(1 + 1) / 2, 1 / 1, 2 / 3]  # each real row's known labels right at 0.5
+    assert float(metrics["correct"]) == pytest.approx(sum(right), rel=1e-6) and float(metrics["count"]) == 3
+
+
+def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
+    from xrayjax import evaluate, predict, train
+
+    out = tmp_path / "run"
+    argv = ["--labels", str(nih), "--init", "random", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
+            "--out", str(out), "--tfds-dir", str(tmp_path / "tfds"), "--quiet", "--label-weights", "balanced"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train.main(argv) == 0
+    assert "mean ROC-AUC" in printed.getvalue()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["label_names"] == ["Consolidation", "Infiltration", "Pneumonia"]
+    assert metrics["count"] == len((nih.parent / "test_list.txt").read_text().split())
+    assert set(metrics["per_label"]["Pneumonia"]) >= {"roc_auc", "average_precision", "threshold", "sensitivity"}
+    assert {p.name for p in out.glob("*.png")} == {"curves.png", "roc.png", "tsne.png", "gradcam.png"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert evaluate.main(["--run", str(out), "--quiet"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["per_label"]  # the backbone ran again: rounding
+    for name, row in metrics["per_label"].items():
+        assert again[name]["roc_auc"] == pytest.approx(row["roc_auc"], abs=1e-6)
+        assert again[name]["threshold"] == pytest.approx(row["threshold"], abs=1e-5)
+    image = next(nih.parent.glob("images_001/images/*.png"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert predict.main(["--run", str(out), "--json", str(image)]) == 0
+    row = json.loads(printed.getvalue())[0]
+    assert list(row["probabilities"]) == metrics["label_names"]
+    assert row["thresholds"] == {n: again[n]["threshold"] for n in metrics["label_names"]}
+    assert row["positive"] == [n for n in metrics["label_names"] if row["probabilities"][n] >= row["thresholds"][n]]
