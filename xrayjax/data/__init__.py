@@ -1,4 +1,5 @@
-"""X-ray class-folder datasets: a TFDS builder read without TensorFlow, splits, batches, augmentation.
+"""X-ray datasets (class folders, or a labels file): a TFDS builder read without TensorFlow, splits,
+batches, augmentation.
 
 ``python -m xrayjax.data prepare|audit`` is the command line. Importing this package leaves
 tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
