@@ -15,7 +15,7 @@ from csv_datasets import chestxray14, chexpert, covid_chestxray, generic
 from xrayjax.data import DataConfig, DataError, load_splits
 from xrayjax.data.csv_images import MissingImagesWarning
 from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
-from xrayjax.data.pipeline import SplitWarning
+from xrayjax.data.pipeline import SplitWarning, split_folds
 from xrayjax.steps import build_step_model, head_loss
 
 
@@ -112,6 +112,11 @@ def test_splits_keep_each_patient_on_one_side_and_official_test_is_exact(data_ro
     assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     assert covid.class_names == ("Bacterial", "COVID-19", "Pneumonia", "Viral")
     assert covid.train.labels.shape[1] == 4 and covid.train.labels.dtype == np.float32
+    pooled = covid.pooled().train
+    folds = split_folds(pooled, 3, seed=0)
+    assert sorted(np.concatenate(folds)) == list(range(len(pooled)))
+    in_folds = [{pooled.groups[i] for i in fold} for fold in folds]
+    assert sum(len(g) for g in in_folds) == len(set(pooled.groups))  # each patient in one fold
     official = load_splits(DataConfig(labels=str(nih), image_size=32, tfds_dir=str(tmp_path / "tfds")), quiet=True)
     test_list = (nih.parent / "test_list.txt").read_text().split()
     assert sorted(k.split("/")[-1] for k in official.test.keys) == sorted(test_list)

@@ -159,7 +159,6 @@ class TrainConfig:
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),
             (not self.folds or (self.cache_features and self.fine_tune == 0 and not self.augment), "folds",
              "0 with --augment, --fine-tune or --no-cache-features (folds train heads on cached features)"),
-            (not self.folds or task != "multilabel", "folds", "0 for multilabel runs (not supported yet)"),
             (self.label_weights is None or task == "multilabel", "label_weights", "unset without --labels"),
         )
         for ok, name, allowed in checks:

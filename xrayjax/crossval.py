@@ -5,7 +5,9 @@ trains on train+validation); here each of the K stratified folds of train+valida
 features pooled) trains a fresh head-only state with the run's settings on the other K-1 folds,
 validating on the held-out fold every epoch, exactly as the fast path trains, and stopping as
 training does when its loss diverges. Under ``--group-by source`` no source group is in two
-folds. The test split is never touched. Writes ``cv.json`` and ``cv.png`` into the run folder.
+folds; a multilabel run's folds keep each patient in one fold and are scored by accuracy (known
+labels at 0.5) and the mean ROC-AUC over the labels with both classes in the fold. The test
+split is never touched. Writes ``cv.json`` and ``cv.png`` into the run folder.
 """
 
 from __future__ import annotations
@@ -22,12 +24,27 @@ from xrayjax import figures, runfiles
 from xrayjax.data.pipeline import Split, split_folds
 from xrayjax.inference import infer_features, probabilities
 from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index
-from xrayjax.stats import macro_f1, roc_auc, summarise
+from xrayjax.multilabel_metrics import label_weights
+from xrayjax.stats import macro_f1, roc_auc, roc_auc_known, summarise
 from xrayjax.steps import build_step_model, create_train_state, epoch_key, init_head, make_head_steps
 
 CV_FILE = "cv.json"
 CV_FIGURE = "cv.png"
 METRICS = ("accuracy", "macro_f1", "roc_auc")
+MULTILABEL_METRICS = ("accuracy", "mean_roc_auc")
+
+
+def _fold_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float | None]:
+    """The held-out fold's scores: METRICS, or MULTILABEL_METRICS for (N, L) labels."""
+    if labels.ndim == 1:
+        probs = probabilities(logits)
+        return {"accuracy": float(np.mean(probs.argmax(1) == labels)), "macro_f1": macro_f1(labels, probs),
+                "roc_auc": roc_auc(labels, probs)}
+    probs, known = probabilities(logits, multilabel=True), ~np.isnan(labels)
+    aucs = [float(roc_auc_known(labels[:, j], probs[:, j])) for j in range(labels.shape[1])]
+    aucs = [a for a in aucs if not np.isnan(a)]
+    return {"accuracy": float(np.sum(known & ((probs >= 0.5) == (labels == 1))) / max(int(known.sum()), 1)),
+            "mean_roc_auc": float(np.mean(aucs)) if aucs else None}
 
 
 def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, Any]:
@@ -43,11 +60,14 @@ def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, A
     parts = [name for name in ("train", "validation") if name in result.features]
     features = jnp.concatenate([result.features[name] for name in parts])
     pooled = Split.concat([getattr(splits, name) for name in parts])
-    labels = np.asarray(pooled.labels, np.int32)
+    labels = np.asarray(pooled.labels, np.float32 if pooled.labels.ndim == 2 else np.int32)
+    metrics = MULTILABEL_METRICS if labels.ndim == 2 else METRICS
     device = next(iter(features.devices()))
     on_device = jax.device_put(labels, device)
+    # --label-weights: from the positive counts of train+validation, the same for every fold (one compiled step)
+    weights = label_weights(labels) if config.label_weights else None
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16, l2=config.l2,
-                             num_classes=len(splits.class_names))
+                             num_classes=len(splits.class_names), label_weights=weights)
     train_fn, eval_fn = make_head_steps(model)
     records = []
     for seed in range(config.seed, config.seed + config.seeds):
@@ -76,24 +96,22 @@ def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, A
             record = {"seed": seed, "fold": k + 1, "train_images": int(len(rest)), "held_out_images": int(len(held)),
                       "last_epoch": history[-1] if history else None}
             if diverged is not None:
-                record.update({"diverged": diverged, **dict.fromkeys(METRICS)})
+                record.update({"diverged": diverged, **dict.fromkeys(metrics)})
             else:
                 (logits, _), = infer_features(model, {"params": state.params, "batch_stats": state.batch_stats},
                                               [features[held]])
-                probs = probabilities(logits)
-                record.update({"accuracy": float(np.mean(probs.argmax(1) == labels[held])),
-                               "macro_f1": macro_f1(labels[held], probs), "roc_auc": roc_auc(labels[held], probs)})
+                record.update(_fold_metrics(labels[held], logits))
             records.append({**record, "history": history})
     cv = {
         "folds": config.folds, "seeds": list(range(config.seed, config.seed + config.seeds)),
         "group_by": config.group_by, "images": int(len(labels)), "class_names": list(splits.class_names),
-        "what": ("stratified group" if config.group_by else "stratified") + " K-fold over train+validation "
-                "(the test split untouched); per fold a fresh head "
-                "with the run's settings; accuracy, macro_f1 and roc_auc of the held-out fold after the last "
+        "what": ("patient-grouped" if labels.ndim == 2 else "stratified group" if config.group_by else "stratified")
+                + " K-fold over train+validation (the test split untouched); per fold a fresh head "
+                f"with the run's settings; {', '.join(metrics)} of the held-out fold after the last "
                 "epoch; mean, std (ddof 1) and a Student-t 95% interval of the mean, clipped to [0, 1], over "
                 "every fold and seed that did not diverge",
         "diverged": sum("diverged" in r for r in records),
-        "summary": {m: summarise([r[m] for r in records]) for m in METRICS},
+        "summary": {m: summarise([r[m] for r in records]) for m in metrics},
         "per_fold": records,
     }
     run_dir = result.run_dir
@@ -116,8 +134,8 @@ def cv_summary(cv: dict[str, Any]) -> str:
                      "infinite; see per_fold in cv.json) and are left out of the summary: try a lower --lr")
     for metric, s in cv["summary"].items():
         if s["mean"] is None or not math.isfinite(s["mean"]):
-            lines.append(f"  {metric:<9} n/a")
+            lines.append(f"  {metric:<13} n/a")
             continue
-        lines.append(f"  {metric:<9} {s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+        lines.append(f"  {metric:<13} {s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
     lines.append(f"written: {CV_FILE}" + (f", {CV_FIGURE}" if cv["diverged"] < len(cv["per_fold"]) else ""))
     return "\n".join(lines)

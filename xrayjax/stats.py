@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
 Z95 = float(scipy_stats.norm.ppf(0.975))  # 1.959964
 BOOTSTRAP_RESAMPLES = 2000
@@ -177,8 +177,15 @@ def summarise(values: Sequence[float]) -> dict:
 
 
 def folds(labels: np.ndarray, k: int, seed: int, groups: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Held-out rows of each of ``k`` stratified folds (with ``groups``: no group in two folds)."""
+    """Held-out rows of each of ``k`` stratified folds (with ``groups``: no group in two folds).
+    Multi-label ``labels`` (N, L) are not stratified: ``groups`` (patients) are shuffled into
+    ``k`` folds of about equal size."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        groups = np.asarray(groups if groups is not None else np.arange(len(labels)).astype(str))
+        if len(set(groups)) < k:
+            raise ValueError(f"--folds {k}: only {len(set(groups))} patients; pass fewer folds")
+        return [held for _, held in GroupKFold(k, shuffle=True, random_state=seed).split(labels, groups=groups)]
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
     if groups is None and smallest < k:
         raise ValueError(f"--folds {k}: the smallest class has {smallest} image(s); "

@@ -271,9 +271,12 @@ def stratified_split(split: Split, fraction: float, seed: int, by_source: bool =
 
 def split_folds(split: Split, k: int, seed: int, by_source: bool = False) -> list[np.ndarray]:
     """The held-out rows of each of ``k`` stratified folds of ``split`` (whole sources with
-    ``by_source``); ValueError when the data cannot make them."""
+    ``by_source``; multi-label data: whole patients, a row without one its own); ValueError when
+    the data cannot make them."""
     from xrayjax.stats import folds  # scikit-learn, only when asked for
 
+    if split.labels.ndim == 2:
+        return folds(split.labels, k, seed, [g or f"#{i}" for i, g in enumerate(split.groups or ("",) * len(split))])
     return folds(split.labels, k, seed, source_groups(split.names) if by_source else None)
 
 
