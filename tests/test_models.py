@@ -326,11 +326,11 @@ def test_blocks_partition_backbone_layers():
 def test_unknown_names_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown arch 'resnet18'; valid archs: vgg16, vgg19, resnet50"):
         create_backbone("resnet18")
-    with pytest.raises(ValueError, match="unknown task 'three_class'; valid tasks: binary, multiclass"):
+    with pytest.raises(ValueError, match="unknown task 'three_class'; valid tasks: binary, multiclass, multilabel"):
         create_model("vgg16", "three_class")
     with pytest.raises(ValueError, match="dropout"):
         create_head("vgg16", "binary", dropout=1.0)
-    assert TASKS == ("binary", "multiclass")
+    assert TASKS == ("binary", "multiclass", "multilabel")
 
 
 def test_summary_cli(capsys):
