@@ -102,7 +102,8 @@ def _prepare(args: argparse.Namespace) -> None:
             _print_skipped(meta)
 
 
-def _print_skipped(meta) -> None:
+def _print_skipped(meta: dict) -> None:
+    """One line per kind of file the preparation skipped."""
     for key, title in (("junk", "junk files"), ("not_images", "not images"),
                        ("bad_images", "bad images"), ("ignored", "ignored folders")):
         if meta.get(key):
