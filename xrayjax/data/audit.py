@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -91,7 +92,9 @@ def shortcut(values: list, labels: np.ndarray) -> dict[str, float] | None:
     return {"accuracy": round(float(accuracy), 3), "baseline": round(float(counts.max() / counts.sum()), 3)}
 
 
-def _inspect(source: Source, file: SourceFile) -> dict[str, Any]:
+def inspect_file(source: Source, file: SourceFile) -> dict[str, Any]:
+    """A file's sha256 and status (ok, not_image, bad with its error); for an image its format,
+    colour mode, size and perceptual hashes. Nothing decoded is kept."""
     try:
         data = source.read(file)
     except DataError as err:  # unreadable, e.g. a dangling or looping symlink
@@ -111,8 +114,52 @@ def _inspect(source: Source, file: SourceFile) -> dict[str, Any]:
     return info
 
 
+def inspect_files(source: Source, files: Sequence[SourceFile], workers: int | None = None) -> dict[str, dict]:
+    """:func:`inspect_file` of every file on ``workers`` threads (default: every core), by member."""
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        return dict(zip((f.member for f in files), pool.map(lambda f: inspect_file(source, f), files)))
+
+
 def _scope(splits: set[str]) -> str:
     return f"within {splits.pop()}" if len(splits) == 1 else f"across {'/'.join(sorted(splits))}"
+
+
+def duplicates(members: Iterable[str], infos: Mapping[str, dict], split_of: Callable[[str], str],
+               label_of: Callable[[str], Hashable]) -> tuple[list[dict], list[dict]]:
+    """Exact duplicate groups (one sha256) and near-duplicate pairs (both perceptual hashes within
+    ``NEAR_BITS``, bytes not equal) among ``members``, each with its split scope and whether the
+    labels (``label_of``) differ."""
+    members = list(members)
+    by_sha = collections.defaultdict(list)
+    for m in members:
+        if infos[m]["sha256"] is not None:  # unreadable files have no bytes to compare
+            by_sha[infos[m]["sha256"]].append(m)
+    exact = [{"files": group, "scope": _scope({split_of(g) for g in group}),
+              "labels_differ": len({label_of(g) for g in group}) > 1}
+             for group in by_sha.values() if len(group) > 1]
+    exact_pairs = {frozenset(p) for g in exact for p in zip(g["files"], g["files"][1:])}
+    ok = [m for m in members if infos[m]["status"] == "ok"]
+    near = []
+    if len(ok) > 1:
+        for i, j, dbits, pbits in near_pairs(np.stack([infos[m]["dhash"] for m in ok]),
+                                             np.stack([infos[m]["phash"] for m in ok])):
+            a, b = ok[i], ok[j]
+            if infos[a]["sha256"] != infos[b]["sha256"] and frozenset((a, b)) not in exact_pairs:
+                near.append({"files": [a, b], "dhash_bits": dbits, "phash_bits": pbits,
+                             "scope": _scope({split_of(a), split_of(b)}), "labels_differ": label_of(a) != label_of(b)})
+    return exact, near
+
+
+def shortcuts(modes: list[str], sizes: list[tuple[int, int]], labels: np.ndarray) -> dict[str, dict]:
+    """:func:`shortcut` of the colour mode alone and of the image size alone, each with its warning
+    (accuracy beats the baseline by ``SHORTCUT_MARGIN``); a check with too few images is left out."""
+    out = {}
+    for feature, values in (("colour mode", modes), ("image size", sizes)):
+        found = shortcut(values, labels) if len(values) else None
+        if found is not None:
+            found["warning"] = found["accuracy"] >= found["baseline"] + SHORTCUT_MARGIN
+            out[feature] = found
+    return out
 
 
 def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
@@ -127,8 +174,7 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
         if listing.challenge:  # two/ is meant to be a copy of part of all/: check that too
             files += [f for f in source.files if f.member.startswith("two/") and f.is_image_name]
             junk += [f.member for f in source.files if f.member.startswith("two/") and not f.is_image_name]
-        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-            infos = dict(zip((f.member for f in files), pool.map(lambda f: _inspect(source, f), files)))
+        infos = inspect_files(source, files, workers)
     two_not_in_all = sorted(
         m for m in infos if m not in tasks and infos.get("all/" + m[4:], {}).get("sha256") != infos[m]["sha256"]
     )
@@ -152,22 +198,7 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
         lo, hi = sizes.get(cls(m), ([w, h], [w, h]))
         sizes[cls(m)] = ([min(lo[0], w), min(lo[1], h)], [max(hi[0], w), max(hi[1], h)])
 
-    by_sha = collections.defaultdict(list)
-    for m in tasks:
-        if infos[m]["sha256"] is not None:  # unreadable files have no bytes to compare
-            by_sha[infos[m]["sha256"]].append(m)
-    exact = [{"files": group, "scope": _scope({split(g) for g in group}),
-              "labels_differ": len({cls(g) for g in group}) > 1}
-             for group in by_sha.values() if len(group) > 1]
-    exact_pairs = {frozenset(p) for g in exact for p in zip(g["files"], g["files"][1:])}
-    near = []
-    if len(ok) > 1:
-        for i, j, dbits, pbits in near_pairs(np.stack([infos[m]["dhash"] for m in ok]),
-                                             np.stack([infos[m]["phash"] for m in ok])):
-            a, b = ok[i], ok[j]
-            if infos[a]["sha256"] != infos[b]["sha256"] and frozenset((a, b)) not in exact_pairs:
-                near.append({"files": [a, b], "dhash_bits": dbits, "phash_bits": pbits,
-                             "scope": _scope({split(a), split(b)}), "labels_differ": cls(a) != cls(b)})
+    exact, near = duplicates(tasks, infos, split, cls)
 
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for m in ok:
@@ -178,13 +209,7 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
     test_groups = [{"group": g, "test": sorted(s["test"])}
                    for g, s in sorted(groups.items()) if len(s.get("test", [])) > 1]
     labels = np.array([tasks[m].label for m in ok], np.int64)
-    shortcuts = {}
-    for feature, values in (("colour mode", [infos[m]["mode"] for m in ok]),
-                            ("image size", [tuple(infos[m]["size"]) for m in ok])):
-        found = shortcut(values, labels) if ok else None
-        if found is not None:
-            found["warning"] = found["accuracy"] >= found["baseline"] + SHORTCUT_MARGIN
-            shortcuts[feature] = found
+    found_shortcuts = shortcuts([infos[m]["mode"] for m in ok], [tuple(infos[m]["size"]) for m in ok], labels)
     return {
         "source": str(source),
         "layout": listing.layout + (f" under {listing.root}/" if listing.root else ""),
@@ -193,7 +218,7 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
         "formats": dict(formats),
         "modes": {c: dict(sorted(modes[c].items())) for c in class_names if c in modes},
         "sizes": {c: {"min_wh": lo, "max_wh": hi} for c, (lo, hi) in sorted(sizes.items())},
-        "shortcuts": shortcuts,
+        "shortcuts": found_shortcuts,
         "junk": sorted(junk),
         "ignored": list(listing.ignored),
         "unsafe_zip_members": list(listing.unsafe),
@@ -208,7 +233,8 @@ def audit(data_dir: str | None, workers: int | None = None) -> dict[str, Any]:
     }
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -220,44 +246,53 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [["split", *classes, "total"]]
     for s, c in report["counts"].items():
         rows.append([s, *(str(c.get(k, 0)) for k in classes), str(sum(c.values()))])
-    out += ["Images (decodable)", *_table(rows), ""]
+    out += ["Images (decodable)", *text_table(rows), ""]
     rows = [["class", "colour modes", "min WxH", "max WxH"]]
     for c, m in report["modes"].items():
         lo, hi = report["sizes"][c]["min_wh"], report["sizes"][c]["max_wh"]
         rows.append([c, ", ".join(f"{k} {v}" for k, v in m.items()), f"{lo[0]}x{lo[1]}",
                      f"{hi[0]}x{hi[1]}"])
-    out += ["Modes and sizes", *_table(rows),
+    out += ["Modes and sizes", *text_table(rows),
             "Formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()), ""]
+    out += [*shortcut_lines(report["shortcuts"], "the class", "the largest class"), ""]
+    out += listed("Junk files (skipped)", report["junk"])
+    out += listed("Ignored folders", report["ignored"])
+    if report["unsafe_zip_members"]:
+        out += listed("Zip members with an unsafe path (skipped, never read)", report["unsafe_zip_members"])
+    out += listed("Not images by content (skipped)", report["not_images"])
+    out += listed("Unreadable images", [f"{u['file']}: {u['error']}" for u in report["unreadable"]])
+    if report["two_not_copies_of_all"]:
+        out += listed("two/ files that are not copies of all/", report["two_not_copies_of_all"])
+    out += duplicate_lines(report["exact_duplicates"], report["near_duplicates"])
+    out += listed("Source groups in more than one split (possible patient leak)", [
+        f"{g['group']}: " + " | ".join(f"{s} {', '.join(v)}" for s, v in g["splits"].items())
+        for g in report["name_groups_across_splits"]])
+    out += listed("Test images sharing one source", [
+        f"{g['group']}: {', '.join(g['test'])}" for g in report["test_groups"]])
+    return "\n".join(out)
+
+
+def listed(title: str, items: list[str]) -> list[str]:
+    """A titled list: the title with the count (or none), then one indented line per item."""
+    return [f"{title}: {len(items) or 'none'}", *(f"  {i}" for i in items)]
+
+
+def shortcut_lines(found: Mapping[str, dict], target: str, baseline: str) -> list[str]:
+    """One line per shortcut check (:func:`shortcuts`): accuracy predicting ``target`` beside
+    always answering ``baseline``, and the verdict."""
     advice = {"colour mode": "--color gray (the default) takes it away",
               "image size": "resizing to one size keeps the aspect ratio's and the scanner's traces; "
                             "check what the model looks at (gradcam.png)"}
-    for feature, s in report["shortcuts"].items():
-        verdict = f"WARNING: it predicts the class; {advice[feature]}" if s["warning"] else "no shortcut"
-        out.append(f"Shortcut check, {feature} alone: accuracy {s['accuracy']:.1%} vs {s['baseline']:.1%} for "
-                   f"the largest class: {verdict}")
-    out.append("")
+    return [f"Shortcut check, {feature} alone: accuracy {s['accuracy']:.1%} vs {s['baseline']:.1%} for {baseline}: "
+            + (f"WARNING: it predicts {target}; {advice[feature]}" if s["warning"] else "no shortcut")
+            for feature, s in found.items()]
 
-    def listing(title: str, items: list[str]) -> None:
-        out.append(f"{title}: {len(items) or 'none'}")
-        out.extend(f"  {i}" for i in items)
 
-    listing("Junk files (skipped)", report["junk"])
-    listing("Ignored folders", report["ignored"])
-    if report["unsafe_zip_members"]:
-        listing("Zip members with an unsafe path (skipped, never read)", report["unsafe_zip_members"])
-    listing("Not images by content (skipped)", report["not_images"])
-    listing("Unreadable images", [f"{u['file']}: {u['error']}" for u in report["unreadable"]])
-    if report["two_not_copies_of_all"]:
-        listing("two/ files that are not copies of all/", report["two_not_copies_of_all"])
-    listing("Exact duplicates (sha256)", [
+def duplicate_lines(exact: list[dict], near: list[dict]) -> list[str]:
+    """The exact and near duplicates of :func:`duplicates` as titled lists."""
+    return (listed("Exact duplicates (sha256)", [
         f"[{d['scope']}{', LABELS DIFFER' if d['labels_differ'] else ''}] " + " = ".join(d["files"])
-        for d in report["exact_duplicates"]])
-    listing(f"Near-duplicates (dHash and pHash <= {NEAR_BITS}/256 bits)", [
-        f"[{d['scope']}, {d['dhash_bits']}/{d['phash_bits']} bits] " + " ~ ".join(d["files"])
-        for d in report["near_duplicates"]])
-    listing("Source groups in more than one split (possible patient leak)", [
-        f"{g['group']}: " + " | ".join(f"{s} {', '.join(v)}" for s, v in g["splits"].items())
-        for g in report["name_groups_across_splits"]])
-    listing("Test images sharing one source", [
-        f"{g['group']}: {', '.join(g['test'])}" for g in report["test_groups"]])
-    return "\n".join(out)
+        for d in exact])
+        + listed(f"Near-duplicates (dHash and pHash <= {NEAR_BITS}/256 bits)", [
+            f"[{d['scope']}, {d['dhash_bits']}/{d['phash_bits']} bits] " + " ~ ".join(d["files"])
+            for d in near]))

@@ -57,6 +57,19 @@ def _finder(source: Source, table: LabelTable):
     return find
 
 
+def locate(source: Source, table: LabelTable) -> tuple[list[tuple[int, SourceFile]], list[str]]:
+    """(row, file) of every row of ``table`` whose image is in ``source``, and the paths of the others."""
+    find = _finder(source, table)
+    found, missing = [], []
+    for row, path in enumerate(table.paths):
+        file = find(path)
+        if file is None:
+            missing.append(path)
+        else:
+            found.append((row, file))
+    return found, missing
+
+
 def csv_listing(source: Source, table: LabelTable, skip_missing: bool = False) -> Listing:
     """The listing of ``table``'s images in ``source``: every kept row whose image is found, its
     official split ("train" when the file has none), labels and patient.
@@ -64,15 +77,9 @@ def csv_listing(source: Source, table: LabelTable, skip_missing: bool = False) -
     A missing image stops with a DataError (how many, the first few, ``--skip-missing``); with
     ``skip_missing`` the rows are left out with a :class:`MissingImagesWarning`.
     """
-    find = _finder(source, table)
-    files, rows, missing = [], [], []
-    for row, path in enumerate(table.paths):
-        found = find(path)
-        if found is None:
-            missing.append(path)
-            continue
-        files.append(TaskFile(found, table.splits[row] or "train", len(rows)))
-        rows.append(row)
+    found, missing = locate(source, table)
+    rows = [row for row, _ in found]
+    files = [TaskFile(f, table.splits[row] or "train", i) for i, (row, f) in enumerate(found)]
     if missing:
         shown = ", ".join(missing[:SHOWN]) + (", ..." if len(missing) > SHOWN else "")
         if not skip_missing:

@@ -112,6 +112,12 @@ def _findings_matrix(findings: list[set[str]]) -> tuple[np.ndarray, tuple[str, .
     return labels, names
 
 
+def parse_views(text: str | None) -> list[str] | None:
+    """``--views`` (comma-separated, e.g. ``PA,AP``) as a list; None when unset or empty."""
+    views = [v.strip() for v in text.split(",") if v.strip()] if text else []
+    return views or None
+
+
 def read_labels(csv_path: str | Path, views: Sequence[str] | None = None) -> LabelTable:
     """Read a labels file (format from its header); ``views`` keeps only rows of those views."""
     path = Path(csv_path).expanduser().resolve()

@@ -106,10 +106,9 @@ def open_dataset(cfg: DataConfig) -> Dataset:
     """Find and list the data ``cfg`` reads (nothing decoded): the one listing of a run."""
     if cfg.labels is not None:
         from xrayjax.data.csv_images import csv_listing
-        from xrayjax.data.csv_labels import read_labels
+        from xrayjax.data.csv_labels import parse_views, read_labels
 
-        views = [v.strip() for v in cfg.views.split(",") if v.strip()] if cfg.views else None
-        table = read_labels(cfg.labels, views)
+        table = read_labels(cfg.labels, parse_views(cfg.views))
         source = resolve_source(cfg.data_dir if cfg.data_dir is not None else Path(table.csv).parent)
         listing = csv_listing(source, table, cfg.skip_missing)
         return Dataset(str(source.location), listing.class_names, source=source, listing=listing)
