@@ -3,7 +3,7 @@
 #   1. installs the carried wheels (.whl: tensorflow-datasets and what the GPU image lacks);
 #   2. reads the carried prepared dataset (.tfds), or prepares it;
 #   3. times the training step beside the plain-Flax reference step, in one process per group:
-#      the report's three models bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32, vgg16
+#      the report's three models and densenet121 bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32, vgg16
 #      bf16 at 512 (a candidate: larger per-device batches);
 #   4. times each VGG conv layer (experiments/vgg_layers.py);
 #   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
@@ -43,7 +43,7 @@ if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller
   archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32 --batch-size 4); runs=(cold)
 else
   tfds=${TFDS_DIR:-.tfds}
-  groups=("--models vgg16:binary vgg19:multiclass resnet50:multiclass --dtypes bf16 --batches 256"
+  groups=("--models vgg16:binary vgg19:multiclass resnet50:multiclass densenet121:multiclass --dtypes bf16 --batches 256"
           "--models vgg16:binary --dtypes fp32 --batches 256"
           "--models resnet50:multiclass --dtypes bf16 --batches 32"
           "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches

@@ -5,7 +5,8 @@ trained with Adam in float32. Random weights and inputs. Prints one JSON line pe
 Copied from ../shared/reference/plain_flax_step.py (the models and the step unchanged) so that
 `python -m xrayjax.bench --reference experiments/plain_flax_step.py` can import it and time it
 beside the library's step in one process: `run` takes the image size and step count and
-returns its record, and the full grid runs only as a script."""
+returns its record, and the full grid runs only as a script. Added here, in the same plain
+style: DenseNet121 and CheXNet's head (task "chexnet": global average pooling, Dense(4))."""
 import json, time, functools
 import jax, jax.numpy as jnp, flax.linen as nn, optax
 
@@ -47,6 +48,24 @@ class ResNet50(nn.Module):
                 x = Bottleneck(64 * 2 ** i, 2 if (j == 0 and i > 0) else 1, j == 0, self.dtype)(x)
         return x
 
+class DenseNet121(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        bn = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1.001e-5, dtype=self.dtype)
+        x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+        x = nn.relu(bn()(conv(64, (7, 7), (2, 2), padding="VALID")(x)))
+        x = nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2))
+        for i, n in enumerate([6, 12, 24, 16]):
+            if i:
+                x = conv(x.shape[-1] // 2, (1, 1))(nn.relu(bn()(x)))
+                x = nn.avg_pool(x, (2, 2), (2, 2))
+            for _ in range(n):
+                y = nn.relu(bn()(conv(128, (1, 1))(nn.relu(bn()(x)))))
+                x = jnp.concatenate([x, conv(32, (3, 3))(y)], axis=-1)
+        return nn.relu(bn()(x))
+
 class Head(nn.Module):
     task: str
     @nn.compact
@@ -60,6 +79,8 @@ class Head(nn.Module):
         if self.task == "arch3":
             f = nn.BatchNorm(use_running_average=True)(f)
         f = f.mean(axis=(1, 2))
+        if self.task == "chexnet":
+            return nn.Dense(4)(f)
         f = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(512)(f)))
         if self.task != "arch3":
             f = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(512)(f)))
@@ -67,7 +88,7 @@ class Head(nn.Module):
 
 def run(task, arch, batch, bf16, steps=30, image_size=224):
     dt = jnp.bfloat16 if bf16 else jnp.float32
-    bb = ResNet50(dt) if arch == "resnet50" else VGG(arch, dt)
+    bb = ResNet50(dt) if arch == "resnet50" else DenseNet121(dt) if arch == "densenet121" else VGG(arch, dt)
     hd = Head(task)
     k = jax.random.PRNGKey(0)
     x = jax.random.normal(k, (batch, image_size, image_size, 3))
@@ -105,7 +126,8 @@ def run(task, arch, batch, bf16, steps=30, image_size=224):
 
 if __name__ == "__main__":
     print(json.dumps(dict(jax=jax.__version__, devices=str(jax.devices()))), flush=True)
-    for task, arch in [("task1", "vgg16"), ("arch1", "vgg16"), ("arch2", "vgg19"), ("arch3", "resnet50")]:
+    for task, arch in [("task1", "vgg16"), ("arch1", "vgg16"), ("arch2", "vgg19"), ("arch3", "resnet50"),
+                       ("chexnet", "densenet121")]:
         for bf16 in (False, True):
             for batch in (32, 256):
                 run(task, arch, batch, bf16)

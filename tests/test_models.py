@@ -298,7 +298,7 @@ def test_train_mode_freezes_backbone_and_trains_head(small_models):
                            variables["batch_stats"]["head"]["batch_normalization"]["mean"])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ("vgg16", "vgg19", "resnet50"))  # densenet121: tests/test_densenet.py
 def test_bfloat16_compute_is_close_to_float32(arch, small_models):
     m = small_models(arch, "multiclass")
     model16 = create_model(arch, "multiclass", dtype=jnp.bfloat16)
@@ -316,15 +316,16 @@ def test_bfloat16_compute_is_close_to_float32(arch, small_models):
 def test_blocks_partition_backbone_layers():
     for arch in ARCHS:
         layers = list(template(create_backbone(arch))["params"])
-        owners = [[b for b in BLOCKS[arch] if layer.startswith(b + "_")] for layer in layers]
+        owners = [[b for b in BLOCKS[arch] if layer == b or layer.startswith(b + "_")] for layer in layers]
         assert all(len(o) == 1 for o in owners), arch
-        assert [o[0] for o in owners] == sorted((o[0] for o in owners), key=BLOCKS[arch].index)
+        if arch != "densenet121":  # its names do not sort in forward order: tests/test_densenet.py
+            assert [o[0] for o in owners] == sorted((o[0] for o in owners), key=BLOCKS[arch].index)
         assert {o[0] for o in owners} == set(BLOCKS[arch])
     assert len(BLOCKS["resnet50"]) == 17 and BLOCKS["vgg19"][-1] == "block5"
 
 
 def test_unknown_names_raise_clear_errors():
-    with pytest.raises(ValueError, match="unknown arch 'resnet18'; valid archs: vgg16, vgg19, resnet50"):
+    with pytest.raises(ValueError, match="unknown arch 'resnet18'; valid archs: vgg16, vgg19, resnet50, densenet121$"):
         create_backbone("resnet18")
     with pytest.raises(ValueError, match="unknown task 'three_class'; valid tasks: binary, multiclass, multilabel"):
         create_model("vgg16", "three_class")

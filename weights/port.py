@@ -41,7 +41,7 @@ converted, with a warning, and the sidecar records it; a download with the wrong
 
 Published files (Keras applications):
 """ + "".join(
-    f"  {arch:9s} {p.file_name}\n            {p.url}\n            md5 {p.md5}\n"
+    f"  {arch:11s} {p.file_name}\n              {p.url}\n              md5 {p.md5}\n"
     for arch, p in porting.PUBLISHED.items()
 ) + """
 The file is read by layer name and weight order (root attribute 'layer_names', each layer's

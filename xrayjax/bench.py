@@ -43,16 +43,18 @@ from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
 # (Older records in experiments/bench.jsonl give multiclass its report name, four_class.)
 REPORT_MODELS = (("vgg16", "binary"), ("vgg16", "multiclass"), ("vgg19", "multiclass"),
                  ("resnet50", "multiclass"))
+# Measured by default: the report's models and CheXNet's (DenseNet121, four classes).
+DEFAULT_MODELS = (*REPORT_MODELS, ("densenet121", "multiclass"))
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "experiments" / "bench.jsonl"
-# The reference step's name for each of the report's models (../shared/reference).
-_REFERENCE_TASK = dict(zip(REPORT_MODELS, ("task1", "arch1", "arch2", "arch3")))
+# The reference step's name for each default model (../shared/reference; "chexnet" is ours).
+_REFERENCE_TASK = dict(zip(DEFAULT_MODELS, ("task1", "arch1", "arch2", "arch3", "chexnet")))
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """What to measure: the grid of models x dtypes x global batch sizes, and how long."""
 
-    models: tuple[tuple[str, str], ...] = REPORT_MODELS
+    models: tuple[tuple[str, str], ...] = DEFAULT_MODELS
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     batches: tuple[int, ...] = (32, 256)
     image_size: int = 224
@@ -147,6 +149,9 @@ def _reference(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int, o
         raise ValueError(f"--reference {cfg.reference}: no such Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if (arch, task) not in _REFERENCE_TASK:
+        raise ValueError(f"--reference: the reference step has no {arch}:{task} model; it has "
+                         f"{', '.join(f'{a}:{t}' for a, t in _REFERENCE_TASK)}")
     with contextlib.redirect_stdout(sys.stderr):  # its own JSON line must not mix with ours
         theirs = module.run(_REFERENCE_TASK[(arch, task)], arch, batch, dtype == "bf16",
                             steps=cfg.steps * cfg.repeats, image_size=cfg.image_size)["img_s"]
@@ -189,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p.add_argument("--models", nargs="+", type=_model, default=list(d.models), metavar="ARCH[:TASK]",
                    help="models to measure; TASK defaults to multiclass, four_class is read as it "
-                   "(default: the report's four: vgg16:binary vgg16 vgg19 resnet50)")
+                   "(default: the report's four and CheXNet's: vgg16:binary vgg16 vgg19 resnet50 densenet121)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=list(d.dtypes),
                    help="backbone compute dtype; the head and loss are always float32 (default: both)")
     p.add_argument("--batches", nargs="+", type=int, default=list(d.batches),

@@ -90,7 +90,7 @@ class TrainConfig:
                              "their number, at most the number of training images")
     lr: float = _field(1e-4, "Adam learning rate, > 0 (Keras' Adam: beta_1 0.9, beta_2 0.999, epsilon 1e-7)")
     l2: float | None = _field(None, "L2 factor on the head's Dense kernels, >= 0 (default: 1e-3, but 0 for "
-                              "vgg16 four_class, as in the report)")
+                              "vgg16 four_class, as in the report, and for densenet121, as in CheXNet)")
     dropout: float = _field(0.5, "head dropout rate, in [0, 1)")
     augment: bool = _field(False, "random rotation/shift/zoom of training images (disables feature caching)")
     bf16: bool = _field(False, "backbone computes in bfloat16; head and loss stay float32")

@@ -44,8 +44,9 @@ def probabilities(logits: np.ndarray, multilabel: bool = False) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=0)
 def backbone_features(model: nn.Module, variables: Mapping, images: jax.Array) -> jax.Array:
     """The backbone's output feature maps of uint8 images, given a Classifier's variables, computed
-    as training computes them (:func:`xrayjax.models.frozen_features`)."""
-    return frozen_features(model.backbone, submodule_variables(variables, "backbone"), preprocess_input(images))
+    as training computes them (the backbone's preprocessing, :func:`xrayjax.models.frozen_features`)."""
+    x = preprocess_input(images, mode=model.backbone.preprocessing)
+    return frozen_features(model.backbone, submodule_variables(variables, "backbone"), x)
 
 
 def _head_outputs(model: nn.Module, variables: Mapping, features: jax.Array) -> tuple[jax.Array, jax.Array]:

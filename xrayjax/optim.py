@@ -71,11 +71,13 @@ def keras_adam(
 
 
 def trainable_mask(params: Mapping[str, Any], arch: str, fine_tune: int) -> Any:
-    """True for every head leaf and for backbone leaves of the last ``fine_tune`` blocks."""
-    opened = tuple(p + "_" for p in BLOCKS[arch][len(BLOCKS[arch]) - fine_tune:])
+    """True for every head leaf and for backbone leaves of the last ``fine_tune`` blocks (a layer
+    of block ``b`` is named ``b`` or ``b_...``)."""
+    opened = BLOCKS[arch][len(BLOCKS[arch]) - fine_tune:] if fine_tune > 0 else ()
+    prefixes = tuple(b + "_" for b in opened)
     flat = traverse_util.flatten_dict(dict(params))
     return traverse_util.unflatten_dict(
-        {k: k[0] == "head" or (fine_tune > 0 and k[1].startswith(opened)) for k in flat}
+        {k: k[0] == "head" or (bool(opened) and (k[1] in opened or k[1].startswith(prefixes))) for k in flat}
     )
 
 

@@ -9,6 +9,7 @@ strict: every template entry is filled exactly once with an equal shape, or one
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -26,8 +27,8 @@ _PARAM_ORDER = ("kernel", "scale", "bias")
 _STATS_ORDER = ("mean", "var")
 _COLLECTIONS = ("params", "batch_stats")
 # Layers with weights that only an include_top=True file holds (VGG fc1/fc2/predictions,
-# ResNet predictions).
-_TOP_LAYERS = frozenset({"fc1", "fc2", "predictions"})
+# ResNet and DenseNet predictions; Keras 2's DenseNet fc1000).
+_TOP_LAYERS = frozenset({"fc1", "fc2", "predictions", "fc1000"})
 # Layer names of the 2016 ResNet50 file of Keras 1 and 2.0-2.2 (fchollet/deep-learning-models v0.2, md5
 # a268eb855778b3df3c7506639542a6af): same file name as today's, other names and BatchNorm eps.
 _KERAS1_RESNET_LAYER = re.compile(r"^(bn_conv1|(res|bn)[2-5][a-f]_branch(1|2[abc]))$")
@@ -235,7 +236,7 @@ class PublishedWeights:
 
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-# From keras/src/applications/{vgg16,vgg19,resnet}.py (WEIGHTS_PATH_NO_TOP and hashes).
+# From keras/src/applications/{vgg16,vgg19,resnet,densenet}.py (the no-top paths and hashes).
 PUBLISHED: dict[str, PublishedWeights] = {
     arch: PublishedWeights(name, f"{KERAS_WEIGHTS_URL}{folder}/{name}", md5)
     for arch, folder, name, md5 in (
@@ -245,6 +246,8 @@ PUBLISHED: dict[str, PublishedWeights] = {
          "253f8cb515780f3b799900260a226db6"),
         ("resnet50", "resnet", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
          "4d473c1dd8becc155b73f8504c6f6626"),
+        ("densenet121", "densenet", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+         "30ee3e1110167f948a6b9946edeeb738"),
     )
 }
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -272,12 +275,15 @@ def _strings(attrs: Any, name: str) -> list[str]:
 
 
 def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
-    """Per-layer weight lists of a legacy Keras HDF5 weights file, in file order.
+    """Per-layer weight lists of a legacy Keras HDF5 weights file, in file order, keyed by the
+    layer names of Keras 3.
 
     Follows Keras' own reader (``load_weights_from_hdf5_group``): the root's ``layer_names``
     then each layer group's ``weight_names``, by name and order; a full-model file's
     ``model_weights`` group is read the same way. Dataset names are only looked up, never
-    interpreted, since they differ across Keras versions.
+    interpreted, since they differ across Keras versions. Keras 2's DenseNet (the published
+    file) named its stem ``conv1/conv``, ``conv1/bn``, ``conv1/relu``; Keras 3 forbids "/" in
+    layer names and spells them ``conv1_conv``, ...: a "/" is read as "_".
 
     Raises:
         FileNotFoundError: no such file.
@@ -308,7 +314,7 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
                     )
                 group = root[name]
                 names = _strings(group.attrs, "weight_names")
-                weights[name] = [np.asarray(group[w]) for w in names]
+                weights[name.replace("/", "_")] = [np.asarray(group[w]) for w in names]
     except WeightFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -319,8 +325,10 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     return weights
 
 
+@functools.cache
 def _backbone_template(arch: str) -> dict[str, Any]:
-    """Shapes and dtypes of ``create_backbone(arch)``'s variables at 224x224 (no compute)."""
+    """Shapes and dtypes of ``create_backbone(arch)``'s variables at 224x224 (no compute; traced
+    once per arch: a strict merge's error compares the file with every arch's)."""
     import jax
     import jax.numpy as jnp
 
@@ -337,7 +345,7 @@ def _layer_names(template: Mapping[str, Any]) -> set[str]:
 def port_keras_weights(arch: str, h5_path: str | os.PathLike) -> dict[str, Any]:
     """Variables of ``create_backbone(arch)`` from a Keras include_top=False HDF5 file.
 
-    Returns ``{"params": ...}`` (plus ``"batch_stats"`` for resnet50), float32.
+    Returns ``{"params": ...}`` (plus ``"batch_stats"`` for resnet50 and densenet121), float32.
 
     Raises:
         FileNotFoundError, WeightFileError: the file cannot be read.

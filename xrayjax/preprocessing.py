@@ -1,25 +1,47 @@
-"""Input preprocessing identical to ``keras.applications.vgg16.preprocess_input``.
+"""Input preprocessing of each backbone, equal to ``keras.applications.<module>.preprocess_input``.
 
-VGG16, VGG19 and ResNet50 all use Keras' "caffe" mode: RGB -> BGR, then subtract the
-ImageNet channel means, no scaling. The ported ImageNet weights expect exactly this input.
+The ImageNet weights of a backbone expect the input Keras trained them on, so the mode goes
+with the backbone (``create_backbone(arch).preprocessing``):
+
+- ``caffe`` (VGG16, VGG19, ResNet50): RGB -> BGR, then minus the ImageNet channel means;
+- ``torch`` (DenseNet121): x / 255, then minus the ImageNet channel means and divided by their
+  standard deviations, in RGB order.
 """
 
 import jax
 import jax.numpy as jnp
 
-# ImageNet channel means in BGR order, as in keras.applications.imagenet_utils.
-IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+# ImageNet channel statistics, as in keras.applications.imagenet_utils.
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)  # caffe, in [0, 255]
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # torch, in [0, 1]
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+MODES: tuple[str, ...] = ("caffe", "torch")
+# The mode of each backbone's published weights (keras.applications: vgg16, vgg19 and resnet
+# use "caffe", densenet "torch").
+ARCH_PREPROCESSING: dict[str, str] = {
+    "vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe", "densenet121": "torch",
+}
 
 
-def preprocess_input(x: jax.typing.ArrayLike) -> jax.Array:
-    """Map RGB images in [0, 255] (uint8 or float, NHWC, any leading dims) to caffe-mode float32.
+def preprocess_input(x: jax.typing.ArrayLike, arch: str = "vgg16", *, mode: str | None = None) -> jax.Array:
+    """Map RGB images in [0, 255] (uint8 or float, NHWC, any leading dims) to the float32 input
+    of backbone ``arch`` (``mode``, when given, overrides the arch's: one of :data:`MODES`).
 
     Pure jnp, so it works inside ``jax.jit`` (preprocess on device, next to the model).
     """
+    if mode is None:
+        if arch not in ARCH_PREPROCESSING:
+            raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCH_PREPROCESSING)}")
+        mode = ARCH_PREPROCESSING[arch]
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; valid modes: {', '.join(MODES)}")
     x = jnp.asarray(x)
     if x.shape[-1] != 3:
         raise ValueError(
             f"preprocess_input expects RGB images with 3 channels last (NHWC), got shape {x.shape}"
         )
-    bgr = x.astype(jnp.float32)[..., ::-1]
-    return bgr - jnp.asarray(IMAGENET_MEAN_BGR, dtype=jnp.float32)
+    x = x.astype(jnp.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - jnp.asarray(IMAGENET_MEAN_BGR, jnp.float32)
+    # Keras' order of operations, for equal rounding: divide, subtract, divide.
+    return (x / 255.0 - jnp.asarray(IMAGENET_MEAN_RGB, jnp.float32)) / jnp.asarray(IMAGENET_STD_RGB, jnp.float32)

@@ -254,8 +254,10 @@ def split_trainable(model: StepModel, params: Any) -> tuple[dict, dict]:
 
 
 def _features(model: StepModel, params: Any, stats: Any, images: jax.Array) -> jax.Array:
-    """Backbone output of a uint8 batch, preprocessed on device (:func:`frozen_features`)."""
-    return frozen_features(model.backbone, {"params": params, "batch_stats": stats or {}}, preprocess_input(images))
+    """Backbone output of a uint8 batch, preprocessed on device as the backbone expects
+    (:func:`frozen_features`)."""
+    x = preprocess_input(images, mode=model.backbone.preprocessing)
+    return frozen_features(model.backbone, {"params": params, "batch_stats": stats or {}}, x)
 
 
 def _gather(x: jax.Array) -> jax.Array:

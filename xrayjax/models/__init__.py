@@ -1,6 +1,6 @@
 """Flax model zoo equal to the Keras models of the report, layer for layer.
 
-Backbones (``vgg16``, ``vgg19``, ``resnet50``; :mod:`xrayjax.models.backbones`) mirror
+Backbones (``vgg16``, ``vgg19``, ``resnet50``, ``densenet121``; :mod:`xrayjax.models.backbones`) mirror
 ``keras.applications.<Model>(include_top=False)``; heads (:mod:`xrayjax.models.heads`) mirror
 the report's classifier tops and return logits; :class:`Classifier` joins a backbone and a head.
 Run ``python -m xrayjax.models ARCH TASK`` for a Keras-style summary.
@@ -14,12 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xrayjax.models.backbones import ARCHS, BLOCKS, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features
+from xrayjax.models.backbones import (
+    ARCHS, BLOCKS, DenseNet, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features,
+)
 from xrayjax.models.heads import Head, create_head, default_l2
 from xrayjax.tasks import TASKS
 
 __all__ = [
-    "ARCHS", "BLOCKS", "TASKS", "Classifier", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
+    "ARCHS", "BLOCKS", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
     "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "submodule_variables",
 ]
 

@@ -17,6 +17,8 @@ from xrayjax.tasks import canonical_task
 _KERAS_CLASS = {
     "zero_padding": "ZeroPadding2D",
     "max_pooling": "MaxPooling2D",
+    "average_pooling": "AveragePooling2D",
+    "concatenate": "Concatenate",
     "relu": "Activation",
     "add": "Add",
     "flatten": "Flatten",
@@ -25,6 +27,7 @@ _KERAS_CLASS = {
     "BatchNorm": "BatchNormalization",
     "VGG": "Functional",
     "ResNet": "Functional",
+    "DenseNet": "Functional",
 }
 
 

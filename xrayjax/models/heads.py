@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xrayjax.models.backbones import RESNET_STAGES, ARCHS
+from xrayjax.models.backbones import DENSENET_BLOCKS, RESNET_STAGES, ARCHS
 from xrayjax.models.layers import (
     HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, KERAS_KERNEL_INIT, KerasLayers, batch_norm, check_name, keras_name,
 )
@@ -54,15 +54,23 @@ class Head(KerasLayers):
         return x.astype(jnp.float32)
 
 
+def _chexnet_head(outputs: int) -> dict[str, Any]:
+    """CheXNet's top (Rajpurkar et al. 2017) on DenseNet121: GAP -> Dense(outputs)."""
+    return dict(pool="gap", hidden=(), outputs=outputs)
+
+
 def _binary_head(arch: str) -> dict[str, Any]:
-    """Task 1: Flatten -> Dropout -> Dense(256, relu) -> Dropout -> Dense(1)."""
-    del arch
+    """Task 1: Flatten -> Dropout -> Dense(256, relu) -> Dropout -> Dense(1); DenseNet: CheXNet's."""
+    if arch in DENSENET_BLOCKS:
+        return _chexnet_head(1)
     return dict(pool="flatten", hidden=(256,), outputs=1, dropout_first=True)
 
 
 def _multiclass_head(arch: str) -> dict[str, Any]:
     """Architectures 1-3: [BN (resnet)] -> GAP -> Dense(512, relu) x (2 vgg, 1 resnet) -> Dense(N)
-    (the report's four_class head, N = 4 there)."""
+    (the report's four_class head, N = 4 there); DenseNet: CheXNet's, GAP -> Dense(N)."""
+    if arch in DENSENET_BLOCKS:
+        return _chexnet_head(4)
     if arch in RESNET_STAGES:
         return dict(pool="gap", hidden=(512,), outputs=4, input_bn=True)
     return dict(pool="gap", hidden=(512, 512), outputs=4)
@@ -77,8 +85,11 @@ assert tuple(_HEADS) == TASKS
 
 
 def default_l2(arch: str, task: str) -> float:
-    """The report's L2 factor on the head's Dense kernels: none for vgg16's multiclass head."""
-    return 0.0 if (arch, canonical_task(task)) == ("vgg16", "multiclass") else 1e-3
+    """The report's L2 factor on the head's Dense kernels: none for vgg16's multiclass head, and
+    none for DenseNet's (CheXNet's paper trains it with Adam and names no weight decay)."""
+    if arch in DENSENET_BLOCKS or (arch, canonical_task(task)) == ("vgg16", "multiclass"):
+        return 0.0
+    return 1e-3
 
 
 def create_head(

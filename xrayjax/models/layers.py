@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 
-# BatchNorm settings of keras.applications.ResNet50 (Keras' own default momentum).
+# BatchNorm settings of keras.applications.ResNet50 and DenseNet121 (Keras' default momentum).
 BACKBONE_BN_EPSILON = 1.001e-5
 BACKBONE_BN_MOMENTUM = 0.99
 # Keras BatchNormalization defaults, used by the resnet50 multiclass head.
@@ -41,6 +41,16 @@ class KerasLayers(nn.Module):
         del name
         return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
 
+    def average_pooling(self, x: jax.Array, window: int, stride: int, name: str) -> jax.Array:
+        """Keras AveragePooling2D with 'valid' padding."""
+        del name
+        return nn.avg_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+    def concatenate(self, xs: Sequence[jax.Array], name: str) -> jax.Array:
+        """Keras Concatenate on the channels (the last axis)."""
+        del name
+        return jnp.concatenate(xs, axis=-1)
+
     def relu(self, x: jax.Array, name: str) -> jax.Array:
         """Keras Activation('relu') layer."""
         del name
@@ -70,13 +80,15 @@ def conv2d(
     dtype: Any,
     stride: int = 1,
     padding: Padding = _NO_PAD,
+    use_bias: bool = True,
 ) -> jax.Array:
-    """Keras Conv2D (with bias) with explicit padding, created under its Keras name."""
+    """Keras Conv2D with explicit padding, created under its Keras name."""
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=padding,
+        use_bias=use_bias,
         dtype=dtype,
         kernel_init=KERAS_KERNEL_INIT,
         name=name,
