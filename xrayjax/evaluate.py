@@ -27,7 +27,7 @@ from xrayjax import figures
 from xrayjax.config import positive_int
 from xrayjax.data import Split, Splits
 from xrayjax.gradcam import grad_cam
-from xrayjax.inference import infer, infer_features, probabilities
+from xrayjax.inference import infer, infer_features, positive_labels, probabilities
 from xrayjax.multilabel_metrics import multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
 from xrayjax.tasks import SPLITS
@@ -130,6 +130,15 @@ def _test_predictions(split: Split, probs: np.ndarray, class_names: Sequence[str
     ]
 
 
+def _plot_curves(run: Run, paths: dict[str, pathlib.Path], notes: list[str], title: str) -> None:
+    """curves.png from the run's history; without one, a note and no ``curves`` in ``paths``."""
+    if run.history:
+        figures.plot_curves(run.history, paths["curves"], title=title)
+    else:
+        notes.append("history.json is empty: no curves.png")
+        del paths["curves"]
+
+
 def _write_figures(
     run: Run,
     splits: Splits,
@@ -143,11 +152,7 @@ def _write_figures(
     cfg = run.config
     title = f"{cfg.arch} {cfg.task} ({cfg.init} init, color={cfg.color})"
     paths = {name: run_dir / f"{name}.png" for name in ("curves", "confusion", "tsne", "gradcam")}
-    if run.history:
-        figures.plot_curves(run.history, paths["curves"], title=title)
-    else:
-        metrics["notes"].append("history.json is empty: no curves.png")
-        del paths["curves"]
+    _plot_curves(run, paths, metrics["notes"], title)
     figures.plot_confusion(
         np.array(metrics["confusion_matrix"]), class_names, paths["confusion"],
         title=f"{title}\nconfusion matrix on the test set (n={metrics['n']})",
@@ -277,16 +282,12 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
     metrics["test_predictions"] = [
         {"name": name, "labels": {n: None if np.isnan(v) else int(v) for n, v in zip(names, row)},
          "probabilities": {n: round(float(p), 6) for n, p in zip(names, prob)},
-         "positive": [n for n, p, th in zip(names, prob, thresholds) if p >= th]}
+         "positive": positive_labels(names, prob, thresholds)}
         for name, row, prob in zip(splits.test.names, splits.test.labels, probs["test"])]
     title = f"{cfg.arch} multilabel ({cfg.init} init, color={cfg.color})"
     paths = {name: run_dir / f"{name}.png" for name in ("curves", "roc", "tsne", "gradcam")}
     metrics["notes"] = []
-    if run.history:
-        figures.plot_curves(run.history, paths["curves"], title=title)
-    else:
-        metrics["notes"].append("history.json is empty: no curves.png")
-        del paths["curves"]
+    _plot_curves(run, paths, metrics["notes"], title)
     figures.plot_roc(splits.test.labels, probs["test"], names, paths["roc"],
                      title=f"{title}\nROC curves on the test set (n={len(splits.test)})")
     frequent = int(np.argmax(np.nansum(splits.train.labels == 1.0, axis=0)))

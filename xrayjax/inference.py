@@ -41,6 +41,11 @@ def probabilities(logits: np.ndarray, multilabel: bool = False) -> np.ndarray:
     return softmax(logits, axis=1)
 
 
+def positive_labels(names: Sequence[str], probs: Sequence[float], thresholds: Sequence[float]) -> list[str]:
+    """The labels of one multilabel row whose probability is at or above its threshold."""
+    return [n for n, p, th in zip(names, probs, thresholds) if p >= th]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def backbone_features(model: nn.Module, variables: Mapping, images: jax.Array) -> jax.Array:
     """The backbone's output feature maps of uint8 images, given a Classifier's variables, computed

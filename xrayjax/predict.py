@@ -31,7 +31,7 @@ from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.pipeline import resize_nearest
-from xrayjax.inference import BATCH_SIZE, infer, probabilities
+from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
 from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json
 
 
@@ -98,7 +98,7 @@ def _table(paths: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
     rows = [header, "-" * len(header)]
     for path, row in zip(paths, probs):
         cells = "  ".join(f"{p:>{w}.3f}" for p, w in zip(row, cols))
-        chosen = (", ".join(c for c, p, th in zip(class_names, row, cut) if p >= th) or "none") if cut is not None \
+        chosen = (", ".join(positive_labels(class_names, row, cut)) or "none") if cut is not None \
             else class_names[int(row.argmax())]
         rows.append(f"{path:<{width}}  {cells}  {chosen}")
     return "\n".join(rows)
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cut is None:
                 return {"probabilities": by_name, "predicted": names[int(probs[i].argmax())]}
             return {"probabilities": by_name, "thresholds": dict(zip(names, map(float, cut))),
-                    "positive": [c for c, p, th in zip(names, probs[i], cut) if p >= th]}
+                    "positive": positive_labels(names, probs[i], cut)}
 
         if args.json:
             print(json.dumps([{"image": path, "error": failures[i]} if i in failures else {"image": path, **result(i)}

@@ -181,7 +181,6 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"{source}: no image of the {split} split could be read (every one was skipped as "
                             "junk or bad); see the warnings above, or `python -m xrayjax.data audit`")
 
-
     def _example(self, task_file: TaskFile, image: np.ndarray) -> dict:
         listing = self.listing
         if listing.multilabel:

@@ -275,7 +275,7 @@ def split_folds(split: Split, k: int, seed: int, by_source: bool = False) -> lis
     from xrayjax.stats import folds  # scikit-learn, only when asked for
 
     if split.labels.ndim == 2:
-        return folds(split.labels, k, seed, [g or f"#{i}" for i, g in enumerate(split.groups or ("",) * len(split))])
+        return folds(split.labels, k, seed, patient_groups(split))
     return folds(split.labels, k, seed, source_groups(split.names) if by_source else None)
 
 
@@ -370,11 +370,15 @@ def _recorded_splits(prepared: Mapping[str, Split], recorded: Mapping[str, Any],
     return Splits(parts["train"], parts["validation"], parts["test"], wanted_names, key)
 
 
+def patient_groups(split: Split) -> list[str]:
+    """Each image's patient, a row whose patient is unknown a patient of its own."""
+    return [g or f"#{i}" for i, g in enumerate(split.groups or ("",) * len(split))]
+
+
 def patient_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(rest, held_out): whole patients, seeded, until round(fraction * n) images are held out (a
     row whose patient is unknown is a patient of its own); at least one patient stays."""
-    groups = [g or f"#{i}" for i, g in enumerate(split.groups or ("",) * len(split))]
-    unique, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    unique, inverse, counts = np.unique(patient_groups(split), return_inverse=True, return_counts=True)
     target = round(fraction * len(split))
     if target == 0 or len(unique) < 2:
         return split, split.take(np.zeros(0, np.int64))
