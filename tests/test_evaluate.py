@@ -237,7 +237,7 @@ def evaluated(tiny_run) -> dict:
     """evaluate_run on the tiny run's folder, the backbone run on its images (once, for the
     tests that read its metrics)."""
     run_dir, splits = tiny_run
-    return evaluate_run(run_dir, splits, quiet=True)
+    return evaluate_run(run_dir, splits, quiet=True, score_train=True)
 
 
 def test_evaluate_run_writes_metrics_and_figures(tiny_run, evaluated):
@@ -254,6 +254,28 @@ def test_evaluate_run_writes_metrics_and_figures(tiny_run, evaluated):
     assert "P(normal)" in metrics["probabilities"]
     for name in ("curves", "confusion", "tsne", "gradcam"):
         _assert_readable_png(run_dir / f"{name}.png")
+
+
+class _Unreadable:
+    """Images that fail when read: a split evaluation must not touch."""
+
+    shape, dtype = (12, 32, 32, 3), np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        raise AssertionError("the train split's images were read")
+
+
+def test_evaluate_run_scores_train_only_when_asked(tiny_run, evaluated, tmp_path):
+    run_dir, splits = tiny_run
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")
+    train = Split(_Unreadable(), splits.train.labels, splits.train.names)
+    got = evaluate_run(run_dir, Splits(train, splits.validation, splits.test, splits.class_names), quiet=True)
+    assert set(got["accuracy_by_split"]) == {"validation", "test"}
+    assert got["accuracy_by_split"]["test"] == evaluated["accuracy_by_split"]["test"]
+    _assert_readable_png(run_dir / "tsne.png")
 
 
 def test_evaluate_run_from_cached_features_runs_only_the_head(tiny_run, evaluated, tmp_path):

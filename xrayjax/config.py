@@ -106,6 +106,10 @@ class TrainConfig:
                                   "train only the head (--no-cache-features: run the backbone every step)",
                                   flag="--no-cache-features")
     evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
+    eval_train: bool = _field(False, "the evaluation at the end also scores the train split (its accuracy, and "
+                              "train points in tsne.png): free with cached features; with --augment or "
+                              "--fine-tune, one more backbone pass over every training image, about an epoch's "
+                              "forward time")
     coordinator: str | None = _field(None, "address of process 0's host and a free port that every "
                                      "host can reach", metavar="HOST:PORT", group=MULTI_HOST)
     num_processes: int | None = _field(None, "how many processes (hosts) take part", metavar="N",

@@ -196,6 +196,7 @@ def evaluate_run(
     batch_size: int | None = None,
     quiet: bool = False,
     features: Mapping[str, Any] | None = None,
+    score_train: bool = False,
     data_dir: str | None = None,
     tfds_dir: str | None = None,
 ) -> dict:
@@ -207,6 +208,8 @@ def evaluate_run(
     order (training's feature cache): given for all three splits, only the head runs here.
     Otherwise the backbone runs in batches of ``batch_size``, by default the per-device batch
     training used, so the features (and a bf16 run's rounding) equal training's.
+    Validation and test are scored; train only with ``score_train`` or when ``features`` hold it
+    (without them it costs a backbone pass over every training image).
     """
     run = load_run(run_dir)
     run_dir = pathlib.Path(run_dir)
@@ -223,7 +226,8 @@ def evaluate_run(
             f"the data's classes {splits.class_names} differ from the run's {class_names} "
             f"({run_dir / CONFIG_FILE}): evaluate with the task the run was trained on"
         )
-    names = [name for name in SPLITS if len(getattr(splits, name))]
+    names = [name for name in SPLITS if len(getattr(splits, name))
+             and (name != "train" or score_train or (features is not None and name in features))]
     cached = features is not None and all(name in features for name in names)
     if cached:
         for name in names:
@@ -358,12 +362,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="inference batch (default: the run's per-device training batch, so that on "
                         "the same device the backbone's features equal training's)")
+    parser.add_argument("--train", action="store_true",
+                        help="also score the train split (its accuracy, and train points in tsne.png): one more "
+                        "backbone pass over every training image, about an epoch's forward time")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     def body() -> int:
         metrics = evaluate_run(args.run, batch_size=args.batch_size, quiet=args.quiet, data_dir=args.data_dir,
-                               tfds_dir=args.tfds_dir)
+                               tfds_dir=args.tfds_dir,
+                               score_train=args.train)
         print(summary(metrics))
         print(f"written to {args.run}")
         return 0

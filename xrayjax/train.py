@@ -42,7 +42,8 @@ def run(spec: RunSpec) -> dict | None:
               file=sys.stderr)
     elif config.evaluate and main:
         with result.timings.phase("evaluate"):
-            metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features)
+            metrics = evaluate_run(result.run_dir, result.splits, quiet=config.quiet, features=result.features,
+                                   score_train=config.eval_train)
     if config.folds and main:
         with result.timings.phase("cross_validation"):
             cv = cross_validate(result)
