@@ -105,3 +105,92 @@ def test_parity(tmp_path, suffix, arch, nested, head, outputs):
     model.save(path)
     run = _check_parity(path, model, tmp_path, outputs)
     assert run.config.arch == arch and run.config.image_size == SIZE
+
+
+@pytest.mark.parametrize("arch,nested,head,outputs", [
+    ("vgg19", False, "gap", 3), ("densenet121", True, "gap", 5),
+])
+def test_parity_other_archs(tmp_path, arch, nested, head, outputs):
+    model = build(arch, nested, head, outputs)
+    model.save(tmp_path / "model.keras")
+    _check_parity(tmp_path / "model.keras", model, tmp_path, outputs)
+
+
+def test_cli_import_then_predict(tmp_path, capsys):
+    from PIL import Image
+
+    from xrayjax import predict
+
+    model = build("vgg16", True, "gap", 4)
+    model.save(tmp_path / "model.keras")
+    out = tmp_path / "from_keras"
+    argv = ["--keras-model", str(tmp_path / "model.keras"), "--class-names",
+            "covid,normal,pneumonia_bac,pneumonia_vir", "--preprocess", "rescale", "--out", str(out)]
+    assert _port_script().main(argv) == 0
+    pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    capsys.readouterr()
+    assert predict.main(["--run", str(out), "--json", str(tmp_path / "scan.png")]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert list(got) == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
+    want = model.predict(pixels[None].astype(np.float32) / 255.0, verbose=0)[0]
+    np.testing.assert_allclose(list(got.values()), want, atol=1e-5, rtol=0)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["keras_import"]["preprocess"] == "rescale" and meta["config"]["init"] == "keras"
+
+
+def _refused(tmp_path, path, capsys, needle):
+    out = tmp_path / "refused_run"
+    assert _port_script().main(["--keras-model", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not out.exists() and not list(tmp_path.glob(".refused_run*"))
+    return err
+
+
+def test_refuses_unsupported_layer(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.LayerNormalization(name="odd_norm")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.save(tmp_path / "model.keras")
+    err = _refused(tmp_path, tmp_path / "model.keras", capsys, "'odd_norm' (LayerNormalization)")
+    assert err.count("\n") == 2  # the error line, then "No run folder was written."
+
+
+def test_refuses_backbone_not_in_zoo(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(tmp_path / "model.h5")
+    _refused(tmp_path, tmp_path / "model.h5", capsys, "not one of the zoo's keras.applications models")
+
+
+def test_refuses_linear_output(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.applications.VGG16(include_top=False, weights=None, input_tensor=inputs).output
+    x = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, x).save(tmp_path / "model.keras")
+    _refused(tmp_path, tmp_path / "model.keras", capsys, "'logits' (Dense)")
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_refuses_truncated_file(tmp_path, capsys, suffix):
+    build("vgg16", True, "gap", 2).save(tmp_path / f"full{suffix}")
+    data = (tmp_path / f"full{suffix}").read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    _refused(tmp_path, tmp_path / f"cut{suffix}", capsys, "truncated")
+
+
+def test_refuses_wrong_class_names_and_busy_out(tmp_path):
+    build("vgg16", True, "gap", 4).save(tmp_path / "model.keras")
+    with pytest.raises(ValueError, match="4 classes"):
+        import_keras_run(tmp_path / "model.keras", tmp_path / "run", ["a", "b"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        import_keras_run(tmp_path / "model.keras", tmp_path / "busy")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(KerasImportError):
+        import_keras_run(tmp_path / "busy" / "file", tmp_path / "run")
