@@ -194,3 +194,20 @@ def test_refuses_wrong_class_names_and_busy_out(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(KerasImportError):
         import_keras_run(tmp_path / "busy" / "file", tmp_path / "run")
+
+
+def test_evaluate_imported_run_on_a_data_folder(tmp_path):
+    from PIL import Image
+
+    from xrayjax.evaluate import evaluate_run
+
+    names = ["covid", "normal", "pneumonia_bac"]
+    rng = np.random.default_rng(4)
+    for name in names:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    build("vgg16", True, "gap", 3).save(tmp_path / "model.keras")
+    run = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names)
+    metrics = evaluate_run(run, data_dir=str(tmp_path / "data"), tfds_dir=str(tmp_path / "tfds"), quiet=True)
+    assert (run / "metrics.json").is_file() and metrics

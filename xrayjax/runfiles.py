@@ -262,6 +262,14 @@ def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | 
     run recorded are gone, a warning for images it never saw."""
     config = read_config(run_dir)[0]
     recorded = read_splits(run_dir)
+    if recorded is None and data_dir is not None and read_keras_import(run_dir) is not None:
+        # A Keras model imported whole saw none of this data: split it as a fresh run would
+        # (its test/ folder, or the seeded held-out --test-fraction) and evaluate on the test split.
+        fresh = dataclasses.replace(config, data_dir=str(Path(data_dir).expanduser().resolve()),
+                                    tfds_dir=tfds_dir or config.tfds_dir)
+        if not Path(fresh.data_dir).exists():
+            raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
+        return load_splits(fresh.data_config(), quiet=quiet)
     if recorded is None:
         raise ValueError(f"{run_dir / SPLITS_FILE} names no image: the run was trained on splits given in memory; "
                          "pass them (evaluate_run(run_dir, splits))")
