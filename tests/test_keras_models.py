@@ -15,9 +15,9 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 keras = pytest.importorskip("keras")
 
-from xrayjax import load_run  # noqa: E402
-from xrayjax.inference import probabilities  # noqa: E402
-from xrayjax.keras_import import KerasImportError, import_keras_run  # noqa: E402
+from xrayjax import load_run
+from xrayjax.inference import probabilities
+from xrayjax.keras_import import KerasImportError, import_keras_run
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -137,6 +137,12 @@ def test_cli_import_then_predict(tmp_path, capsys):
     np.testing.assert_allclose(list(got.values()), want, atol=1e-5, rtol=0)
     meta = json.loads((out / "config.json").read_text())
     assert meta["keras_import"]["preprocess"] == "rescale" and meta["config"]["init"] == "keras"
+    from xrayjax.gradcam import grad_cam
+
+    run = load_run(out)
+    heatmaps, logits = grad_cam(run.model, run.variables, pixels[None])
+    assert heatmaps.shape == (1, SIZE, SIZE) and np.isfinite(heatmaps).all()
+    np.testing.assert_allclose(probabilities(logits)[0], want, atol=1e-5, rtol=0)
 
 
 def _refused(tmp_path, path, capsys, needle):

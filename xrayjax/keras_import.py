@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from xrayjax.porting import WeightMismatchError, _backbone_template, _layer_names, merge_keras_weights
+from xrayjax.porting import (
+    WeightMismatchError,
+    _backbone_template,
+    _layer_names,
+    merge_keras_weights,
+)
 
 # The layer classes of keras.applications' VGG, ResNet and DenseNet (include_top=False).
 _BACKBONE_CLASSES = frozenset({
@@ -129,7 +134,7 @@ def _head_specs(layers: Sequence[Mapping[str, Any]], source: str) -> tuple[list[
     for layer in layers:
         cls, cfg, name = layer["class_name"], layer["config"], _name(layer)
 
-        def refuse(why: str) -> KerasImportError:
+        def refuse(why: str, name: str = name, cls: str = cls) -> KerasImportError:
             return KerasImportError(f"{source}: cannot read layer {name!r} ({cls}): {why}")
 
         kind = _HEAD_CLASSES.get(cls)
@@ -371,9 +376,9 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
 
     import jax
 
+    from xrayjax import runfiles
     from xrayjax.config import TrainConfig
     from xrayjax.preprocessing import ARCH_PREPROCESSING, MODES
-    from xrayjax import runfiles
 
     path, out = Path(path), Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
