@@ -217,3 +217,48 @@ def test_evaluate_imported_run_on_a_data_folder(tmp_path):
     run = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names)
     metrics = evaluate_run(run, data_dir=str(tmp_path / "data"), tfds_dir=str(tmp_path / "tfds"), quiet=True)
     assert (run / "metrics.json").is_file() and metrics
+
+
+def _report_model(arch, task, outputs, nested):
+    """The report's model of (arch, task), layers named as xrayjax's heads name them."""
+    from xrayjax.keras_import import report_head_specs
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    if nested:
+        x = APPS[arch](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))(inputs)
+    else:
+        x = APPS[arch](include_top=False, weights=None, input_tensor=inputs).output
+    kinds = {"gap": keras.layers.GlobalAveragePooling2D, "flatten": keras.layers.Flatten}
+    for s in report_head_specs(arch, task, outputs):
+        if s["kind"] in kinds:
+            x = kinds[s["kind"]](name=s["name"])(x)
+        elif s["kind"] == "dropout":
+            x = keras.layers.Dropout(s["rate"], name=s["name"])(x)
+        elif s["kind"] == "batch_norm":
+            x = keras.layers.BatchNormalization(epsilon=s["epsilon"], name=s["name"])(x)
+        else:
+            x = keras.layers.Dense(s["units"], activation=s["activation"], name=s["name"])(x)
+    return _randomize(keras.Model(inputs, x))
+
+
+@pytest.mark.parametrize("arch,task,outputs,nested", [("vgg16", "binary", 1, False), ("resnet50", "multiclass", 3, True)])
+def test_weights_only_legacy_h5(tmp_path, arch, task, outputs, nested):
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = _report_model(arch, task, outputs, nested)
+    with h5py.File(tmp_path / "weights.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    names = ["a", "b"] if task == "binary" else ["a", "b", "c"]
+    run_dir = import_keras_run(tmp_path / "weights.h5", tmp_path / "run", names, "none", arch, task, SIZE)
+    run = load_run(run_dir)
+    from xrayjax.inference import _forward
+
+    x = _images()
+    logits, _ = _forward(run.model, run.variables, x)
+    got = probabilities(np.asarray(logits))
+    want = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got[:, 1:] if outputs == 1 else got, want, atol=1e-5, rtol=0)
+    with pytest.raises(KerasImportError, match="read as --arch vgg19"):
+        import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
+    assert not (tmp_path / "run2").exists()

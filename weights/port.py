@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--class-names", help="with --keras-model: the output names, comma-separated "
                         "(default: class_0, class_1, ...)")
+    parser.add_argument("--task", choices=("binary", "multiclass", "multilabel"),
+                        help="with --keras-model and --arch: a weights-only .h5 of the report's model "
+                        "for this task (its head)")
+    parser.add_argument("--image-size", type=int, help="with --keras-model: the input size in pixels "
+                        "(default: the model's own, else 224)")
     parser.add_argument("--preprocess", choices=("caffe", "torch", "rescale", "none"),
                         help="with --keras-model: the input the model expects (rescale: x/255; default: "
                         "the backbone's own)")
@@ -205,7 +210,8 @@ def _import_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--keras-model needs --out RUN_DIR, the run folder to write")
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     try:
-        run = import_keras_run(args.keras_model, args.out, names, args.preprocess)
+        run = import_keras_run(args.keras_model, args.out, names, args.preprocess, args.arch, args.task,
+                               args.image_size)
     except (KerasImportError, ValueError, OSError) as e:
         print(f"error: {e}\nNo run folder was written.", file=sys.stderr)
         return 1

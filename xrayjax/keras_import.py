@@ -301,6 +301,61 @@ def _input_size(model: Mapping[str, Any], backbone: Sequence[Mapping[str, Any]])
     return None
 
 
+def report_head_specs(arch: str, task: str, outputs: int) -> list[dict[str, Any]]:
+    """The report's head for (``arch``, ``task``) as :class:`KerasHead` layer specs, with the
+    layer names Keras gives them automatically (``dense``, ``dense_1``, ``dropout``, ...)."""
+    from xrayjax.models.heads import create_head
+    from xrayjax.models.layers import HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, keras_name
+
+    head = create_head(arch, task, num_classes=None if task == "binary" else outputs)
+    specs: list[dict[str, Any]] = []
+    if head.input_bn:
+        specs.append({"kind": "batch_norm", "name": "batch_normalization", "epsilon": HEAD_BN_EPSILON,
+                      "momentum": HEAD_BN_MOMENTUM})
+    specs.append({"kind": "flatten", "name": "flatten"} if head.pool == "flatten"
+                 else {"kind": "gap", "name": "global_average_pooling2d"})
+    if head.dropout_first:
+        specs.append({"kind": "dropout", "name": "dropout", "rate": head.dropout})
+    for i, width in enumerate(head.hidden):
+        specs.append({"kind": "dense", "name": keras_name("dense", i), "units": width, "activation": "relu",
+                      "use_bias": True})
+        specs.append({"kind": "dropout", "name": keras_name("dropout", i + head.dropout_first), "rate": head.dropout})
+    specs.append({"kind": "dense", "name": keras_name("dense", len(head.hidden)), "units": head.outputs,
+                  "activation": "softmax" if task == "multiclass" else "sigmoid", "use_bias": True})
+    return specs
+
+
+def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: int) -> KerasModel:
+    """A weights-only legacy ``.h5`` (root ``layer_names``, from Keras 2's ``save_weights``) of
+    the report's model (``arch`` backbone, nested or inlined, then its ``task`` head)."""
+    import h5py
+
+    path, source = Path(path), str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Keras weights file {path} does not exist")
+    specs = report_head_specs(arch, task, outputs)
+    try:
+        with h5py.File(path, "r") as f:
+            if "layer_names" not in f.attrs:
+                raise KerasImportError(
+                    f"{source} is not a legacy weights-only .h5 (no 'layer_names' attribute): save the model "
+                    "whole (model.save('model.keras')) and pass that file with --keras-model")
+            weights: dict[str, list[tuple[str, np.ndarray]]] = {}
+            for name in (n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]):
+                group = f[name]
+                for w in (v.decode() if isinstance(v, bytes) else str(v) for v in group.attrs["weight_names"]):
+                    parts = w.split("/")
+                    weights.setdefault(parts[-2] if len(parts) >= 2 else name, []).append((w, np.asarray(group[w])))
+    except KerasImportError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise KerasImportError(f"cannot read Keras weights from {source}: not an HDF5 file, or truncated or "
+                               f"corrupt ({type(e).__name__}: {e}); save the weights again") from e
+    ordered = {name: _sorted_vars(items) for name, items in weights.items()}
+    variables = _variables(arch, specs, ordered, f"{source} (read as --arch {arch} --task {task})")
+    return KerasModel(arch, specs, task, outputs, None, variables, "weights")
+
+
 def _variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]],
                source: str) -> dict[str, Any]:
     """Fill the Flax model's template strictly from the file's weights."""
@@ -362,7 +417,8 @@ def _sha256(path: Path) -> str:
 
 
 def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
-                     preprocess: str | None = None) -> Path:
+                     preprocess: str | None = None, arch: str | None = None, task: str | None = None,
+                     image_size: int | None = None) -> Path:
     """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate and
     ``load_run``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
     to ``class_0, ...``. Nothing is written when anything fails.
@@ -385,7 +441,15 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new run folder")
     if preprocess is not None and preprocess not in MODES:
         raise ValueError(f"--preprocess must be one of {', '.join(MODES)}, got {preprocess!r}")
-    model = read_keras_model(path)
+    if (arch is None) != (task is None):
+        raise ValueError("a weights-only file needs both --arch and --task (a whole model needs neither)")
+    if arch is not None:
+        outputs = 1 if task == "binary" else len(class_names) if class_names else 4
+        model = read_keras_weights(path, arch, task, outputs)
+    else:
+        model = read_keras_model(path)
+    if image_size is not None:
+        model.image_size = image_size
     wanted = 2 if model.task == "binary" else model.outputs
     names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(wanted))
     if len(names) != wanted or len(set(names)) != len(names) or not all(names):
