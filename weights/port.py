@@ -160,7 +160,22 @@ def main(argv: list[str] | None = None) -> int:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="backbone to port")
+    parser.add_argument("--arch", choices=ARCHS, help="backbone to port")
+    parser.add_argument(
+        "--keras-model", type=Path, metavar="FILE",
+        help="import a whole Keras classifier (.keras, or a full-model .h5 from model.save) into the "
+        "run folder --out, for xrayjax.predict and xrayjax.evaluate",
+    )
+    parser.add_argument("--class-names", help="with --keras-model: the output names, comma-separated "
+                        "(default: class_0, class_1, ...)")
+    parser.add_argument("--task", choices=("binary", "multiclass", "multilabel"),
+                        help="with --keras-model and --arch: a weights-only .h5 of the report's model "
+                        "for this task (its head)")
+    parser.add_argument("--image-size", type=int, help="with --keras-model: the input size in pixels "
+                        "(default: the model's own, else 224)")
+    parser.add_argument("--preprocess", choices=("caffe", "torch", "rescale", "none"),
+                        help="with --keras-model: the input the model expects (rescale: x/255; default: "
+                        "the backbone's own)")
     parser.add_argument(
         "--h5", type=Path, help="local Keras HDF5 weights file (skips the download)"
     )
@@ -174,12 +189,33 @@ def main(argv: list[str] | None = None) -> int:
         "--url", help="download from this URL (a mirror) instead of Keras'; md5 still checked"
     )
     args = parser.parse_args(argv)
+    if args.keras_model is not None:
+        return _import_model(args, parser)
+    if args.arch is None:
+        parser.error("pass --arch (ImageNet weights of a backbone) or --keras-model FILE (a whole model)")
     try:
         target = port(args.arch, args.h5, args.out, args.url)
     except (PortError, porting.WeightFileError, porting.WeightMismatchError, OSError) as e:
         print(f"error: {e}\nNo {args.arch} weights were written.", file=sys.stderr)
         return 1
     print(f"wrote {target} and {target.with_suffix('.json')}")
+    return 0
+
+
+def _import_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """--keras-model: write the run folder --out, or one error line (nothing written)."""
+    from xrayjax.keras_import import KerasImportError, import_keras_run
+
+    if args.out == porting.DEFAULT_WEIGHTS_DIR:
+        parser.error("--keras-model needs --out RUN_DIR, the run folder to write")
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    try:
+        run = import_keras_run(args.keras_model, args.out, names, args.preprocess, args.arch, args.task,
+                               args.image_size)
+    except (KerasImportError, ValueError, OSError) as e:
+        print(f"error: {e}\nNo run folder was written.", file=sys.stderr)
+        return 1
+    print(f"wrote the run folder {run} (python -m xrayjax.predict --run {run} IMAGE)")
     return 0
 
 

@@ -5,7 +5,11 @@ with the backbone (``create_backbone(arch).preprocessing``):
 
 - ``caffe`` (VGG16, VGG19, ResNet50): RGB -> BGR, then minus the ImageNet channel means;
 - ``torch`` (DenseNet121): x / 255, then minus the ImageNet channel means and divided by their
-  standard deviations, in RGB order.
+  standard deviations, in RGB order;
+- ``rescale``: x / 255 (what ``ImageDataGenerator(rescale=1./255)`` fed a Keras model);
+- ``none``: the pixels as they are, as float32.
+
+The last two exist for Keras models imported whole (``weights/port.py --keras-model``).
 """
 
 import jax
@@ -15,7 +19,7 @@ import jax.numpy as jnp
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)  # caffe, in [0, 255]
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # torch, in [0, 1]
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
-MODES: tuple[str, ...] = ("caffe", "torch")
+MODES: tuple[str, ...] = ("caffe", "torch", "rescale", "none")
 # The mode of each backbone's published weights (keras.applications: vgg16, vgg19 and resnet
 # use "caffe", densenet "torch").
 ARCH_PREPROCESSING: dict[str, str] = {
@@ -41,6 +45,10 @@ def preprocess_input(x: jax.typing.ArrayLike, arch: str = "vgg16", *, mode: str 
             f"preprocess_input expects RGB images with 3 channels last (NHWC), got shape {x.shape}"
         )
     x = x.astype(jnp.float32)
+    if mode == "none":
+        return x
+    if mode == "rescale":
+        return x / 255.0
     if mode == "caffe":
         return x[..., ::-1] - jnp.asarray(IMAGENET_MEAN_BGR, jnp.float32)
     # Keras' order of operations, for equal rounding: divide, subtract, divide.

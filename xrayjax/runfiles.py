@@ -163,10 +163,13 @@ def versions() -> dict[str, str]:
             "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def write_config(run_dir: Path, config: TrainConfig, class_names: tuple[str, ...], devices: list) -> None:
-    """``config.json``: the settings, class names, device and library versions."""
+def write_config(run_dir: Path, config: TrainConfig, class_names: tuple[str, ...], devices: list,
+                 keras_import: dict[str, Any] | None = None) -> None:
+    """``config.json``: the settings, class names, device and library versions (and, for a Keras
+    model imported whole, ``keras_import``: its source file, sha256, preprocessing and head layers)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG_FILE, {
+    extra = {} if keras_import is None else {"keras_import": keras_import}
+    write_json(run_dir / CONFIG_FILE, {**extra,
         "config": dataclasses.asdict(config),
         "class_names": list(class_names),
         "device": f"{devices[0].platform}: {devices[0].device_kind}",
@@ -199,6 +202,41 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
     return config, tuple(meta["class_names"]), int(meta["num_devices"])
 
 
+def read_keras_import(run_dir: Path) -> dict[str, Any] | None:
+    """The ``keras_import`` record of an imported Keras model's ``config.json``, or None."""
+    record = read_json(run_dir / CONFIG_FILE).get("keras_import")
+    if record is not None and not (isinstance(record, dict) and {"head", "preprocess"} <= set(record)):
+        raise RunFolderError(f"{run_dir / CONFIG_FILE}: 'keras_import' lacks 'head' or 'preprocess': the run "
+                             "folder is damaged; import the Keras model again")
+    return record
+
+
+def write_imported_checkpoint(run_dir: Path, variables: dict[str, Any]) -> None:
+    """The checkpoint of an imported model (epoch 0): the head in ``checkpoint.msgpack``, the
+    backbone in ``frozen.msgpack``, as training writes them."""
+    def part(name: str) -> dict[str, Any]:
+        return {c: {p: (variables.get(c, {}).get(p, {}) if p == name else {}) for p in ("backbone", "head")}
+                for c in ("params", "batch_stats")}
+    frozen_bytes = serialization.msgpack_serialize(jax.tree.map(np.asarray, part("backbone")))
+    write_atomic(run_dir / FROZEN_FILE, frozen_bytes)
+    state_bytes = serialization.msgpack_serialize({"step": 0, **jax.tree.map(np.asarray, part("head"))})
+    write_atomic(run_dir / CHECKPOINT_FILE, serialization.msgpack_serialize(
+        {"state": state_bytes, "state_sha256": _sha256(state_bytes), "epoch": 0,
+         "frozen_sha256": _sha256(frozen_bytes)}))
+
+
+def imported_model(config: TrainConfig, record: dict[str, Any]) -> nn.Module:
+    """The Classifier of an imported Keras model: the zoo backbone with the recorded
+    preprocessing, then :class:`~xrayjax.models.heads.KerasHead` of the recorded layers."""
+    from xrayjax.models import Classifier, create_backbone
+    from xrayjax.models.heads import KerasHead
+
+    dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+    head = KerasHead(tuple(tuple(sorted(layer.items())) for layer in record["head"]))
+    return Classifier(backbone=create_backbone(config.arch, dtype=dtype, preprocessing=record["preprocess"]),
+                      head=head)
+
+
 def write_splits(run_dir: Path, splits: Splits) -> None:
     """``splits.json``: the prepared data's key and every image of each split (see ``Splits.record``)."""
     write_json(run_dir / SPLITS_FILE, splits.record())
@@ -224,6 +262,14 @@ def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | 
     run recorded are gone, a warning for images it never saw."""
     config = read_config(run_dir)[0]
     recorded = read_splits(run_dir)
+    if recorded is None and data_dir is not None and read_keras_import(run_dir) is not None:
+        # A Keras model imported whole saw none of this data: split it as a fresh run would
+        # (its test/ folder, or the seeded held-out --test-fraction) and evaluate on the test split.
+        fresh = dataclasses.replace(config, data_dir=str(Path(data_dir).expanduser().resolve()),
+                                    tfds_dir=tfds_dir or config.tfds_dir)
+        if not Path(fresh.data_dir).exists():
+            raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
+        return load_splits(fresh.data_config(), quiet=quiet)
     if recorded is None:
         raise ValueError(f"{run_dir / SPLITS_FILE} names no image: the run was trained on splits given in memory; "
                          "pass them (evaluate_run(run_dir, splits))")
@@ -369,11 +415,13 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                                 "folder (train one with `python -m xrayjax.train --out DIR`)")
     config, class_names, num_devices = read_config(run_dir)
     state = read_checkpoint(run_dir).state
+    record = read_keras_import(run_dir)
     return Run(
         config=config,
         class_names=class_names,
-        model=create_model(config.arch, config.task, dropout=config.dropout,
-                           dtype=jnp.bfloat16 if config.bf16 else jnp.float32, num_classes=len(class_names)),
+        model=imported_model(config, record) if record is not None else
+        create_model(config.arch, config.task, dropout=config.dropout,
+                     dtype=jnp.bfloat16 if config.bf16 else jnp.float32, num_classes=len(class_names)),
         variables={"params": jax.device_put(state["params"]),
                    "batch_stats": jax.device_put(state.get("batch_stats") or {})},
         history=read_history(run_dir),

@@ -112,3 +112,54 @@ def create_head(
             raise ValueError(f"num_classes must be at least {least} for {task}, got {num_classes}")
         layers["outputs"] = num_classes
     return Head(**layers, dropout=dropout, dtype=dtype)
+
+
+# Keras activations a Dense of an imported head may use (keras.activations, same formulas).
+KERAS_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "linear": lambda x: x, "relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": jnp.tanh,
+    "softmax": lambda x: nn.softmax(x, axis=-1), "elu": nn.elu, "selu": nn.selu,
+    "gelu": functools.partial(nn.gelu, approximate=False), "silu": nn.silu, "swish": nn.silu,
+    "softplus": nn.softplus, "softsign": nn.soft_sign, "exponential": jnp.exp, "relu6": nn.relu6,
+    "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.2),
+}
+KerasLayerSpec = tuple[tuple[str, Any], ...]  # a dict's sorted items, hashable for jit
+
+
+class KerasHead(KerasLayers):
+    """The top of a Keras model imported whole: its recorded layers in order, returning logits.
+
+    ``layers`` holds one spec per Keras layer (``dict(spec)`` has ``kind``, ``name`` and the
+    layer's settings): ``gap``, ``flatten``, ``dropout`` (``rate``), ``batch_norm``
+    (``epsilon``, ``momentum``) or ``dense`` (``units``, ``activation``, ``use_bias``). The
+    last ``dense`` is the output; its activation (softmax or sigmoid) is left to
+    :func:`xrayjax.inference.probabilities`, so the head returns its logits.
+    """
+
+    layers: tuple[KerasLayerSpec, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = jnp.asarray(x, self.dtype)
+        specs = [dict(spec) for spec in self.layers]
+        last = max(i for i, s in enumerate(specs) if s["kind"] == "dense")
+        for i, s in enumerate(specs):
+            kind, name = s["kind"], s["name"]
+            if kind == "gap":
+                x = self.global_average_pooling(x, name=name)
+            elif kind == "flatten":
+                x = self.flatten(x, name=name)
+            elif kind == "dropout":
+                x = nn.Dropout(s["rate"], deterministic=not train, name=name)(x)
+            elif kind == "batch_norm":
+                x = batch_norm(x, train, name, self.dtype, s["epsilon"], s["momentum"])
+            elif kind == "dense":
+                if i == last:
+                    self.sow("intermediates", "embedding", x)
+                x = nn.Dense(s["units"], use_bias=s["use_bias"], dtype=self.dtype,
+                             kernel_init=KERAS_KERNEL_INIT, name=name)(x)
+                if i != last:
+                    x = KERAS_ACTIVATIONS[s["activation"]](x)
+            else:
+                raise ValueError(f"unknown layer kind {kind!r} in an imported head")
+        return x.astype(jnp.float32)

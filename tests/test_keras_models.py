@@ -1,0 +1,264 @@
+"""Keras models imported whole (weights/port.py --keras-model): file kinds, parity, refusals.
+
+Keras 3 writes each file at test time in tmp_path (random weights, BatchNorm statistics away
+from 0 and 1); the imported run's probabilities must equal ``model.predict`` to 1e-5.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+keras = pytest.importorskip("keras")
+
+from xrayjax import load_run
+from xrayjax.inference import probabilities
+from xrayjax.keras_import import KerasImportError, import_keras_run
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+APPS = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19,
+        "resnet50": keras.applications.ResNet50, "densenet121": keras.applications.DenseNet121}
+
+
+def _port_script():
+    spec = importlib.util.spec_from_file_location("weights_port", REPO / "weights" / "port.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _randomize(model, seed=0):
+    """Random weights, BatchNorm moving statistics away from 0 and 1 (variance in [0.5, 2])."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            _randomize(layer, seed + 1)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), rng.normal(0, 0.5, n),
+                               rng.uniform(0.5, 2.0, n)])
+        elif layer.weights:
+            layer.set_weights([w * rng.uniform(0.8, 1.2, w.shape).astype(w.dtype) + 0.01 * rng.normal(size=w.shape)
+                               for w in layer.get_weights()])
+    return model
+
+
+def _head(x, kind, outputs):
+    layers = keras.layers
+    if kind == "gap":
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dense(8, activation="relu")(x)
+        x = layers.Dropout(0.3)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dense(6, activation="tanh")(x)
+    else:
+        x = layers.Flatten()(x)
+        x = layers.Dropout(0.5)(x)
+        x = layers.Dense(8, activation="gelu")(x)
+    return layers.Dense(outputs, activation="sigmoid" if outputs == 1 else "softmax")(x)
+
+
+def build(arch, nested=True, head="gap", outputs=4):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    if nested:
+        backbone = APPS[arch](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+        features = backbone(inputs)
+    else:
+        backbone = APPS[arch](include_top=False, weights=None, input_tensor=inputs)
+        features = backbone.output
+    return _randomize(keras.Model(inputs, _head(features, head, outputs)))
+
+
+def _images(n=3, seed=1):
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _check_parity(path, model, tmp_path, outputs):
+    run_dir = import_keras_run(path, tmp_path / "run", preprocess="none")
+    run = load_run(run_dir)
+    x = _images()
+    want = model.predict(x, verbose=0)
+    from xrayjax.inference import _forward  # the route predict and evaluate take
+
+    logits, _ = _forward(run.model, run.variables, x)
+    got = probabilities(np.asarray(logits), multilabel=run.config.task == "multilabel")
+    if outputs == 1:
+        got = got[:, 1:]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    meta = json.loads((run_dir / "config.json").read_text())["keras_import"]
+    assert meta["preprocess"] == "none" and len(meta["source_sha256"]) == 64
+    return run
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("arch,nested,head,outputs", [
+    ("vgg16", True, "gap", 4), ("resnet50", False, "flatten", 1),
+])
+def test_parity(tmp_path, suffix, arch, nested, head, outputs):
+    model = build(arch, nested, head, outputs)
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    run = _check_parity(path, model, tmp_path, outputs)
+    assert run.config.arch == arch and run.config.image_size == SIZE
+
+
+@pytest.mark.parametrize("arch,nested,head,outputs", [
+    ("vgg19", False, "gap", 3), ("densenet121", True, "gap", 5),
+])
+def test_parity_other_archs(tmp_path, arch, nested, head, outputs):
+    model = build(arch, nested, head, outputs)
+    model.save(tmp_path / "model.keras")
+    _check_parity(tmp_path / "model.keras", model, tmp_path, outputs)
+
+
+def test_cli_import_then_predict(tmp_path, capsys):
+    from PIL import Image
+
+    from xrayjax import predict
+
+    model = build("vgg16", True, "gap", 4)
+    model.save(tmp_path / "model.keras")
+    out = tmp_path / "from_keras"
+    argv = ["--keras-model", str(tmp_path / "model.keras"), "--class-names",
+            "covid,normal,pneumonia_bac,pneumonia_vir", "--preprocess", "rescale", "--out", str(out)]
+    assert _port_script().main(argv) == 0
+    pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    capsys.readouterr()
+    assert predict.main(["--run", str(out), "--json", str(tmp_path / "scan.png")]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert list(got) == ["covid", "normal", "pneumonia_bac", "pneumonia_vir"]
+    want = model.predict(pixels[None].astype(np.float32) / 255.0, verbose=0)[0]
+    np.testing.assert_allclose(list(got.values()), want, atol=1e-5, rtol=0)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["keras_import"]["preprocess"] == "rescale" and meta["config"]["init"] == "keras"
+    from xrayjax.gradcam import grad_cam
+
+    run = load_run(out)
+    heatmaps, logits = grad_cam(run.model, run.variables, pixels[None])
+    assert heatmaps.shape == (1, SIZE, SIZE) and np.isfinite(heatmaps).all()
+    np.testing.assert_allclose(probabilities(logits)[0], want, atol=1e-5, rtol=0)
+
+
+def _refused(tmp_path, path, capsys, needle):
+    out = tmp_path / "refused_run"
+    assert _port_script().main(["--keras-model", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not out.exists() and not list(tmp_path.glob(".refused_run*"))
+    return err
+
+
+def test_refuses_unsupported_layer(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.LayerNormalization(name="odd_norm")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.save(tmp_path / "model.keras")
+    err = _refused(tmp_path, tmp_path / "model.keras", capsys, "'odd_norm' (LayerNormalization)")
+    assert err.count("\n") == 2  # the error line, then "No run folder was written."
+
+
+def test_refuses_backbone_not_in_zoo(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(tmp_path / "model.h5")
+    _refused(tmp_path, tmp_path / "model.h5", capsys, "not one of the zoo's keras.applications models")
+
+
+def test_refuses_linear_output(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.applications.VGG16(include_top=False, weights=None, input_tensor=inputs).output
+    x = keras.layers.Dense(3, name="logits")(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inputs, x).save(tmp_path / "model.keras")
+    _refused(tmp_path, tmp_path / "model.keras", capsys, "'logits' (Dense)")
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_refuses_truncated_file(tmp_path, capsys, suffix):
+    build("vgg16", True, "gap", 2).save(tmp_path / f"full{suffix}")
+    data = (tmp_path / f"full{suffix}").read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    _refused(tmp_path, tmp_path / f"cut{suffix}", capsys, "truncated")
+
+
+def test_refuses_wrong_class_names_and_busy_out(tmp_path):
+    build("vgg16", True, "gap", 4).save(tmp_path / "model.keras")
+    with pytest.raises(ValueError, match="4 classes"):
+        import_keras_run(tmp_path / "model.keras", tmp_path / "run", ["a", "b"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        import_keras_run(tmp_path / "model.keras", tmp_path / "busy")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(KerasImportError):
+        import_keras_run(tmp_path / "busy" / "file", tmp_path / "run")
+
+
+def test_evaluate_imported_run_on_a_data_folder(tmp_path):
+    from PIL import Image
+
+    from xrayjax.evaluate import evaluate_run
+
+    names = ["covid", "normal", "pneumonia_bac"]
+    rng = np.random.default_rng(4)
+    for name in names:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    build("vgg16", True, "gap", 3).save(tmp_path / "model.keras")
+    run = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names)
+    metrics = evaluate_run(run, data_dir=str(tmp_path / "data"), tfds_dir=str(tmp_path / "tfds"), quiet=True)
+    assert (run / "metrics.json").is_file() and metrics
+
+
+def _report_model(arch, task, outputs, nested):
+    """The report's model of (arch, task), layers named as xrayjax's heads name them."""
+    from xrayjax.keras_import import report_head_specs
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    if nested:
+        x = APPS[arch](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))(inputs)
+    else:
+        x = APPS[arch](include_top=False, weights=None, input_tensor=inputs).output
+    kinds = {"gap": keras.layers.GlobalAveragePooling2D, "flatten": keras.layers.Flatten}
+    for s in report_head_specs(arch, task, outputs):
+        if s["kind"] in kinds:
+            x = kinds[s["kind"]](name=s["name"])(x)
+        elif s["kind"] == "dropout":
+            x = keras.layers.Dropout(s["rate"], name=s["name"])(x)
+        elif s["kind"] == "batch_norm":
+            x = keras.layers.BatchNormalization(epsilon=s["epsilon"], name=s["name"])(x)
+        else:
+            x = keras.layers.Dense(s["units"], activation=s["activation"], name=s["name"])(x)
+    return _randomize(keras.Model(inputs, x))
+
+
+@pytest.mark.parametrize("arch,task,outputs,nested", [("vgg16", "binary", 1, False), ("resnet50", "multiclass", 3, True)])
+def test_weights_only_legacy_h5(tmp_path, arch, task, outputs, nested):
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = _report_model(arch, task, outputs, nested)
+    with h5py.File(tmp_path / "weights.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    names = ["a", "b"] if task == "binary" else ["a", "b", "c"]
+    run_dir = import_keras_run(tmp_path / "weights.h5", tmp_path / "run", names, "none", arch, task, SIZE)
+    run = load_run(run_dir)
+    from xrayjax.inference import _forward
+
+    x = _images()
+    logits, _ = _forward(run.model, run.variables, x)
+    got = probabilities(np.asarray(logits))
+    want = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got[:, 1:] if outputs == 1 else got, want, atol=1e-5, rtol=0)
+    with pytest.raises(KerasImportError, match="read as --arch vgg19"):
+        import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
+    assert not (tmp_path / "run2").exists()
