@@ -139,6 +139,15 @@ def _plot_curves(run: Run, paths: dict[str, pathlib.Path], notes: list[str], tit
         del paths["curves"]
 
 
+def _tsne_or_note(n: int, paths: dict[str, pathlib.Path], notes: list[str]) -> bool:
+    """Whether ``n`` scored images make a t-SNE; if not, a note and no ``tsne`` in ``paths``."""
+    if n >= 4:
+        return True
+    notes.append(f"tsne.png needs at least 4 scored images, got {n}: score train too (evaluate --train)")
+    del paths["tsne"]
+    return False
+
+
 def _write_figures(
     run: Run,
     splits: Splits,
@@ -164,14 +173,15 @@ def _write_figures(
     if len(rows) > TSNE_POINTS:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(len(rows), TSNE_POINTS, replace=False))
         subset = f" (a random {TSNE_POINTS:,} of {len(embeddings):,} images)"
-    figures.plot_tsne(
-        tsne_points(embeddings[rows], seed=cfg.seed),
-        np.concatenate([getattr(splits, name).labels for name in seen])[rows],
-        np.concatenate([[name] * len(outputs[name][1]) for name in seen])[rows],
-        class_names,
-        paths["tsne"],
-        title=f"{title}\nt-SNE of the head's penultimate features{subset}",
-    )
+    if _tsne_or_note(len(rows), paths, metrics["notes"]):
+        figures.plot_tsne(
+            tsne_points(embeddings[rows], seed=cfg.seed),
+            np.concatenate([getattr(splits, name).labels for name in seen])[rows],
+            np.concatenate([[name] * len(outputs[name][1]) for name in seen])[rows],
+            class_names,
+            paths["tsne"],
+            title=f"{title}\nt-SNE of the head's penultimate features{subset}",
+        )
     chosen = gradcam_indices(splits.test.labels)
     heat, logits = grad_cam(
         run.model, run.variables, splits.test.images[chosen],
@@ -298,10 +308,11 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
     seen = [name for name in ("train", "test") if name in outputs]
     column = np.concatenate([getattr(splits, name).labels[:, frequent] for name in seen])
     colour = np.where(np.isnan(column), 2, column).astype(np.int32)
-    figures.plot_tsne(tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed), colour,
-                      np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
-                      (f"no {names[frequent]}", names[frequent], "unknown"), paths["tsne"],
-                      title=f"{title}\nt-SNE of the head's penultimate features, by {names[frequent]}")
+    if _tsne_or_note(len(colour), paths, metrics["notes"]):
+        figures.plot_tsne(tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed), colour,
+                          np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
+                          (f"no {names[frequent]}", names[frequent], "unknown"), paths["tsne"],
+                          title=f"{title}\nt-SNE of the head's penultimate features, by {names[frequent]}")
     chosen = np.arange(min(GRADCAM_IMAGES, len(splits.test)))
     top = probs["test"][chosen].argmax(1)
     heat, _ = grad_cam(run.model, run.variables, splits.test.images[chosen], classes=top,
