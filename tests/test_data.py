@@ -1,5 +1,5 @@
 """The data package: decoding every mode, the TFDS builder (folder, zip, strict / skipping),
-the real dataset's counts, splits, batches, augmentation, the audit and the CLI."""
+the real dataset's counts, splits, batches, the audit and the CLI."""
 
 import io
 import json
@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from xrayjax.data import (
-    CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, augment_images, batches, load_splits,
+    CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, batches, load_splits,
 )
 from xrayjax.data.__main__ import main
 from xrayjax.data.audit import audit
-from xrayjax.data.augment import affine_matrices, apply_affine
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.groups import group_key, source_groups
@@ -280,40 +279,6 @@ def test_batches_cover_the_test_set_once(real_splits):
     assert sum(b["mask"].sum() for b in out) == 36
     with pytest.raises(ValueError, match="multiple of num_devices"):
         next(batches(test, 6, 4, shuffle=False))
-
-
-# --- augmentation -------------------------------------------------------------------------
-
-def _small_split(n=5):
-    rng = np.random.default_rng(0)
-    return Split(rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8),
-                 np.arange(n, dtype=np.int32) % 2, tuple(f"f{i}" for i in range(n)))
-
-
-def test_augmentation_is_deterministic_by_seed():
-    images = _small_split().images
-    a, b, c = augment_images(images, 1), augment_images(images, 1), augment_images(images, 2)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c) and not np.array_equal(a, images)
-    assert a.dtype == np.uint8 and a.shape == images.shape
-    split = _small_split()
-    first = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=1, augment=True)]
-    again = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=1, augment=True)]
-    other = [x["image"] for x in batches(split, 4, 2, shuffle=True, seed=0, epoch=2, augment=True)]
-    np.testing.assert_array_equal(np.stack(first), np.stack(again))
-    assert not np.array_equal(np.stack(first), np.stack(other))
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras' scipy.ndimage import path
-def test_affine_matches_keras_apply_affine_transform():
-    from keras.src.legacy.preprocessing.image import apply_affine_transform
-
-    x = _small_split(1).images[0].astype(np.float32)
-    params = dict(theta=12.0, tx=2.5, ty=-3.0, zx=0.9, zy=1.1)
-    ref = apply_affine_transform(x, **params, row_axis=0, col_axis=1, channel_axis=2,
-                                 fill_mode="nearest", order=1)
-    mats = affine_matrices(*(np.array([v]) for v in params.values()), height=24, width=24)
-    np.testing.assert_allclose(apply_affine(x[None], mats)[0], ref, atol=1e-3)
 
 
 # --- audit --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from xrayjax import distributed, runfiles
+from xrayjax.augment import AugmentConfig
 from xrayjax.config import RunSpec, TrainConfig, resolve_run
 from xrayjax.data import Split, Splits, batches, load_splits
 from xrayjax.data.pipeline import batch_rows, split_folds
@@ -146,8 +147,7 @@ class Trainer:
     def _batches(self, split: Split, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """The full path's global batches of ``split``."""
         c = self.config
-        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch,
-                       augment=c.augment and shuffle)
+        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch)
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The fast path's batches of a split: rows of its cached features and the padding mask."""
@@ -286,7 +286,7 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
         weights = label_weights(splits.train.labels)
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
                              l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names),
-                             label_weights=weights)
+                             label_weights=weights, augment=AugmentConfig() if config.augment else None)
     with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
         variables = (checkpoint.state if checkpoint is not None else
                      init_variables(model, config.image_size, seed=config.seed, backbone=backbone))

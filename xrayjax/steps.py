@@ -10,6 +10,8 @@ reuse. Nothing here writes files or loops over epochs.
   whole global batch on every device: loss and accuracy are mask-weighted means over the
   global batch, the head's BatchNorm uses the statistics of the real (unpadded) samples, and
   D devices give the 1-device result.
+- ``--augment`` (``StepModel.augment``): the train step rotates, shifts and zooms its uint8
+  images before preprocessing (:mod:`xrayjax.augment`), per image from the step's key.
 - Freezing: optax masking (:func:`xrayjax.optim.make_optimizer`) and only the trainable leaves
   differentiated, so frozen weights and statistics stay bit-identical.
 - The fast path trains the head on cached backbone features, one ``lax.scan`` per epoch,
@@ -32,11 +34,13 @@ from flax import struct, traverse_util
 from flax.core import FrozenDict
 
 from xrayjax import distributed
+from xrayjax.augment import AugmentConfig, augment_images
 from xrayjax.models import create_backbone, create_head, default_l2, frozen_features
 from xrayjax.optim import make_optimizers, trainable_mask
 from xrayjax.preprocessing import preprocess_input
 
 AXIS = "batch"
+AUGMENT_STREAM = 1  # folded into a step's key for its augmentation
 
 
 class TrainState(struct.PyTreeNode):
@@ -83,6 +87,7 @@ class StepModel:
     l2: float
     fine_tune: int = 0
     label_weights: tuple[float, ...] | None = None
+    augment: AugmentConfig | None = None  # training images' random rotation, shift and zoom
 
     @property
     def frozen_backbone(self) -> bool:
@@ -99,10 +104,11 @@ def build_step_model(
     fine_tune: int = 0,
     num_classes: int | None = None,
     label_weights: Sequence[float] | None = None,
+    augment: AugmentConfig | None = None,
 ) -> StepModel:
     """Backbone (bf16 compute when asked) and float32 head of (arch, task), ``num_classes``
     outputs for multiclass and multilabel (default 4); ``label_weights`` weigh each label's loss
-    (multilabel)."""
+    (multilabel); ``augment`` turns on the train step's augmentation."""
     return StepModel(
         arch=arch,
         task=task,
@@ -111,6 +117,7 @@ def build_step_model(
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
         label_weights=None if label_weights is None else tuple(float(w) for w in label_weights),
+        augment=augment,
     )
 
 
@@ -264,15 +271,25 @@ def _gather(x: jax.Array) -> jax.Array:
     return jax.lax.all_gather(x, AXIS, tiled=True)
 
 
+def augment_step_images(config: AugmentConfig, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """This device's shard of a global batch augmented with parameters drawn from the step's key
+    (``fold_in(rng, AUGMENT_STREAM)``, apart from dropout's), per image of the global batch: each
+    device and each step draws its own, and D devices give the 1-device images (under pmap)."""
+    return augment_images(images, jax.random.fold_in(rng, AUGMENT_STREAM), config,
+                          shard=jax.lax.axis_index(AXIS), shards=jax.lax.psum(1, AXIS))
+
+
 def train_step(
     model: StepModel, state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step on one device's shard (run under pmap with axis ``"batch"``)."""
+    """One optimisation step on one device's shard (run under pmap with axis ``"batch"``); with
+    ``model.augment`` its images are first rotated, shifted and zoomed (:func:`augment_step_images`)."""
     trainable, frozen = split_trainable(model, state.params)
+    images = batch["image"] if model.augment is None else augment_step_images(model.augment, batch["image"], rng)
 
     def loss_fn(trainable):
         params = traverse_util.unflatten_dict({**frozen, **trainable})
-        features = _features(model, params["backbone"], state.batch_stats["backbone"], batch["image"])
+        features = _features(model, params["backbone"], state.batch_stats["backbone"], images)
         if model.frozen_backbone:
             features = jax.lax.stop_gradient(features)
         return head_loss(model, params["head"], state.batch_stats["head"], _gather(features),

@@ -1,17 +1,16 @@
 """X-ray datasets (class folders, or a labels file): a TFDS builder read without TensorFlow, splits,
-batches, augmentation.
+batches.
 
 ``python -m xrayjax.data prepare|audit`` is the command line. Importing this package leaves
 tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 """
 
-from xrayjax.data.augment import AugmentConfig, augment_images
 from xrayjax.data.pipeline import (
     DataConfig, Dataset, RecordImages, Split, Splits, batches, load_splits, open_dataset,
 )
 from xrayjax.data.source import CHALLENGE_CLASSES, DataError
 
 __all__ = [
-    "CHALLENGE_CLASSES", "AugmentConfig", "DataConfig", "DataError", "Dataset", "RecordImages", "Split", "Splits",
-    "augment_images", "batches", "load_splits", "open_dataset",
+    "CHALLENGE_CLASSES", "DataConfig", "DataError", "Dataset", "RecordImages", "Split", "Splits",
+    "batches", "load_splits", "open_dataset",
 ]

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from xrayjax.data.augment import augment_images
 from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
 from xrayjax.data.decode import COLORS, IMAGE_SIZE
 from xrayjax.data.groups import source_groups
@@ -422,10 +421,6 @@ def _warn_leaks(prepared: dict[str, Split]) -> None:
                 SourceLeakWarning, stacklevel=3)
 
 
-def _batch_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
 def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
     """Every global batch of an epoch over ``n`` images as rows and a padding mask, both (S, B):
@@ -440,7 +435,7 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: 
 
 
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
-            epoch: int = 0, augment: bool = False) -> Iterator[dict[str, np.ndarray]]:
+            epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order
     (multilabel labels (D, B/D, L)); the last batch padded with zeros, mask 0."""
     if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
@@ -450,11 +445,9 @@ def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, s
     per_device = batch_size // num_devices
     shape = split.images.shape[1:]
     rows, mask = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-    for index, (step_rows, step_mask) in enumerate(zip(rows, mask)):
+    for step_rows, step_mask in zip(rows, mask):
         take = step_rows[step_mask > 0]
         real = split.images[take]
-        if augment:
-            real = augment_images(real, _batch_seed(seed, epoch, index))
         image = np.zeros((batch_size, *shape), np.uint8)
         label = np.zeros((batch_size, *split.labels.shape[1:]), split.labels.dtype)
         image[:len(take)], label[:len(take)] = real, split.labels[take]
