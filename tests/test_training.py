@@ -81,7 +81,7 @@ def test_evaluation_at_the_end_equals_evaluate_run(vgg_runs, tmp_path):
     assert metrics["n"] == len(vgg_runs["splits"].test)
     assert json.loads((vgg_runs["fast4"].run_dir / "metrics.json").read_text()) == metrics
     again = evaluate_run(shutil.copytree(vgg_runs["fast4"].run_dir, tmp_path / "again"), vgg_runs["splits"],
-                         quiet=True)
+                         quiet=True, score_train=True)
     _assert_same_evaluation(again, metrics)
 
 
@@ -94,7 +94,7 @@ def test_bf16_run_is_evaluated_one_way(tmp_path):
     result = fit(config, splits)
     at_the_end = evaluate_run(result.run_dir, splits, quiet=True, features=result.features)
     assert load_run(result.run_dir).model.backbone.dtype == jax.numpy.bfloat16
-    _assert_same_evaluation(evaluate_run(result.run_dir, splits, quiet=True), at_the_end)
+    _assert_same_evaluation(evaluate_run(result.run_dir, splits, quiet=True, score_train=True), at_the_end)
 
 
 def test_no_validation_split_on_both_paths(vgg_runs, tmp_path):
