@@ -101,7 +101,7 @@ def run_model(model: Model, args: argparse.Namespace, init: str, color: str) -> 
         metrics_path = run_dir / METRICS_FILE
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         if "ci95" not in metrics:  # none yet, or written before the intervals
-            metrics = evaluate_run(run_dir, quiet=config.quiet)
+            metrics = evaluate_run(run_dir, quiet=config.quiet, score_train=True)
         cv = json.loads(cv_path.read_text()) if args.folds and cv_path.is_file() else None
         if args.folds and cv is None:
             print(f"   no {CV_FILE} in {run_dir}: its {args.folds}-fold column stays empty (delete the run "
