@@ -217,12 +217,7 @@ def write_imported_checkpoint(run_dir: Path, variables: dict[str, Any]) -> None:
     def part(name: str) -> dict[str, Any]:
         return {c: {p: (variables.get(c, {}).get(p, {}) if p == name else {}) for p in ("backbone", "head")}
                 for c in ("params", "batch_stats")}
-    frozen_bytes = serialization.msgpack_serialize(jax.tree.map(np.asarray, part("backbone")))
-    write_atomic(run_dir / FROZEN_FILE, frozen_bytes)
-    state_bytes = serialization.msgpack_serialize({"step": 0, **jax.tree.map(np.asarray, part("head"))})
-    write_atomic(run_dir / CHECKPOINT_FILE, serialization.msgpack_serialize(
-        {"state": state_bytes, "state_sha256": _sha256(state_bytes), "epoch": 0,
-         "frozen_sha256": _sha256(frozen_bytes)}))
+    _write_checkpoint_files(run_dir, {"step": 0, **jax.tree.map(np.asarray, part("head"))}, part("backbone"), 0, None)
 
 
 def imported_model(config: TrainConfig, record: dict[str, Any]) -> nn.Module:
@@ -329,11 +324,19 @@ def write_checkpoint(run_dir: Path, model: StepModel, state: TrainState, epoch: 
     None (a fresh run's first checkpoint, so no other run's file is ever reused). Returns the
     sha256 of ``frozen.msgpack``, which the checkpoint records beside its own state's."""
     moving, fixed = jax.device_get(_moving_and_frozen(model, state))
+    return _write_checkpoint_files(run_dir, serialization.to_state_dict(jax.device_get(state.replace(**moving))),
+                                   fixed, epoch, frozen_sha256)
+
+
+def _write_checkpoint_files(run_dir: Path, state_dict: dict[str, Any], fixed: Any, epoch: int,
+                            frozen_sha256: str | None) -> str:
+    """``frozen.msgpack`` (``fixed``) when ``frozen_sha256`` is None, then ``checkpoint.msgpack``
+    (``state_dict``); returns the sha256 of ``frozen.msgpack``."""
     if frozen_sha256 is None:
         frozen_bytes = serialization.msgpack_serialize(jax.tree.map(np.asarray, fixed))
         write_atomic(run_dir / FROZEN_FILE, frozen_bytes)
         frozen_sha256 = _sha256(frozen_bytes)
-    state_bytes = serialization.msgpack_serialize(serialization.to_state_dict(jax.device_get(state.replace(**moving))))
+    state_bytes = serialization.msgpack_serialize(state_dict)
     payload = {"state": state_bytes, "state_sha256": _sha256(state_bytes), "epoch": epoch,
                "frozen_sha256": frozen_sha256}
     write_atomic(run_dir / CHECKPOINT_FILE, serialization.msgpack_serialize(payload))
