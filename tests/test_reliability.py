@@ -14,7 +14,7 @@ import pytest
 from flax import serialization
 
 from training_helpers import tiny_config, tiny_splits
-from xrayjax import runfiles
+from xrayjax import interrupts, runfiles
 from xrayjax.config import TrainConfig, resolve_run
 from xrayjax.data import DataError
 from xrayjax.data.__main__ import main as data_main
@@ -276,6 +276,28 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
         f"interrupted: continue the run with the same flags and --resume (its checkpoint is in {out})")
     assert "Traceback" not in rest
     assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
+def test_a_sigterm_that_a_finalizer_swallowed_still_ends_the_run_at_the_next_epoch(run_dir, tmp_path):
+    # A signal handler's exception raised inside a finalizer is printed as "Exception ignored"
+    # and lost; the training loop raises it again at the next epoch, keeping the checkpoint.
+    class Collected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    out = _copy(run_dir, tmp_path)  # 2 epochs done
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        Collected()  # collected at once: the handler's Terminated is swallowed
+        with pytest.raises(interrupts.Terminated):
+            fit(tiny_config(tmp_path, "copy", epochs=5, resume=True), tiny_splits("binary"))
+    finally:
+        interrupts._pending.clear()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    assert runfiles.read_checkpoint(out).epoch == 2 and len(runfiles.read_history(out)) == 2
 
 
 def test_help_documents_every_checked_bound():

@@ -13,14 +13,12 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from xrayjax import interrupts
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is (the last checkpoint is kept), exiting 143."""
 
 
 def _exit_quietly(signum: int, frame: object) -> None:
@@ -37,10 +35,6 @@ def quiet_interrupts() -> None:
     signal.signal(signal.SIGTERM, _exit_quietly)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def one_line_warnings() -> None:
     """Warnings as ``warning: message`` lines on stderr, like the errors (no source line)."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
@@ -55,8 +49,7 @@ def run_command(body: Callable[[], int], *, start_backend: bool = True,
     accelerator failure 1, Ctrl-C 130 and SIGTERM 143, each followed by ``interrupted()``'s
     hint. ``start_backend`` starts JAX's backend first, so a bad ``JAX_PLATFORMS`` is a message.
     """
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     one_line_warnings()
     from xrayjax.data.source import DataError  # after the imports: loads the data package, not JAX
 
@@ -68,7 +61,7 @@ def run_command(body: Callable[[], int], *, start_backend: bool = True,
         return body()
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{interrupted()}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(e, interrupts.Terminated) else EXIT_INTERRUPTED
     except (OSError, ValueError, DataError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

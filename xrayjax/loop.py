@@ -25,7 +25,7 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from xrayjax import distributed, runfiles
+from xrayjax import distributed, interrupts, runfiles
 from xrayjax.augment import AugmentConfig
 from xrayjax.config import RunSpec, TrainConfig, resolve_run
 from xrayjax.data import Split, Splits, batches, load_splits
@@ -225,6 +225,7 @@ class Trainer:
         else:
             per_step = []
             for step, batch in enumerate(self._batches(self.splits.train, True, epoch)):
+                interrupts.raise_if_pending()
                 state, metrics = self.train_fn(state, distributed.local_shard(batch, self.devices),
                                                jax.random.fold_in(key, step))
                 per_step.append(metrics)
@@ -374,6 +375,7 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, star
     bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=not log.bars)
     with bar:
         for epoch in range(start, config.epochs):
+            interrupts.raise_if_pending()
             began = time.perf_counter()
             try:
                 state, sums = trainer.train_epoch(state, epoch, bar)

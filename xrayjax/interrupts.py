@@ -1,0 +1,35 @@
+"""Ctrl-C and SIGTERM as exceptions that a library cannot swallow.
+
+A signal handler's exception is raised wherever Python happens to be; in a finalizer (a
+generator or object collected mid-step) Python prints it as "Exception ignored" and goes on.
+So the handler also records the signal, and the training loop calls :func:`raise_if_pending`
+at each step, which raises it again. Imports nothing heavy (the commands install it first).
+"""
+
+from __future__ import annotations
+
+import signal
+
+_pending: list[int] = []  # the signals received, while :func:`install` handles them
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the last checkpoint is kept)."""
+
+
+def _raise(signum: int, frame: object) -> None:
+    _pending.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def install() -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`, both recorded."""
+    _pending.clear()
+    signal.signal(signal.SIGINT, _raise)
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def raise_if_pending() -> None:
+    """Raise the first signal :func:`install`'s handler received, in case it was swallowed."""
+    if _pending:
+        raise Terminated if _pending[0] == signal.SIGTERM else KeyboardInterrupt
