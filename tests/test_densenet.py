@@ -7,7 +7,6 @@ inputs are 32 px, the smallest DenseNet takes, so the tests cost compile time mo
 """
 
 import functools
-import math
 
 import h5py
 import jax
@@ -15,8 +14,9 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from keras.src.initializers.random_initializers import VarianceScaling, compute_fans
 from PIL import Image
+
+from keras_helpers import numpy_initializers
 
 from xrayjax import porting
 from xrayjax.models import (
@@ -36,14 +36,6 @@ NOTOP_PARAMS = 7_037_504  # keras.applications.DenseNet121(include_top=False).co
 KERAS2_STEM = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn", "conv1_relu": "conv1/relu"}
 
 
-def _numpy_variance_scaling(self, shape, dtype=None):
-    """Keras' glorot_uniform drawn with numpy: Keras' own compiles one XLA program per weight
-    shape (DenseNet121 has 67; 20 s of the model's 23 s build on this CPU)."""
-    fan_in, fan_out = compute_fans(shape)
-    limit = math.sqrt(3.0 * self.scale / max(1.0, (fan_in + fan_out) / 2.0))
-    return np.random.default_rng(len(shape) * 1000 + fan_in).uniform(-limit, limit, shape).astype(np.float32)
-
-
 def _compiled(fn, *args):
     """``jax.jit(fn)`` compiled for ``args`` at XLA's lowest backend optimisation level: the same
     program and float semantics (no fast-math either way), a third of DenseNet121's CPU compile
@@ -60,8 +52,7 @@ def _relative_error(actual, expected) -> float:
 @pytest.fixture(scope="module")
 def keras_densenet(data_root):
     """The Keras model, its per-layer weights, two real X-rays (uint8) and Keras' stage outputs."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(VarianceScaling, "__call__", _numpy_variance_scaling)
+    with numpy_initializers():
         model = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     rng = np.random.default_rng(1)
     for layer in model.layers:

@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 keras = pytest.importorskip("keras")
 
+from keras_helpers import numpy_initializers
 from xrayjax import load_run
 from xrayjax.inference import probabilities
 from xrayjax.keras_import import KerasImportError, import_keras_run
@@ -23,6 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 APPS = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19,
         "resnet50": keras.applications.ResNet50, "densenet121": keras.applications.DenseNet121}
+
+
+@pytest.fixture(autouse=True)
+def _numpy_initializers():
+    with numpy_initializers():
+        yield
 
 
 def _port_script():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from keras_helpers import numpy_initializers
 from xrayjax.models import (
     ARCHS,
     BLOCKS,
@@ -87,7 +88,7 @@ def keras_head(arch: str, task: str, features):
 
 
 def randomize(model, rng: np.random.Generator) -> None:
-    """Keep Keras' random kernels; make biases and every BatchNorm weight non-trivial."""
+    """Keep the random kernels; make biases and every BatchNorm weight non-trivial."""
     for layer in model.layers:
         weights = layer.get_weights()
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -118,8 +119,8 @@ def keras_reference(images):
 
     def get(arch: str, task: str) -> dict:
         if arch not in backbones:
-            keras.utils.set_random_seed(0)
-            base = KERAS_APPS[arch](include_top=False, weights=None, input_shape=(224, 224, 3))
+            with numpy_initializers():
+                base = KERAS_APPS[arch](include_top=False, weights=None, input_shape=(224, 224, 3))
             randomize(base, np.random.default_rng(1))
             stages = keras.Model(base.input, [base.get_layer(n).output for n in STAGES[arch]])
             outputs = [np.asarray(o) for o in stages(images, training=False)]
@@ -127,7 +128,8 @@ def keras_reference(images):
         if (arch, task) not in models:
             base, stages = backbones[arch]
             features = keras.Input(base.output.shape[1:])
-            head = keras.Model(features, keras_head(arch, task, features))
+            with numpy_initializers():
+                head = keras.Model(features, keras_head(arch, task, features))
             randomize(head, np.random.default_rng(2))
             embedding, logits = (np.asarray(o) for o in head(stages[STAGES[arch][-1]], training=False))
             weights = {layer.name: layer.get_weights() for layer in [*base.layers, *head.layers]}

@@ -132,9 +132,12 @@ def _keras_model(arch: str, include_top: bool = False, seed: int = 0):
     """A Keras application with random weights: random biases and BatchNorm statistics too."""
     import keras
 
+    from keras_helpers import numpy_initializers
+
     apps = keras.applications
     cls = {"vgg16": apps.VGG16, "vgg19": apps.VGG19, "resnet50": apps.ResNet50}[arch]
-    model = cls(include_top=include_top, weights=None, input_shape=(224, 224, 3))
+    with numpy_initializers():
+        model = cls(include_top=include_top, weights=None, input_shape=(224, 224, 3))
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         values = layer.get_weights()

@@ -1,0 +1,30 @@
+"""Keras models for the parity tests, built without compiling their initialisers."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+from keras.src.initializers.random_initializers import VarianceScaling, compute_fans
+
+
+def _numpy_variance_scaling(self, shape, dtype=None):
+    """Keras' VarianceScaling (glorot_uniform, he_normal, ...) drawn with numpy, seeded by the
+    shape: Keras' own compiles one XLA program per weight shape (DenseNet121: 11 s of its build)."""
+    fan_in, fan_out = compute_fans(shape)
+    fan = {"fan_in": fan_in, "fan_out": fan_out}.get(self.mode, (fan_in + fan_out) / 2.0)
+    scale = self.scale / max(1.0, fan)
+    rng = np.random.default_rng(len(shape) * 1000 + fan_in)
+    if self.distribution == "uniform":
+        limit = math.sqrt(3.0 * scale)
+        return rng.uniform(-limit, limit, shape).astype(np.float32)
+    return rng.normal(0.0, math.sqrt(scale), shape).astype(np.float32)
+
+
+@contextlib.contextmanager
+def numpy_initializers():
+    """While models are built: their random kernels come from numpy (the tests compare Keras with
+    xrayjax on whatever weights the Keras model holds)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VarianceScaling, "__call__", _numpy_variance_scaling)
+        yield
