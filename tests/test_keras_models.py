@@ -118,9 +118,10 @@ def test_parity(tmp_path, suffix, arch, nested, head, outputs):
     ("vgg19", False, "gap", 3), ("densenet121", True, "gap", 5),
 ])
 def test_parity_other_archs(tmp_path, arch, nested, head, outputs):
-    model = build(arch, nested, head, outputs)
-    model.save(tmp_path / "model.keras")
-    _check_parity(tmp_path / "model.keras", model, tmp_path, outputs)
+    model = build(arch, nested, head, outputs)  # one model, saved as each file kind
+    for suffix in (".keras", ".h5"):
+        model.save(tmp_path / f"model{suffix}")
+        _check_parity(tmp_path / f"model{suffix}", model, tmp_path / suffix[1:], outputs)
 
 
 def test_cli_import_then_predict(tmp_path, capsys):
