@@ -55,3 +55,22 @@ def test_task_names_follow_xrayjax_tasks():
     assert {task for _, task in REPORT_MODELS} == set(TASKS) - {"multilabel"}  # the report's tasks
     with pytest.raises(SystemExit):
         _parser().parse_args(["--models", "vgg16:three_class"])
+
+
+def test_input_mode_measures_the_prepared_training_split(small_dataset, tmp_path, capsys):
+    # --input: one record per batch size over the training split (8 images; with a validation
+    # fraction of 0.2 the 2-image classes hold out none), kind "input"; --augment augments it on
+    # the devices, and a missing dataset is one line.
+    args = ["--input", "--data-dir", str(small_dataset), "--tfds-dir", str(tmp_path / "tfds"), "--image-size",
+            "32", "--repeats", "1", "--out", str(tmp_path / "bench.jsonl")]
+    assert main([*args, "--batches", "4", "8"]) == 0
+    assert main([*args, "--batches", "4", "--augment"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()] == records
+    assert [(r["kind"], r["batch"], r["augment"], r["images"]) for r in records] == [
+        ("input", 4, False, 8), ("input", 8, False, 8), ("input", 4, True, 8)]
+    for r in records:
+        assert r["image_size"] == 32 and r["workers"] == 1 and r["device"] == "cpu x4"
+        assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+    assert main(["--input", "--data-dir", str(tmp_path / "missing"), "--no-save"]) == 2
+    assert "missing does not exist" in capsys.readouterr().err

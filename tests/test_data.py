@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from xrayjax.data import (
-    CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, batches, load_splits,
+    CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, batches, load_splits,
 )
+from training_helpers import CountingImages
 from xrayjax.data.__main__ import main
 from xrayjax.data.audit import audit
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
@@ -348,3 +349,19 @@ def test_group_by_source_warns_about_the_given_test_split_and_never_moves_it(rea
     assert not train & validation and len(s.train) + len(s.validation) == 269
     assert 0.15 < len(s.validation) / 269 < 0.25
     assert np.bincount(s.validation.labels).min() >= 10  # still stratified
+
+
+def test_a_process_reads_only_its_devices_rows_of_each_batch():
+    # 10 images in global batches of 4 over 4 devices: the last batch is half padding. Devices
+    # 1 and 3 (a process's share) get exactly their rows of the global batches, and only those
+    # images are read: 5 of 10.
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    split = Split(images, np.arange(10, dtype=np.int32), tuple(map(str, range(10))))
+    whole = list(batches(split, 4, 4, shuffle=True, seed=3, epoch=1))
+    counted = Split(CountingImages(images), split.labels, split.names)
+    mine = list(batches(counted, 4, 4, shuffle=True, seed=3, epoch=1, shards=[1, 3]))
+    assert len(mine) == len(whole) == 3
+    for global_batch, local in zip(whole, mine):
+        for key in ("image", "label", "mask"):
+            assert np.array_equal(local[key], global_batch[key][[1, 3]]), key
+    assert counted.images.read == int(sum(b["mask"].sum() for b in mine)) == 5

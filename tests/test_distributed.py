@@ -6,6 +6,7 @@ come from flags or from the launcher's environment.
 Run as ``python tests/test_distributed.py '<json>'`` this file is one worker process.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,7 +17,6 @@ import sys
 import types
 
 import jax
-import numpy as np
 import pytest
 from flax import serialization
 
@@ -24,7 +24,10 @@ from xrayjax import distributed
 from xrayjax.loop import fit
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the worker subprocess runs this file
-from training_helpers import assert_close, assert_history_close, tiny_config, tiny_splits  # noqa: E402
+from training_helpers import (  # noqa: E402
+    CountingImages, assert_close, assert_history_close, tiny_config, tiny_splits,
+)
+from xrayjax.tasks import SPLITS  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 240  # seconds; a guard against hangs, far above a normal run
@@ -98,9 +101,14 @@ def _worker(job: dict) -> None:
                 shutil.copytree(tmp / "multi0", tmp / "multi1", dirs_exist_ok=True)
                 shutil.copy(tmp / "multi1" / "checkpoint.msgpack", tmp / "copied.msgpack")
             distributed.wait_for_all("run folder copied")
-        result = fit(tiny_config(tmp, job["name"], **phase["config"]), tiny_splits("binary"))
+        splits = tiny_splits("binary")
+        if not k:  # the full path reads images every step: count this process's reads
+            splits = dataclasses.replace(splits, **{name: dataclasses.replace(
+                getattr(splits, name), images=CountingImages(getattr(splits, name).images)) for name in SPLITS})
+        result = fit(tiny_config(tmp, job["name"], **phase["config"]), splits)
         state = serialization.to_state_dict(jax.device_get(result.state))
-        payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history)}
+        payload = {"params": state["params"], "opt_state": state["opt_state"], "history": json.dumps(result.history),
+                   "reads": {name: getattr(splits, name).images.read for name in SPLITS} if not k else {}}
         pathlib.Path(phase["dump"]).write_bytes(serialization.msgpack_serialize(payload))
 
 
@@ -132,6 +140,17 @@ def test_two_processes_equal_one_process(runs):
             assert_close(dump["opt_state"], serialization.to_state_dict(reference.opt_state), 1e-5)
             assert_history_close(json.loads(dump["history"]), single.history, 1e-5)
     assert len(json.loads(runs["multi"][1][0]["history"])) == 2
+
+
+def test_each_process_reads_only_its_share(runs):
+    # Epoch 1, full path, 10 train and 6 validation images in global batches of 4 on 2 x 2
+    # devices: the first train batch (compiling), an epoch of train batches and the validation
+    # pass. The two processes read 20 images together, as one process does, never one twice:
+    # process 0 reads 6 of the epoch's 10 train images (the padding of the last batch falls on
+    # process 1's devices), process 1 reads 4.
+    reads = [dump["reads"] for dump in runs["multi"][0]]
+    assert [r["train"] for r in reads] == [2 + 6, 2 + 4] and [r["validation"] for r in reads] == [4, 2]
+    assert [r["test"] for r in reads] == [0, 0]
 
 
 def test_only_process_zero_writes(runs):
@@ -244,11 +263,9 @@ def test_mpich_needs_only_the_coordinator(clean_env):
     assert not distributed.from_args_and_env().enabled
 
 
-def test_local_shard_and_devices():
-    devices = [types.SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)]
-    batch = {"image": np.arange(4 * 3).reshape(4, 3), "label": np.arange(4)}
-    shard = distributed.local_shard(batch, devices)  # this test runs as process 0
-    assert np.array_equal(shard["image"], batch["image"][:2]) and np.array_equal(shard["label"], [0, 1])
+def test_local_positions_and_devices():
+    devices = [types.SimpleNamespace(process_index=p) for p in (0, 1, 0, 1)]
+    assert distributed.local_positions(devices) == [0, 2]  # this test runs as process 0
     assert distributed.training_devices() == jax.local_devices()
     assert distributed.training_devices(2) == jax.local_devices()[:2]
     with pytest.raises(ValueError, match="num_devices=5 but only 4"):

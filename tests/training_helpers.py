@@ -16,6 +16,18 @@ def _split(rng: np.random.Generator, n: int, classes: int) -> Split:
     return Split(images, labels, tuple(f"img{i}.png" for i in range(n)))
 
 
+class CountingImages:
+    """An image array that counts the rows read from it (a Split's ``images``)."""
+
+    def __init__(self, images: np.ndarray):
+        self.array, self.read = images, 0
+        self.shape = images.shape
+
+    def __getitem__(self, index):
+        self.read += len(index)
+        return self.array[index]
+
+
 def tiny_splits(task: str, n_train: int = 10) -> Splits:
     """10 train, 6 validation and 4 test random images, of 2 classes for binary, else 4."""
     rng = np.random.default_rng(0)

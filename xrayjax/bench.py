@@ -8,6 +8,7 @@ by ``block_until_ready``. Inputs rotate over a few random batches so no cache ho
 One JSON line per configuration goes to stdout and is appended to ``experiments/bench.jsonl``.
 With ``--reference FILE`` (``experiments/plain_flax_step.py``) the plain-Flax reference step
 runs after each configuration in the same process, and the record holds the ratio.
+``--input`` measures the input pipeline alone instead (:func:`bench_input`), ``kind: "input"``.
 """
 
 from __future__ import annotations
@@ -158,18 +159,58 @@ def _reference(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int, o
     return {"reference_images_per_s": theirs, "vs_reference": round(ours / theirs, 3)}
 
 
+def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, augment: bool,
+                batch: int) -> dict[str, Any]:
+    """The input pipeline alone, as training feeds the devices: the prepared training split read,
+    decoded and batched in shuffled order (this process's shard only), transferred to the local devices
+    and, with ``augment``, rotated, shifted and zoomed there by the train step's own function.
+    Images/s is the median over ``cfg.repeats`` epochs, after one untimed epoch (compiles)."""
+    from xrayjax.augment import AugmentConfig
+    from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
+    from xrayjax.distributed import local_positions
+    from xrayjax.steps import AXIS, augment_step_images
+
+    devices = jax.local_devices()
+    if batch % len(devices):
+        raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
+    train = load_splits(DataConfig(data_dir=data_dir, tfds_dir=tfds_dir, image_size=cfg.image_size)).train
+    place = jax.pmap((lambda x, key: augment_step_images(AugmentConfig(), x, key)) if augment else
+                     (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
+    key = jax.random.key(cfg.seed)
+
+    def epoch(seed: int) -> None:
+        for b in batches(train, batch, len(devices), shuffle=True, seed=seed, shards=local_positions(devices)):
+            out = place(b["image"], key)
+        jax.block_until_ready(out)
+
+    epoch(cfg.seed)
+    windows = []
+    for i in range(cfg.repeats):
+        start = time.perf_counter()
+        epoch(cfg.seed + 1 + i)
+        windows.append(time.perf_counter() - start)
+    return {"kind": "input", "images": len(train), "batch": batch, "image_size": cfg.image_size,
+            "augment": augment, "workers": 1,  # one thread reads and batches
+            "images_per_s": round(len(train) / statistics.median(windows), 1),
+            "device": f"{devices[0].device_kind} x{len(devices)}", "jax": jax.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def _emit(record: dict[str, Any], out: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
 def run(cfg: BenchConfig, out: Path | None = DEFAULT_OUT) -> list[dict[str, Any]]:
     """Every configuration of ``cfg``; each record printed and appended to ``out``."""
     records = []
     for (arch, task), dtype, batch in itertools.product(cfg.models, cfg.dtypes, cfg.batches):
-        record = bench_one(cfg, arch, task, dtype, batch)
-        line = json.dumps(record)
-        print(line, flush=True)
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("a") as f:
-                f.write(line + "\n")
-        records.append(record)
+        records.append(bench_one(cfg, arch, task, dtype, batch))
+        _emit(records[-1], out)
     return records
 
 
@@ -210,6 +251,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="FILE",
                    help="also time the plain-Flax reference step in FILE (experiments/plain_flax_step.py) "
                    "for each configuration, in this process, and record the ratio")
+    p.add_argument("--input", action="store_true",
+                   help="measure the input pipeline alone instead (read, decode, batch, shard, transfer; "
+                   "one record per --batches, kind \"input\"), over the prepared training split of --data-dir")
+    p.add_argument("--data-dir", help="with --input: the dataset (default ../shared/covid_xray)")
+    p.add_argument("--tfds-dir", help="with --input: where its prepared data lives (default: TFDS' own)")
+    p.add_argument("--augment", action="store_true",
+                   help="with --input: also augment each batch on the devices, as --augment trains")
     return p
 
 
@@ -220,9 +268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
         reference=args.reference,
     )
+    out = None if args.no_save else args.out
+    known: tuple[type[Exception], ...] = (ValueError, FloatingPointError, OSError)
     try:
-        run(cfg, None if args.no_save else args.out)
-    except (ValueError, FloatingPointError) as err:
+        if args.input:
+            from xrayjax.data.source import DataError
+
+            known += (DataError,)  # a bad or missing dataset: one line, as the other commands say it
+            for batch in cfg.batches:
+                _emit(bench_input(cfg, args.data_dir, args.tfds_dir, args.augment, batch), out)
+        else:
+            run(cfg, out)
+    except known as err:
         print(f"xrayjax.bench: {err}", file=sys.stderr)
         return 2
     return 0

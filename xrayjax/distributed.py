@@ -2,9 +2,9 @@
 
 Every process runs the same command. :func:`initialize` joins JAX's distributed runtime
 before anything touches a device; ``jax.pmap`` then maps over the devices of every process
-(:func:`training_devices`), each process feeds its own slice of every global batch
-(:func:`local_shard`; all processes compute the same batch order from the same seed, so the
-data needs no communication) and collectives span all processes. Only the main process
+(:func:`training_devices`), each process reads and feeds only its devices' rows of every global
+batch (:func:`local_positions`; all processes compute the same batch order from the same seed,
+so the data needs no communication) and collectives span all processes. Only the main process
 (:func:`is_main_process`) writes run files.
 
 Settings come from flags, else from what ``jax.distributed.initialize`` detects itself:
@@ -23,7 +23,7 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -295,14 +295,6 @@ def runtime_error(e: Exception) -> str:
 def local_positions(devices: Sequence[Any]) -> list[int]:
     """Positions in ``devices`` of this process's devices (the rows of a batch it feeds)."""
     return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-
-
-def local_shard(batch: Mapping[str, np.ndarray], devices: Sequence[Any]) -> dict[str, np.ndarray]:
-    """This process's part of a global batch with a leading device axis over ``devices``."""
-    rows = local_positions(devices)
-    if len(rows) == len(devices):
-        return dict(batch)
-    return {key: value[rows] for key, value in batch.items()}
 
 
 def gather_shards(local: Any) -> np.ndarray:

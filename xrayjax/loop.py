@@ -145,9 +145,11 @@ class Trainer:
         self.features: dict[str, tuple[jax.Array, jax.Array]] = {}
 
     def _batches(self, split: Split, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """The full path's global batches of ``split``."""
+        """The full path's global batches of ``split``, this process's devices' rows only (the only
+        images it reads)."""
         c = self.config
-        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch)
+        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch,
+                       shards=distributed.local_positions(self.devices))
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The fast path's batches of a split: rows of its cached features and the padding mask."""
@@ -178,7 +180,7 @@ class Trainer:
     def compile(self, state: TrainState) -> None:
         """The full path's train and eval steps, or the fast path's head epochs."""
         if not self.fast:
-            example = distributed.local_shard(next(self._batches(self.splits.train, False, 0)), self.devices)
+            example = next(self._batches(self.splits.train, False, 0))
             self.train_fn = self._compiled(make_train_step(self.model, self.devices), state, example, epoch_key(0, 0))
             self.eval_fn = self._compiled(make_eval_step(self.model, self.devices), state, example)
             return
@@ -204,11 +206,10 @@ class Trainer:
                               "batch_stats": self.whole.batch_stats["backbone"]}, self.devices)
         step = make_feature_step(self.model, self.devices)
         began, chunks = time.perf_counter(), []
-        for batch in tqdm(batches(stream, self.config.batch_size, len(self.devices), shuffle=False),
-                          total=math.ceil(len(stream) / self.config.batch_size), desc="backbone features",
-                          disable=not log.bars, leave=False):
-            local = distributed.local_shard(batch, self.devices)["image"]
-            chunks.append(_flat(distributed.gather_shards(step(backbone, local)))[_flat(batch["mask"]) > 0])
+        _, masks = batch_rows(len(stream), self.config.batch_size, shuffle=False)  # every process's rows
+        for batch, mask in zip(tqdm(self._batches(stream, False, 0), total=len(masks), desc="backbone features",
+                                    disable=not log.bars, leave=False), masks):
+            chunks.append(_flat(distributed.gather_shards(step(backbone, batch["image"])))[mask > 0])
         features = np.split(np.concatenate(chunks), np.cumsum([len(p) for p in parts])[:-1])
         self.features = {name: jax.device_put((f, p.labels), self.home)
                          for name, f, p in zip(self.cached, features, parts)}
@@ -226,8 +227,7 @@ class Trainer:
             per_step = []
             for step, batch in enumerate(self._batches(self.splits.train, True, epoch)):
                 interrupts.raise_if_pending()
-                state, metrics = self.train_fn(state, distributed.local_shard(batch, self.devices),
-                                               jax.random.fold_in(key, step))
+                state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
                 per_step.append(metrics)
         per_step = jax.device_get(per_step)
         check_finite(per_step, epoch)
@@ -242,8 +242,7 @@ class Trainer:
         elif self.fast:
             per_call = [self.head_eval(state, *self.features[name], *self._epoch_index(name, False, 0))]
         else:
-            per_call = [self.eval_fn(state, distributed.local_shard(b, self.devices))
-                        for b in self._batches(split, False, 0)]
+            per_call = [self.eval_fn(state, b) for b in self._batches(split, False, 0)]
         return {k: float(sum(np.sum(m[k], dtype=np.float64) for m in jax.device_get(per_call)))
                 for k in ("loss_sum", "correct", "count")}
 

@@ -435,24 +435,28 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: 
 
 
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
-            epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            epoch: int = 0, shards: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order
-    (multilabel labels (D, B/D, L)); the last batch padded with zeros, mask 0."""
+    (multilabel labels (D, B/D, L)); the last batch padded with zeros, mask 0. ``shards``: only
+    those device rows of each batch, the only images read (a process's share of the devices)."""
     if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
         raise ValueError(
             f"batch_size ({batch_size}) must be a positive multiple of num_devices ({num_devices})"
         )
     per_device = batch_size // num_devices
+    shards = list(range(num_devices)) if shards is None else list(shards)
     shape = split.images.shape[1:]
     rows, mask = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
     for step_rows, step_mask in zip(rows, mask):
-        take = step_rows[step_mask > 0]
-        real = split.images[take]
-        image = np.zeros((batch_size, *shape), np.uint8)
-        label = np.zeros((batch_size, *split.labels.shape[1:]), split.labels.dtype)
-        image[:len(take)], label[:len(take)] = real, split.labels[take]
+        step_rows = step_rows.reshape(num_devices, per_device)[shards].reshape(-1)
+        step_mask = step_mask.reshape(num_devices, per_device)[shards].reshape(-1)
+        real = step_mask > 0
+        image = np.zeros((len(step_rows), *shape), np.uint8)
+        label = np.zeros((len(step_rows), *split.labels.shape[1:]), split.labels.dtype)
+        if real.any():
+            image[real], label[real] = split.images[step_rows[real]], split.labels[step_rows[real]]
         yield {
-            "image": image.reshape(num_devices, per_device, *shape),
-            "label": label.reshape(num_devices, per_device, *split.labels.shape[1:]),
-            "mask": step_mask.reshape(num_devices, per_device),
+            "image": image.reshape(len(shards), per_device, *shape),
+            "label": label.reshape(len(shards), per_device, *split.labels.shape[1:]),
+            "mask": step_mask.reshape(len(shards), per_device),
         }
