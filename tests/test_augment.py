@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from training_helpers import tiny_config, tiny_splits
+from training_helpers import assert_close, tiny_config, tiny_splits
 from xrayjax.augment import PARAMS, AugmentConfig, affine_matrices, apply_affine, augment_images, random_params
 from xrayjax.data.decode import decode
 from xrayjax.loop import fit
@@ -86,15 +86,18 @@ def test_train_step_augmentation_differs_by_device_and_step_not_by_device_count(
     assert not np.array_equal(out[0, 0], out[1, 0])
 
 
-def test_augmented_training_is_deterministic_and_differs(tmp_path):
-    """``--augment`` trains on the full path; the same seed gives the same history, and it is
-    not the history of the same run unaugmented."""
+def test_augmented_training_is_deterministic_resumes_exactly_and_differs(tmp_path):
+    """``--augment`` trains on the full path; the same seed gives the same run, a run stopped
+    after epoch 1 and resumed equals the uninterrupted one (each step's augmentation is drawn
+    from (seed, epoch, step)), and it is not the history of the same run unaugmented."""
     splits = tiny_splits("binary")
-    def run(name: str, **kw) -> dict:
-        history = fit(tiny_config(tmp_path, name, epochs=1, **kw), splits).history[-1]
-        return {k: v for k, v in history.items() if k != "seconds"}
-
-    first, again = run("a", augment=True), run("b", augment=True)
-    plain = run("c", cache_features=False)
-    assert first == again
-    assert first["train_loss"] != plain["train_loss"] and np.isfinite(first["train_loss"])
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    whole = fit(tiny_config(tmp_path, "a", epochs=2, augment=True), splits)
+    first = fit(tiny_config(tmp_path, "b", epochs=1, augment=True), splits)
+    resumed = fit(tiny_config(tmp_path, "b", epochs=2, augment=True, resume=True), splits)
+    plain = fit(tiny_config(tmp_path, "c", epochs=1, cache_features=False), splits)
+    assert strip(first.history) == strip(whole.history)[:1] and strip(resumed.history) == strip(whole.history)
+    assert_close(resumed.state.params, whole.state.params, 0.0)
+    assert_close(resumed.state.opt_state, whole.state.opt_state, 0.0)
+    loss = whole.history[0]["train_loss"]
+    assert loss != plain.history[0]["train_loss"] and np.isfinite(loss)
