@@ -250,7 +250,7 @@ def _report_model(arch, task, outputs, nested):
 
 
 @pytest.mark.parametrize("arch,task,outputs,nested", [("vgg16", "binary", 1, False), ("resnet50", "multiclass", 3, True)])
-def test_weights_only_legacy_h5(tmp_path, arch, task, outputs, nested):
+def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, arch, task, outputs, nested):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
@@ -270,3 +270,5 @@ def test_weights_only_legacy_h5(tmp_path, arch, task, outputs, nested):
     with pytest.raises(KerasImportError, match="read as --arch vgg19"):
         import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
     assert not (tmp_path / "run2").exists()
+    model.save(tmp_path / "model.keras")  # the report's model whole (vgg16: Task 1's flatten head)
+    _check_parity(tmp_path / "model.keras", model, tmp_path / "whole", outputs)
