@@ -1,7 +1,8 @@
 """Keras models imported whole (weights/port.py --keras-model): file kinds, parity, refusals.
 
 Keras 3 writes each file at test time in tmp_path (random weights, BatchNorm statistics away
-from 0 and 1); the imported run's probabilities must equal ``model.predict`` to 1e-5.
+from 0 and 1); the imported run's probabilities must equal ``model.predict`` to 1e-5 on two real
+X-rays and a random image.
 """
 
 import importlib.util
@@ -81,14 +82,20 @@ def build(arch, nested=True, head="gap", outputs=4):
     return _randomize(keras.Model(inputs, _head(features, head, outputs)))
 
 
-def _images(n=3, seed=1):
-    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32)
+@pytest.fixture(scope="module")
+def xrays(data_root) -> np.ndarray:
+    """Two real chest X-rays (RGB, 32 px, as the data pipeline resizes them) and one random image."""
+    from PIL import Image
+
+    paths = [sorted((data_root / "all" / "test" / c).glob("*.jp*g"))[0] for c in ("covid", "normal")]
+    real = [np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for p in paths]
+    noise = np.random.default_rng(1).uniform(0, 255, (SIZE, SIZE, 3))
+    return np.stack([*real, noise]).astype(np.float32)
 
 
-def _check_parity(path, model, tmp_path, outputs):
+def _check_parity(path, model, tmp_path, outputs, x):
     run_dir = import_keras_run(path, tmp_path / "run", preprocess="none")
     run = load_run(run_dir)
-    x = _images()
     want = model.predict(x, verbose=0)
     from xrayjax.inference import _forward  # the route predict and evaluate take
 
@@ -106,22 +113,22 @@ def _check_parity(path, model, tmp_path, outputs):
 @pytest.mark.parametrize("arch,nested,head,outputs", [
     ("vgg16", True, "gap", 4), ("resnet50", False, "flatten", 1),
 ])
-def test_parity(tmp_path, suffix, arch, nested, head, outputs):
+def test_parity(tmp_path, xrays, suffix, arch, nested, head, outputs):
     model = build(arch, nested, head, outputs)
     path = tmp_path / f"model{suffix}"
     model.save(path)
-    run = _check_parity(path, model, tmp_path, outputs)
+    run = _check_parity(path, model, tmp_path, outputs, xrays)
     assert run.config.arch == arch and run.config.image_size == SIZE
 
 
 @pytest.mark.parametrize("arch,nested,head,outputs", [
     ("vgg19", False, "gap", 3), ("densenet121", True, "gap", 5),
 ])
-def test_parity_other_archs(tmp_path, arch, nested, head, outputs):
+def test_parity_other_archs(tmp_path, xrays, arch, nested, head, outputs):
     model = build(arch, nested, head, outputs)  # one model, saved as each file kind
     for suffix in (".keras", ".h5"):
         model.save(tmp_path / f"model{suffix}")
-        _check_parity(tmp_path / f"model{suffix}", model, tmp_path / suffix[1:], outputs)
+        _check_parity(tmp_path / f"model{suffix}", model, tmp_path / suffix[1:], outputs, xrays)
 
 
 def test_cli_import_then_predict(tmp_path, capsys):
@@ -250,7 +257,7 @@ def _report_model(arch, task, outputs, nested):
 
 
 @pytest.mark.parametrize("arch,task,outputs,nested", [("vgg16", "binary", 1, False), ("resnet50", "multiclass", 3, True)])
-def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, arch, task, outputs, nested):
+def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, xrays, arch, task, outputs, nested):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
@@ -262,7 +269,7 @@ def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, arch, task, ou
     run = load_run(run_dir)
     from xrayjax.inference import _forward
 
-    x = _images()
+    x = xrays
     logits, _ = _forward(run.model, run.variables, x)
     got = probabilities(np.asarray(logits))
     want = model.predict(x, verbose=0)
@@ -271,4 +278,4 @@ def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, arch, task, ou
         import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
     assert not (tmp_path / "run2").exists()
     model.save(tmp_path / "model.keras")  # the report's model whole (vgg16: Task 1's flatten head)
-    _check_parity(tmp_path / "model.keras", model, tmp_path / "whole", outputs)
+    _check_parity(tmp_path / "model.keras", model, tmp_path / "whole", outputs, xrays)
