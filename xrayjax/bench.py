@@ -95,11 +95,17 @@ def _memory_gb(compiled: Any) -> float | None:
     return round(peak / 2**30, 3)
 
 
-def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) -> dict[str, Any]:
-    """Measure one configuration; returns the JSON record."""
+def _local_devices(batch: int) -> list:
+    """The local devices, which the global ``batch`` must split over evenly."""
     devices = jax.local_devices()
     if batch % len(devices):
         raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
+    return devices
+
+
+def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) -> dict[str, Any]:
+    """Measure one configuration; returns the JSON record."""
+    devices = _local_devices(batch)
     model = build_step_model(arch, task, bf16=dtype == "bf16")
     variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
     state = replicate(create_train_state(model, variables, lr=1e-4), devices)
@@ -162,24 +168,21 @@ def _reference(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int, o
 def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, augment: bool,
                 batch: int) -> dict[str, Any]:
     """The input pipeline alone, as training feeds the devices: the prepared training split read,
-    decoded and batched in shuffled order (this process's shard only), transferred to the local devices
-    and, with ``augment``, rotated, shifted and zoomed there by the train step's own function.
+    decoded and batched in shuffled order, transferred to the local devices (one process) and,
+    with ``augment``, rotated, shifted and zoomed there by the train step's own function.
     Images/s is the median over ``cfg.repeats`` epochs, after one untimed epoch (compiles)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
-    from xrayjax.distributed import local_positions
     from xrayjax.steps import AXIS, augment_step_images
 
-    devices = jax.local_devices()
-    if batch % len(devices):
-        raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
+    devices = _local_devices(batch)
     train = load_splits(DataConfig(data_dir=data_dir, tfds_dir=tfds_dir, image_size=cfg.image_size)).train
     place = jax.pmap((lambda x, key: augment_step_images(AugmentConfig(), x, key)) if augment else
                      (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
     key = jax.random.key(cfg.seed)
 
     def epoch(seed: int) -> None:
-        for b in batches(train, batch, len(devices), shuffle=True, seed=seed, shards=local_positions(devices)):
+        for b in batches(train, batch, len(devices), shuffle=True, seed=seed):
             out = place(b["image"], key)
         jax.block_until_ready(out)
 
@@ -252,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also time the plain-Flax reference step in FILE (experiments/plain_flax_step.py) "
                    "for each configuration, in this process, and record the ratio")
     p.add_argument("--input", action="store_true",
-                   help="measure the input pipeline alone instead (read, decode, batch, shard, transfer; "
+                   help="measure the input pipeline alone instead (read, decode, batch, transfer; "
                    "one record per --batches, kind \"input\"), over the prepared training split of --data-dir")
     p.add_argument("--data-dir", help="with --input: the dataset (default ../shared/covid_xray)")
     p.add_argument("--tfds-dir", help="with --input: where its prepared data lives (default: TFDS' own)")
