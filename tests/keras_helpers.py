@@ -1,10 +1,11 @@
-"""Keras models for the parity tests, built without compiling their initialisers."""
+"""Keras models for the parity tests, built without compiling their initialisers, and their real inputs."""
 
 import contextlib
 import math
 
 import numpy as np
 import pytest
+from PIL import Image
 from keras.src.initializers.random_initializers import VarianceScaling, compute_fans
 
 
@@ -28,3 +29,9 @@ def numpy_initializers():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(VarianceScaling, "__call__", _numpy_variance_scaling)
         yield
+
+
+def real_xrays(data_root, size: int) -> np.ndarray:
+    """The first covid and the first normal test X-ray of the real dataset, RGB uint8 (2, size, size, 3)."""
+    paths = [sorted((data_root / "all" / "test" / c).glob("*.jp*g"))[0] for c in ("covid", "normal")]
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training_helpers import CountingImages
 from xrayjax.data import (
     CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, batches, load_splits,
 )
-from training_helpers import CountingImages
 from xrayjax.data.__main__ import main
 from xrayjax.data.audit import audit
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared

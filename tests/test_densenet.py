@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from PIL import Image
 
-from keras_helpers import numpy_initializers
+from keras_helpers import numpy_initializers, real_xrays
 
 from xrayjax import porting
 from xrayjax.models import (
@@ -60,8 +59,7 @@ def keras_densenet(data_root):
             c = layer.get_weights()[0].shape
             layer.set_weights([w.astype(np.float32) for w in (
                 rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c), rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c))])
-    paths = [sorted((data_root / "all" / "test" / c).glob("*.jp*g"))[0] for c in ("covid", "normal")]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for p in paths])
+    images = real_xrays(data_root, SIZE)
     x = keras.applications.densenet.preprocess_input(images.astype(np.float32))
     stages = keras.Model(model.input, [model.get_layer(n).output for n in STAGES])
     trainable = [v.value for v in stages.trainable_variables]

@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 keras = pytest.importorskip("keras")
 
-from keras_helpers import numpy_initializers
+from keras_helpers import numpy_initializers, real_xrays
 from xrayjax import load_run
 from xrayjax.inference import probabilities
 from xrayjax.keras_import import KerasImportError, import_keras_run
@@ -85,12 +85,8 @@ def build(arch, nested=True, head="gap", outputs=4):
 @pytest.fixture(scope="module")
 def xrays(data_root) -> np.ndarray:
     """Two real chest X-rays (RGB, 32 px, as the data pipeline resizes them) and one random image."""
-    from PIL import Image
-
-    paths = [sorted((data_root / "all" / "test" / c).glob("*.jp*g"))[0] for c in ("covid", "normal")]
-    real = [np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for p in paths]
-    noise = np.random.default_rng(1).uniform(0, 255, (SIZE, SIZE, 3))
-    return np.stack([*real, noise]).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(0, 255, (1, SIZE, SIZE, 3))
+    return np.concatenate([real_xrays(data_root, SIZE), noise]).astype(np.float32)
 
 
 def _check_parity(path, model, tmp_path, outputs, x):
