@@ -19,7 +19,8 @@ keras = pytest.importorskip("keras")
 from keras_helpers import numpy_initializers, real_xrays
 from xrayjax import load_run
 from xrayjax.inference import probabilities
-from xrayjax.keras_import import KerasImportError, import_keras_run
+from xrayjax.keras_import import KerasImportError
+from xrayjax.keras_run import import_keras_run
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -232,7 +233,7 @@ def test_evaluate_imported_run_on_a_data_folder(tmp_path):
 
 def _report_model(arch, task, outputs, nested):
     """The report's model of (arch, task), layers named as xrayjax's heads name them."""
-    from xrayjax.keras_import import report_head_specs
+    from xrayjax.keras_weights import report_head_specs
 
     inputs = keras.Input((SIZE, SIZE, 3))
     if nested:
@@ -273,5 +274,29 @@ def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, xrays, arch, t
     with pytest.raises(KerasImportError, match="read as --arch vgg19"):
         import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
     assert not (tmp_path / "run2").exists()
+    model.save_weights(tmp_path / "model.weights.h5")  # Keras 3's weights-only format
+    v3 = load_run(import_keras_run(tmp_path / "model.weights.h5", tmp_path / "v3", names, "none", arch, task, SIZE))
+    assert json.loads((v3.run_dir / "config.json").read_text())["keras_import"]["file_kind"] == "weights"
+    logits, _ = _forward(v3.model, v3.variables, x)
+    got = probabilities(np.asarray(logits))
+    np.testing.assert_allclose(got[:, 1:] if outputs == 1 else got, want, atol=1e-5, rtol=0)
+    with h5py.File(tmp_path / "model.weights.h5", "a") as f:  # as a Keras that records no names writes it
+        named = []
+        f.visititems(lambda key, obj: named.append(obj) if "name" in obj.attrs else None)
+        for group in named:
+            del group.attrs["name"]
+    with pytest.raises(KerasImportError, match="names none of its layers"):
+        import_keras_run(tmp_path / "model.weights.h5", tmp_path / "v3b", names, "none", arch, task, SIZE)
     model.save(tmp_path / "model.keras")  # the report's model whole (vgg16: Task 1's flatten head)
     _check_parity(tmp_path / "model.keras", model, tmp_path / "whole", outputs, xrays)
+
+
+def test_legacy_weight_names_find_their_layer_in_either_spelling():
+    from xrayjax.keras_import import layer_of
+
+    names = {"conv1_conv", "conv2_block1_0_bn", "dense"}
+    assert layer_of("conv1/conv/kernel:0", names) == "conv1_conv"  # Keras 2's DenseNet, inlined
+    assert layer_of("densenet121/conv1/conv/kernel:0", names) == "conv1_conv"  # nested in a sub-model
+    assert layer_of("conv2_block1_0_bn/gamma:0", names) == "conv2_block1_0_bn"
+    assert layer_of("dense/kernel:0", names) == "dense"
+    assert layer_of("other/kernel:0", names) == "other"  # not the model's: the strict merge names it

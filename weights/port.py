@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-names", help="with --keras-model: the output names, comma-separated "
                         "(default: class_0, class_1, ...)")
     parser.add_argument("--task", choices=("binary", "multiclass", "multilabel"),
-                        help="with --keras-model and --arch: a weights-only .h5 of the report's model "
-                        "for this task (its head)")
+                        help="with --keras-model and --arch: a weights-only file (legacy .h5 or .weights.h5) "
+                        "of the report's model for this task (its head)")
     parser.add_argument("--image-size", type=int, help="with --keras-model: the input size in pixels "
                         "(default: the model's own, else 224)")
     parser.add_argument("--preprocess", choices=("caffe", "torch", "rescale", "none"),
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """--keras-model: write the run folder --out, or one error line (nothing written)."""
-    from xrayjax.keras_import import KerasImportError, import_keras_run
+    from xrayjax.keras_import import KerasImportError
+    from xrayjax.keras_run import import_keras_run
 
     if args.out == porting.DEFAULT_WEIGHTS_DIR:
         parser.error("--keras-model needs --out RUN_DIR, the run folder to write")

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,8 @@ def _layers_of(model: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _name(layer: Mapping[str, Any]) -> str:
-    return layer.get("name") or layer["config"]["name"]
+    """A layer's name in Keras 3's spelling (Keras 2's DenseNet had ``conv1/conv``)."""
+    return (layer.get("name") or layer["config"]["name"]).replace("/", "_")
 
 
 def _which_arch(names: set[str]) -> str | None:
@@ -202,8 +203,19 @@ def _sorted_vars(items: Sequence[tuple[str, np.ndarray]]) -> list[np.ndarray]:
     return [value for _, value in sorted(items, key=lambda item: rank(item[0]))]
 
 
-def _h5_weights(root: Any, layer_names: Sequence[str], nested: str | None) -> dict[str, list[np.ndarray]]:
-    """Per-layer weights of a legacy full-model file's ``model_weights`` group."""
+def layer_of(weight: str, names: Collection[str]) -> str:
+    """The layer a legacy weight name (``[model/]layer/variable:0``) belongs to: the longest tail
+    of its path that is one of ``names``. Keras 2's DenseNet named layers with a "/"
+    (``conv1/conv/kernel:0``), read as "_" (``conv1_conv``), Keras 3's spelling."""
+    parts = weight.split("/")[:-1]
+    return next((tail for tail in ("_".join(parts[i:]) for i in range(len(parts))) if tail in names),
+                "_".join(parts[-1:]))
+
+
+def _h5_weights(root: Any, layer_names: Sequence[str], nested: str | None,
+                inner_names: Collection[str]) -> dict[str, list[np.ndarray]]:
+    """Per-layer weights of a legacy full-model file's ``model_weights`` group; ``inner_names``
+    are the nested backbone's layer names."""
     weights: dict[str, list[np.ndarray]] = {}
     for name in layer_names:
         group = root[name]
@@ -211,10 +223,10 @@ def _h5_weights(root: Any, layer_names: Sequence[str], nested: str | None) -> di
         if name == nested:
             by_layer: dict[str, list[tuple[str, np.ndarray]]] = {}
             for w in raw:
-                by_layer.setdefault(w.split("/")[-2].replace("/", "_"), []).append((w, np.asarray(group[w])))
+                by_layer.setdefault(layer_of(w, inner_names), []).append((w, np.asarray(group[w])))
             weights.update({layer: _sorted_vars(items) for layer, items in by_layer.items()})
         else:
-            weights[name] = _sorted_vars([(w, np.asarray(group[w])) for w in raw])
+            weights[name.replace("/", "_")] = _sorted_vars([(w, np.asarray(group[w])) for w in raw])
     return weights
 
 
@@ -273,7 +285,7 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
                 arch, bb_layers, nested, head_layers = _split(model, source)
                 root = f["model_weights"]
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs["layer_names"]]
-                weights = _h5_weights(root, names, nested)
+                weights = _h5_weights(root, names, nested, {_name(layer) for layer in bb_layers})
     except KerasImportError:
         raise
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as e:
@@ -299,61 +311,6 @@ def _input_size(model: Mapping[str, Any], backbone: Sequence[Mapping[str, Any]])
         if shape and len(shape) == 4 and shape[1] and shape[1] == shape[2]:
             return int(shape[1])
     return None
-
-
-def report_head_specs(arch: str, task: str, outputs: int) -> list[dict[str, Any]]:
-    """The report's head for (``arch``, ``task``) as :class:`KerasHead` layer specs, with the
-    layer names Keras gives them automatically (``dense``, ``dense_1``, ``dropout``, ...)."""
-    from xrayjax.models.heads import create_head
-    from xrayjax.models.layers import HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, keras_name
-
-    head = create_head(arch, task, num_classes=None if task == "binary" else outputs)
-    specs: list[dict[str, Any]] = []
-    if head.input_bn:
-        specs.append({"kind": "batch_norm", "name": "batch_normalization", "epsilon": HEAD_BN_EPSILON,
-                      "momentum": HEAD_BN_MOMENTUM})
-    specs.append({"kind": "flatten", "name": "flatten"} if head.pool == "flatten"
-                 else {"kind": "gap", "name": "global_average_pooling2d"})
-    if head.dropout_first:
-        specs.append({"kind": "dropout", "name": "dropout", "rate": head.dropout})
-    for i, width in enumerate(head.hidden):
-        specs.append({"kind": "dense", "name": keras_name("dense", i), "units": width, "activation": "relu",
-                      "use_bias": True})
-        specs.append({"kind": "dropout", "name": keras_name("dropout", i + head.dropout_first), "rate": head.dropout})
-    specs.append({"kind": "dense", "name": keras_name("dense", len(head.hidden)), "units": head.outputs,
-                  "activation": "softmax" if task == "multiclass" else "sigmoid", "use_bias": True})
-    return specs
-
-
-def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: int) -> KerasModel:
-    """A weights-only legacy ``.h5`` (root ``layer_names``, from Keras 2's ``save_weights``) of
-    the report's model (``arch`` backbone, nested or inlined, then its ``task`` head)."""
-    import h5py
-
-    path, source = Path(path), str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Keras weights file {path} does not exist")
-    specs = report_head_specs(arch, task, outputs)
-    try:
-        with h5py.File(path, "r") as f:
-            if "layer_names" not in f.attrs:
-                raise KerasImportError(
-                    f"{source} is not a legacy weights-only .h5 (no 'layer_names' attribute): save the model "
-                    "whole (model.save('model.keras')) and pass that file with --keras-model")
-            weights: dict[str, list[tuple[str, np.ndarray]]] = {}
-            for name in (n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]):
-                group = f[name]
-                for w in (v.decode() if isinstance(v, bytes) else str(v) for v in group.attrs["weight_names"]):
-                    parts = w.split("/")
-                    weights.setdefault(parts[-2] if len(parts) >= 2 else name, []).append((w, np.asarray(group[w])))
-    except KerasImportError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise KerasImportError(f"cannot read Keras weights from {source}: not an HDF5 file, or truncated or "
-                               f"corrupt ({type(e).__name__}: {e}); save the weights again") from e
-    ordered = {name: _sorted_vars(items) for name, items in weights.items()}
-    variables = _variables(arch, specs, ordered, f"{source} (read as --arch {arch} --task {task})")
-    return KerasModel(arch, specs, task, outputs, None, variables, "weights")
 
 
 def _variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]],
@@ -404,74 +361,3 @@ def _head_template(specs: list[dict[str, Any]], weights: Mapping[str, list[np.nd
             params[s["name"]] = {k: jax.ShapeDtypeStruct(shape, np.float32) for k in ("scale", "bias")}
             stats[s["name"]] = {k: jax.ShapeDtypeStruct(shape, np.float32) for k in ("mean", "var")}
     return {"params": params, "batch_stats": stats} if stats else {"params": params}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
-                     preprocess: str | None = None, arch: str | None = None, task: str | None = None,
-                     image_size: int | None = None) -> Path:
-    """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate and
-    ``load_run``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
-    to ``class_0, ...``. Nothing is written when anything fails.
-
-    Raises:
-        FileNotFoundError, KerasImportError: the file cannot be read or its model does not import.
-        ValueError: bad class names, preprocessing, or an ``out`` that is not empty.
-    """
-    import dataclasses
-    import shutil
-
-    import jax
-
-    from xrayjax import runfiles
-    from xrayjax.config import TrainConfig
-    from xrayjax.preprocessing import ARCH_PREPROCESSING, MODES
-
-    path, out = Path(path), Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new run folder")
-    if preprocess is not None and preprocess not in MODES:
-        raise ValueError(f"--preprocess must be one of {', '.join(MODES)}, got {preprocess!r}")
-    if (arch is None) != (task is None):
-        raise ValueError("a weights-only file needs both --arch and --task (a whole model needs neither)")
-    if arch is not None:
-        outputs = 1 if task == "binary" else len(class_names) if class_names else 4
-        model = read_keras_weights(path, arch, task, outputs)
-    else:
-        model = read_keras_model(path)
-    if image_size is not None:
-        model.image_size = image_size
-    wanted = 2 if model.task == "binary" else model.outputs
-    names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(wanted))
-    if len(names) != wanted or len(set(names)) != len(names) or not all(names):
-        raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
-                         f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
-    mode = preprocess or ARCH_PREPROCESSING[model.arch]
-    config = dataclasses.replace(
-        TrainConfig(), arch=model.arch, task=model.task, image_size=model.image_size or 224, init="keras",
-        epochs=0, l2=0.0, color="keep", out=str(out))
-    record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
-              "preprocess": mode, "head": model.head}
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        runfiles.write_config(tmp, config, names, jax.devices(), keras_import=record)
-        runfiles.write_json(tmp / runfiles.SPLITS_FILE, {"splits": {}})
-        runfiles.write_json(tmp / runfiles.HISTORY_FILE, [])
-        runfiles.write_imported_checkpoint(tmp, model.variables)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -1,0 +1,82 @@
+"""A Keras file written as a normal run folder (``weights/port.py --keras-model``): a whole model
+(``.keras`` or full-model ``.h5``) or a weights-only file with ``--arch`` and ``--task``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from xrayjax.keras_import import read_keras_model
+from xrayjax.keras_weights import read_keras_weights
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
+                     preprocess: str | None = None, arch: str | None = None, task: str | None = None,
+                     image_size: int | None = None) -> Path:
+    """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate and
+    ``load_run``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
+    to ``class_0, ...``. Nothing is written when anything fails.
+
+    Raises:
+        FileNotFoundError, KerasImportError: the file cannot be read or its model does not import.
+        ValueError: bad class names, preprocessing, or an ``out`` that is not empty.
+    """
+    import dataclasses
+    import shutil
+
+    import jax
+
+    from xrayjax import runfiles
+    from xrayjax.config import TrainConfig
+    from xrayjax.preprocessing import ARCH_PREPROCESSING, MODES
+
+    path, out = Path(path), Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new run folder")
+    if preprocess is not None and preprocess not in MODES:
+        raise ValueError(f"--preprocess must be one of {', '.join(MODES)}, got {preprocess!r}")
+    if (arch is None) != (task is None):
+        raise ValueError("a weights-only file needs both --arch and --task (a whole model needs neither)")
+    if arch is not None:
+        outputs = 1 if task == "binary" else len(class_names) if class_names else 4
+        model = read_keras_weights(path, arch, task, outputs)
+    else:
+        model = read_keras_model(path)
+    if image_size is not None:
+        model.image_size = image_size
+    wanted = 2 if model.task == "binary" else model.outputs
+    names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(wanted))
+    if len(names) != wanted or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
+                         f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
+    mode = preprocess or ARCH_PREPROCESSING[model.arch]
+    config = dataclasses.replace(
+        TrainConfig(), arch=model.arch, task=model.task, image_size=model.image_size or 224, init="keras",
+        epochs=0, l2=0.0, color="keep", out=str(out))
+    record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
+              "preprocess": mode, "head": model.head}
+    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        runfiles.write_config(tmp, config, names, jax.devices(), keras_import=record)
+        runfiles.write_json(tmp / runfiles.SPLITS_FILE, {"splits": {}})
+        runfiles.write_json(tmp / runfiles.HISTORY_FILE, [])
+        runfiles.write_imported_checkpoint(tmp, model.variables)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
