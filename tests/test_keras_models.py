@@ -155,6 +155,11 @@ def test_cli_import_then_predict(tmp_path, capsys):
     heatmaps, logits = grad_cam(run.model, run.variables, pixels[None])
     assert heatmaps.shape == (1, SIZE, SIZE) and np.isfinite(heatmaps).all()
     np.testing.assert_allclose(probabilities(logits)[0], want, atol=1e-5, rtol=0)
+    from xrayjax.config import TrainConfig
+    from xrayjax.runfiles import check_resume
+
+    with pytest.raises(ValueError, match="imported by weights/port.py --keras-model"):  # not "pass --init keras"
+        check_resume(TrainConfig(), out, run.class_names)
 
 
 def _refused(tmp_path, path, capsys, needle):

@@ -390,6 +390,9 @@ def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / CHECKPOINT_FILE}; start the run "
                                 "without --resume")
+    if read_keras_import(run_dir) is not None:
+        raise ValueError(f"--resume: the run in {run_dir} is a Keras model imported by weights/port.py --keras-model; "
+                         "training it further is not supported yet (predict, evaluate and gradcam work on it)")
     saved, saved_classes, _ = read_config(run_dir)
     if tuple(saved_classes) != tuple(class_names):
         raise ValueError(f"--resume: the run in {run_dir} was trained on the classes {', '.join(saved_classes)}, "
