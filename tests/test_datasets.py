@@ -15,6 +15,7 @@ from PIL import Image
 from xrayjax.config import TrainConfig
 from xrayjax.data import DataConfig, DataError, RecordImages, Split, load_splits, open_dataset
 from xrayjax.data.audit import audit
+from xrayjax.data.pipeline import resize_nearest
 from xrayjax.data.source import resolve_source
 from xrayjax.models import create_head
 
@@ -117,6 +118,26 @@ def test_streamed_images_equal_the_decoded_files(tmp_path):
         expected = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.NEAREST))
         np.testing.assert_array_equal(joined.images[row], expected)
     np.testing.assert_array_equal(joined.take(np.array([7, 1])).images[:], joined.images[np.array([7, 1])])
+
+
+
+def test_sizes_above_224_are_prepared_at_that_size(tmp_path):
+    """--image-size 320 reads the files at 320 px (their own detail, not 224-px pixels enlarged),
+    from data prepared under a key of its own; sizes up to 224 share the 224-px preparation."""
+    root = tmp_path / "d"
+    for i, folder in enumerate(["train/a", "train/b", "test/a", "test/b"]):
+        _write(root / folder / f"{i}.png", i, size=(400, 360))
+    large = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=320))
+    small = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=32))
+    prepared = sorted(p.name for p in (tmp_path / "t" / "xray_folders").iterdir())
+    assert len(prepared) == 2 and sum("-320px-" in name for name in prepared) == 1, prepared
+    for row, name in enumerate(large.test.names):
+        path = next(root.glob(f"test/*/{name}"))
+        gray = np.asarray(Image.open(path).convert("RGB").convert("L").resize((320, 320), Image.NEAREST))
+        np.testing.assert_array_equal(large.test.images[row], np.repeat(gray[..., None], 3, -1))
+        at_224 = np.asarray(Image.open(path).convert("RGB").convert("L").resize((224, 224), Image.NEAREST))
+        assert not np.array_equal(large.test.images[row][..., 0], resize_nearest(at_224[None, ..., None], 320)[0, ..., 0])
+    assert small.test.images[:].shape == (2, 32, 32, 3)
 
 
 # --- errors: each names the folder, and nothing is written ----------------------------------

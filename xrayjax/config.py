@@ -18,11 +18,11 @@ from typing import Any
 
 from xrayjax.data import DataConfig, Dataset, Splits, open_dataset
 from xrayjax.data.csv_labels import UNCERTAIN
+from xrayjax.data.decode import MAX_IMAGE_SIZE, SIZE_COSTS
 from xrayjax.data.pipeline import GROUP_BY
 from xrayjax.models import ARCHS, BLOCKS, default_l2
 from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
 
-MAX_IMAGE_SIZE = 1024  # prepared images are 224 px; beyond this only memory grows
 MULTI_HOST = "multi-host"
 _MULTI_HOST_HELP = (
     "Run the same command on every host, changing only --process-id. Without these flags they "
@@ -81,7 +81,7 @@ class TrainConfig:
                         "on train+validation (0: off)", metavar="K")
     seeds: int = _field(1, "repeat the cross-validation over N seeds (--seed, --seed+1, ...), at least 1",
                         metavar="N")
-    image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE} (smaller: quicker runs)")
+    image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
     init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
                        "(Keras' initialisers)", choices=("imagenet", "random"))
     weights_dir: str | None = _field(None, "folder of <arch>_imagenet_notop.msgpack (default: the repo's weights/)")

@@ -13,7 +13,7 @@ from xrayjax.tasks import TASKS
 quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
 
 from xrayjax.data.csv_labels import UNCERTAIN  # noqa: E402
-from xrayjax.data.decode import COLORS  # noqa: E402
+from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size  # noqa: E402
 from xrayjax.data.source import DataError, resolve_source  # noqa: E402
 
 DATA_DIR_HELP = (
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser(
         "prepare", help="decode, resize to 224x224 and write the TFDS dataset (array_record)",
-        description="Decode every image on all cores, resize it to 224x224 and write the TFDS "
+        description="Decode every image on all cores, resize it to 224x224 (or --image-size) and write the TFDS "
                     "dataset xray_folders (once per set of files: later calls reuse it; changing, "
                     "adding or removing an image prepares again), then print the number of images "
                     "per split and class. The challenge's layout prepares both of its tasks.",
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="gray (default): every image to grayscale, replicated to 3 channels, "
                            "so colour mode cannot reveal the class; keep: RGB like the original "
                            "Keras pipeline")
+    prep.add_argument("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
+                      help=f"the size to prepare for: the training --image-size, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
     prep.add_argument("--labels", metavar="CSV", help=LABELS_HELP)
     prep.add_argument("--uncertain", choices=UNCERTAIN, default="ignore",
                       help="with --labels, what CheXpert's -1 (uncertain) means in the printed counts: ignore "
@@ -88,7 +90,8 @@ def _prepare(args: argparse.Namespace) -> None:
     with resolve_source(args.data_dir) as source:
         for task in TASKS if source.is_challenge else (None,):
             start = time.perf_counter()
-            builder = prepare(source, source.listing(task), args.color, args.tfds_dir, args.skip_bad_images, task)
+            builder = prepare(source, source.listing(task), args.color, args.tfds_dir, args.skip_bad_images, task,
+                              image_size=prepared_size(args.image_size))
             splits = read_prepared(builder)
             meta = builder.info.metadata
             print(f"\n{builder.builder_config.name}: {builder.data_dir} "
@@ -125,7 +128,8 @@ def _prepare_labels(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     dataset = open_dataset(cfg)
     try:
-        builder = prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir, cfg.skip_bad_images)
+        builder = prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir, cfg.skip_bad_images,
+                          image_size=prepared_size(args.image_size))
     finally:
         dataset.close()
     meta = builder.info.metadata
@@ -162,7 +166,10 @@ def _audit(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status: 0, or 2 for bad input (one line on stderr)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "prepare" and not 32 <= args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size must be in [32, {MAX_IMAGE_SIZE}], got {args.image_size}")
 
     def body() -> int:
         (_prepare if args.command == "prepare" else _audit)(args)

@@ -65,6 +65,7 @@ class FoldersConfig(tfds.core.BuilderConfig):
     class_names: tuple[str, ...] = ()
     color: str = "gray"
     multilabel: bool = False
+    image_size: int = IMAGE_SIZE
 
 
 def _label(source: Source, listing: Listing, task: str | None) -> str:
@@ -77,20 +78,24 @@ def _label(source: Source, listing: Listing, task: str | None) -> str:
 
 
 def config_for(source: Source, listing: Listing, color: str, task: str | None,
-               skip_bad_images: bool = False) -> FoldersConfig:
-    """The builder config of a listing prepared with ``color``; data prepared skipping bad images
-    has its own key, so a strict preparation never reuses it."""
+               skip_bad_images: bool = False, image_size: int = IMAGE_SIZE) -> FoldersConfig:
+    """The builder config of a listing prepared with ``color`` at ``image_size`` pixels; data
+    prepared skipping bad images, or at another size, has its own key, so it is never reused for
+    another preparation (224 px adds nothing to the key: data prepared before sizes existed keeps it)."""
+    size = "" if image_size == IMAGE_SIZE else f"\n{image_size}"
     key = hashlib.sha256(
-        f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}\n{skip_bad_images}".encode()).hexdigest()[:16]
+        f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}\n{skip_bad_images}{size}".encode()).hexdigest()[:16]
+    px = "" if image_size == IMAGE_SIZE else f"-{image_size}px"
     return FoldersConfig(
-        name=f"{_label(source, listing, task)}-{color}-{key}", class_names=listing.class_names, color=color,
-        multilabel=listing.multilabel,
-        description=f"{source}: {', '.join(listing.class_names)}; color={color}; skip_bad_images={skip_bad_images}",
+        name=f"{_label(source, listing, task)}-{color}{px}-{key}", class_names=listing.class_names, color=color,
+        multilabel=listing.multilabel, image_size=image_size,
+        description=f"{source}: {', '.join(listing.class_names)}; color={color}; skip_bad_images={skip_bad_images}; "
+                    f"{image_size} px",
     )
 
 
 class XrayFolders(tfds.core.GeneratorBasedBuilder):
-    """A class-folder X-ray dataset, every image resized once to 224x224."""
+    """A class-folder X-ray dataset, every image resized once (224x224, or the config's size)."""
 
     name = NAME
     VERSION = tfds.core.Version("1.0.0")
@@ -120,7 +125,8 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
-        image = tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 1 if cfg.color == "gray" else 3), dtype=np.uint8,
+        size = cfg.image_size
+        image = tfds.features.Tensor(shape=(size, size, 1 if cfg.color == "gray" else 3), dtype=np.uint8,
                                      encoding=tfds.features.Encoding.BYTES)
         if cfg.multilabel:
             label_key, labels = "labels", {
@@ -148,11 +154,11 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
                 for split in listing.splits}
 
     def _generate_examples(self, split: str, files: Sequence[TaskFile]) -> Iterator:
-        source, color = self.source, self.builder_config.color
+        source, color, size = self.source, self.builder_config.color, self.builder_config.image_size
 
         def work(task_file: TaskFile) -> tuple[str, object]:
             try:
-                return "ok", decode(source.read(task_file.file), color)
+                return "ok", decode(source.read(task_file.file), color, size)
             except NotAnImage:
                 return "junk", None
             except (BadImage, DataError) as err:  # corrupt, or unreadable (e.g. a dangling symlink)
@@ -223,13 +229,15 @@ def _progress_bars_off(off: bool) -> Iterator[None]:
 
 
 def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str | None = None,
-            skip_bad_images: bool = False, task: str | None = None, quiet: bool = False) -> XrayFolders:
+            skip_bad_images: bool = False, task: str | None = None, quiet: bool = False,
+            image_size: int = IMAGE_SIZE) -> XrayFolders:
     """Prepare ``listing`` (of ``source``) unless it already is; return its builder.
 
     ``task`` names the challenge's prepared data (its listing says which folders it read).
     ``quiet``: print nothing (TFDS' preparing and prepared lines and its progress bars).
+    ``image_size``: the prepared pixels' size (see :func:`~xrayjax.data.decode.prepared_size`).
     """
-    config = config_for(source, listing, color, task, skip_bad_images)
+    config = config_for(source, listing, color, task, skip_bad_images, image_size)
     made = dict(source=source, listing=listing, skip_bad_images=skip_bad_images, quiet=quiet)
     builder = _builder(config, tfds_dir, **made)
     if builder.is_prepared():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
-from xrayjax.data.decode import COLORS, IMAGE_SIZE
+from xrayjax.data.decode import COLORS, IMAGE_SIZE, prepared_size
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
@@ -162,12 +162,14 @@ class RecordImages:
         refs = self.refs[index]
         if refs.ndim == 1:
             return self[np.array([index])][0]
-        out = np.empty((len(refs), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        out = None  # the records' own size: 224, or the size they were prepared at
         for file in np.unique(refs[:, 0]):
             at = np.flatnonzero(refs[:, 0] == file)
             for i, record in zip(at, self.records[file].__getitems__(refs[at, 1].tolist())):
+                if out is None:
+                    out = np.empty((len(refs), *record["image"].shape[:2], 3), np.uint8)
                 out[i] = record["image"]  # broadcasts a gray channel to 3
-        return resize_nearest(out, self.size)
+        return np.empty((0, self.size, self.size, 3), np.uint8) if out is None else resize_nearest(out, self.size)
 
     def take(self, index: np.ndarray) -> RecordImages:
         return RecordImages(self.records, self.refs[index], self.size)
@@ -289,7 +291,8 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
     dataset = open_dataset(cfg) if opened else dataset
     try:
         builder = dataset.prepared or prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir,
-                                              cfg.skip_bad_images, cfg.task, quiet=quiet)
+                                              cfg.skip_bad_images, cfg.task, quiet=quiet,
+                                              image_size=prepared_size(cfg.image_size))
     finally:
         if opened:
             dataset.close()
