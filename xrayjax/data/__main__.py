@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                            "so colour mode cannot reveal the class; keep: RGB like the original "
                            "Keras pipeline")
     prep.add_argument("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
-                      help=f"the size to prepare for: the training --image-size, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
+                      help=f"the size to prepare for: the training --image-size, up to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
     prep.add_argument("--labels", metavar="CSV", help=LABELS_HELP)
     prep.add_argument("--uncertain", choices=UNCERTAIN, default="ignore",
                       help="with --labels, what CheXpert's -1 (uncertain) means in the printed counts: ignore "
@@ -83,7 +83,9 @@ def _prepare(args: argparse.Namespace) -> None:
     """Prepare the dataset (the challenge's: both tasks); print each prepared folder (which
     ``--data-dir`` also takes, to read it as it is) and its counts."""
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
+    from xrayjax.data.pipeline import DataConfig
 
+    DataConfig(color=args.color, image_size=args.image_size)  # the settings' checks, in their one place
     if args.labels is not None or args.views is not None:
         _prepare_labels(args)
         return
@@ -166,10 +168,7 @@ def _audit(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status: 0, or 2 for bad input (one line on stderr)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "prepare" and not 32 <= args.image_size <= MAX_IMAGE_SIZE:
-        parser.error(f"--image-size must be in [32, {MAX_IMAGE_SIZE}], got {args.image_size}")
+    args = _parser().parse_args(argv)
 
     def body() -> int:
         (_prepare if args.command == "prepare" else _audit)(args)

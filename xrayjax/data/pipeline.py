@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
-from xrayjax.data.decode import COLORS, IMAGE_SIZE, prepared_size
+from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, prepared_size
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
@@ -75,7 +75,8 @@ class DataConfig:
             (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
-            (self.image_size >= 1, "image_size", "positive"),
+            (1 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+             f"in [1, {MAX_IMAGE_SIZE}] (prepared at that size above 224)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
             (self.group_by in (None, *GROUP_BY), "group_by", " or ".join(GROUP_BY)),
         )
