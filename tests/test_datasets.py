@@ -16,6 +16,7 @@ from xrayjax.config import TrainConfig
 from xrayjax.data import DataConfig, DataError, RecordImages, Split, load_splits, open_dataset
 from xrayjax.data.audit import audit
 from xrayjax.data.pipeline import resize_nearest
+from xrayjax.predict import load_image
 from xrayjax.data.source import resolve_source
 from xrayjax.models import create_head
 
@@ -138,6 +139,16 @@ def test_sizes_above_224_are_prepared_at_that_size(tmp_path):
         at_224 = np.asarray(Image.open(path).convert("RGB").convert("L").resize((224, 224), Image.NEAREST))
         assert not np.array_equal(large.test.images[row][..., 0], resize_nearest(at_224[None, ..., None], 320)[0, ..., 0])
     assert small.test.images[:].shape == (2, 32, 32, 3)
+    for row, name in enumerate(large.test.names):  # predict reads a file as training read it
+        np.testing.assert_array_equal(load_image(next(root.glob(f"test/*/{name}")), "gray", 320),
+                                      large.test.images[row])
+    # a run that recorded 224-px data (before sizes existed) is read from it again, not re-prepared
+    again = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=320),
+                        recorded=small.record())
+    assert again.data_key == small.data_key
+    folder = next(p for p in (tmp_path / "t" / "xray_folders").iterdir() if "px-" not in p.name)
+    with pytest.raises(DataError, match="holds 224-px images; --image-size 320 needs them prepared at 320 px"):
+        load_splits(DataConfig(data_dir=str(folder), image_size=320))  # would enlarge: refused
 
 
 # --- errors: each names the folder, and nothing is written ----------------------------------

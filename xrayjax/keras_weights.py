@@ -92,7 +92,7 @@ def _v3_weights(f: Any, backbone: Collection[str], specs: list[dict[str, Any]],
             "model whole (model.save('model.keras')), then pass that file with --keras-model")
     for base, layers in top.items():
         names = [s["name"] for s in specs if s["kind"] == _CLASS_KEYS.get(base)]
-        for i, (_, key, values) in enumerate(sorted(layers)):
+        for i, (_, key, values) in enumerate(sorted(layers, key=lambda layer: layer[0])):
             found[names[i] if i < len(names) else key] = values  # a surplus layer: the merge names it
     return found
 

@@ -1,8 +1,8 @@
 """Class probabilities for X-ray image files: ``python -m xrayjax.predict --run DIR IMAGE...``.
 
 Images are decoded exactly as the training data were (``xrayjax.data``: EXIF orientation,
-any PIL mode, the run's colour setting, PIL-nearest resize to 224 then to the run's image
-size), then run through the model (:mod:`xrayjax.inference`). Binary runs have one logit, the
+any PIL mode, the run's colour setting, PIL-nearest resize to the prepared size, 224 or the
+run's image size above it, then to the run's image size), then run through the model (:mod:`xrayjax.inference`). Binary runs have one logit, the
 evidence for the second class name (``normal`` on the challenge's data): its sigmoid is that
 class's probability and the first class's is 1 minus it. Multiclass runs take a softmax over
 their N classes. Multilabel runs give each label's own sigmoid and whether it passes the
@@ -29,7 +29,7 @@ import numpy as np
 
 from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split
-from xrayjax.data.decode import BadImage, NotAnImage, decode
+from xrayjax.data.decode import BadImage, NotAnImage, decode, prepared_size
 from xrayjax.data.pipeline import resize_nearest
 from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
 from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json
@@ -42,7 +42,7 @@ def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarr
     """
     try:
         with open(path, "rb") as f:
-            pixels = decode(f.read(), color)
+            pixels = decode(f.read(), color, prepared_size(image_size))
     except FileNotFoundError as e:
         raise DataError(f"cannot read the image {os.fspath(path)!r}: no such file") from e
     except (OSError, NotAnImage, BadImage) as e:

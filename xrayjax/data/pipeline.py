@@ -10,6 +10,7 @@ validation split with the run's seed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -290,10 +291,16 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
 
     opened = dataset is None
     dataset = open_dataset(cfg) if opened else dataset
+    size = prepared_size(cfg.image_size)
+    if recorded is not None and recorded.get("data_key"):  # the size the run's data was prepared at
+        size = int(m.group(1)) if (m := re.search(r"-(\d+)px-", recorded["data_key"])) else IMAGE_SIZE
+    if dataset.prepared is not None and (stored := dataset.prepared.info.features["image"].shape[0]) < size:
+        raise DataError(f"{dataset.prepared.data_dir} holds {stored}-px images; --image-size {cfg.image_size} "
+                        f"needs them prepared at {size} px: python -m xrayjax.data prepare --image-size "
+                        f"{cfg.image_size}, then pass the folder it prints (or pass the image folders)")
     try:
         builder = dataset.prepared or prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir,
-                                              cfg.skip_bad_images, cfg.task, quiet=quiet,
-                                              image_size=prepared_size(cfg.image_size))
+                                              cfg.skip_bad_images, cfg.task, quiet=quiet, image_size=size)
     finally:
         if opened:
             dataset.close()
