@@ -152,8 +152,6 @@ class TrainConfig:
              f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
             (self.epochs >= 1, "epochs", "at least 1"),
             (self.batch_size >= 1, "batch_size", "at least 1"),
-            (32 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
-             f"in [32, {MAX_IMAGE_SIZE}] (32: the five stride-2 stages of every backbone)"),
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.l2 is None or (math.isfinite(self.l2) and self.l2 >= 0), "l2", "a number >= 0"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),

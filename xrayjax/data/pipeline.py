@@ -76,8 +76,8 @@ class DataConfig:
             (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
-            (1 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
-             f"in [1, {MAX_IMAGE_SIZE}] (prepared at that size above 224)"),
+            (32 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+             f"in [32, {MAX_IMAGE_SIZE}] (32: the five stride-2 stages of every backbone)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
             (self.group_by in (None, *GROUP_BY), "group_by", " or ".join(GROUP_BY)),
         )
