@@ -26,6 +26,7 @@ from xrayjax.porting import (
     WeightMismatchError,
     _backbone_template,
     _layer_names,
+    _strings,
     merge_keras_weights,
 )
 
@@ -219,7 +220,7 @@ def _h5_weights(root: Any, layer_names: Sequence[str], nested: str | None,
     weights: dict[str, list[np.ndarray]] = {}
     for name in layer_names:
         group = root[name]
-        raw = [w.decode() if isinstance(w, bytes) else str(w) for w in group.attrs.get("weight_names", [])]
+        raw = _strings(group.attrs, "weight_names")
         if name == nested:
             by_layer: dict[str, list[tuple[str, np.ndarray]]] = {}
             for w in raw:
@@ -284,7 +285,7 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
                 model = json.loads(config.decode() if isinstance(config, bytes) else config)
                 arch, bb_layers, nested, head_layers = _split(model, source)
                 root = f["model_weights"]
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs["layer_names"]]
+                names = _strings(root.attrs, "layer_names")
                 weights = _h5_weights(root, names, nested, {_name(layer) for layer in bb_layers})
     except KerasImportError:
         raise

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xrayjax.keras_import import KerasImportError, KerasModel, _sorted_vars, _variables, layer_of
-from xrayjax.porting import _backbone_template, _layer_names
+from xrayjax.porting import _backbone_template, _layer_names, _strings
 
 # Keras' snake-case class keys of the top's weighted layers in a .weights.h5, by spec kind.
 _CLASS_KEYS = {"dense": "dense", "batch_normalization": "batch_norm"}
@@ -43,17 +43,13 @@ def report_head_specs(arch: str, task: str, outputs: int) -> list[dict[str, Any]
     return specs
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _legacy_weights(f: Any, names: Collection[str]) -> dict[str, list[np.ndarray]]:
-    """Per-layer weights of a legacy weights file (root ``layer_names``, each group's
-    ``weight_names``), keyed by the layer each weight name belongs to."""
+def _legacy_weights(f: Any, layers: Sequence[str], names: Collection[str]) -> dict[str, list[np.ndarray]]:
+    """Per-layer weights of a legacy weights file (its ``layers``, the root's ``layer_names``, and
+    each group's ``weight_names``), keyed by the layer each weight name belongs to."""
     weights: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for name in (_text(n) for n in f.attrs["layer_names"]):
+    for name in layers:
         group = f[name]
-        for w in (_text(v) for v in group.attrs["weight_names"]):
+        for w in _strings(group.attrs, "weight_names"):
             layer = layer_of(w, names) if "/" in w else name.replace("/", "_")
             weights.setdefault(layer, []).append((w, np.asarray(group[w])))
     return {name: _sorted_vars(items) for name, items in weights.items()}
@@ -76,9 +72,10 @@ def _v3_weights(f: Any, backbone: Collection[str], specs: list[dict[str, Any]],
             if "vars" in child and len(child["vars"]):
                 values = [np.asarray(child["vars"][str(i)]) for i in range(len(child["vars"]))]
                 name = child["vars"].attrs.get("name")
+                name = name.decode() if isinstance(name, bytes) else name
                 named.append(name is not None)
-                if name is not None and _text(name) in backbone:
-                    found[_text(name)] = values
+                if name in backbone:
+                    found[name] = values
                 else:
                     base, count = re.fullmatch(r"(.*?)(?:_(\d+))?", key).groups()
                     top.setdefault(base, []).append((int(count or 0), key, values))
@@ -115,8 +112,8 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     backbone = _layer_names(_backbone_template(arch))
     try:
         with h5py.File(path, "r") as f:
-            if "layer_names" in f.attrs:
-                weights = _legacy_weights(f, backbone | {s["name"] for s in specs})
+            if layers := _strings(f.attrs, "layer_names"):  # maybe chunked, as Keras writes long lists
+                weights = _legacy_weights(f, layers, backbone | {s["name"] for s in specs})
             elif "layers" in f:
                 weights = _v3_weights(f, backbone, specs, source)
             else:

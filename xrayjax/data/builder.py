@@ -94,6 +94,12 @@ def config_for(source: Source, listing: Listing, color: str, task: str | None,
     )
 
 
+def size_of(key: str) -> int:
+    """The pixel size of the data prepared under ``key`` (a config name of :func:`config_for`)."""
+    match = re.search(r"-(\d+)px-", key)
+    return int(match.group(1)) if match else IMAGE_SIZE
+
+
 class XrayFolders(tfds.core.GeneratorBasedBuilder):
     """A class-folder X-ray dataset, every image resized once (224x224, or the config's size)."""
 

@@ -28,6 +28,7 @@ SIZE_COSTS = ("224 px (the default) is prepared once for every size up to it; a 
 # so data prepared by the old decoder is prepared again instead of reused.
 DECODER_VERSION = 1
 RESAMPLE = Image.Resampling.NEAREST
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def prepared_size(image_size: int) -> int:
@@ -35,7 +36,6 @@ def prepared_size(image_size: int) -> int:
     input is downsampled from, or the size itself above 224, so that a larger input holds the
     file's own detail instead of enlarged 224-px pixels."""
     return max(IMAGE_SIZE, image_size)
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class NotAnImage(Exception):

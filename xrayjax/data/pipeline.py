@@ -10,7 +10,6 @@ validation split with the run's seed.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -287,13 +286,13 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
     """Prepare the data on first use, then split it: as ``recorded`` (a run's ``splits.json``) says,
     or holding out of train each split that has no folder. ``dataset``: the data already listed
     (:func:`open_dataset`), else it is listed here."""
-    from xrayjax.data.builder import is_multilabel, prepare, read_prepared  # imports tensorflow-datasets
+    from xrayjax.data.builder import is_multilabel, prepare, read_prepared, size_of  # imports tensorflow-datasets
 
     opened = dataset is None
     dataset = open_dataset(cfg) if opened else dataset
     size = prepared_size(cfg.image_size)
     if recorded is not None and recorded.get("data_key"):  # the size the run's data was prepared at
-        size = int(m.group(1)) if (m := re.search(r"-(\d+)px-", recorded["data_key"])) else IMAGE_SIZE
+        size = size_of(recorded["data_key"])
     if dataset.prepared is not None and (stored := dataset.prepared.info.features["image"].shape[0]) < size:
         raise DataError(f"{dataset.prepared.data_dir} holds {stored}-px images; --image-size {cfg.image_size} "
                         f"needs them prepared at {size} px: python -m xrayjax.data prepare --image-size "
