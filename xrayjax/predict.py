@@ -1,15 +1,16 @@
 """Class probabilities for X-ray image files: ``python -m xrayjax.predict --run DIR IMAGE...``.
 
-Images are decoded exactly as the training data were (``xrayjax.data``: EXIF orientation,
-any PIL mode, the run's colour setting, PIL-nearest resize to the prepared size, 224 or the
-run's image size above it, then to the run's image size), then run through the model
-(:mod:`xrayjax.inference`). Binary runs have one logit, the evidence for the second class
-name (``normal`` on the challenge's data): its sigmoid is that class's probability and the
-first class's is 1 minus it. Multiclass runs take a softmax over their N classes. Multilabel runs give each label's own sigmoid and whether it passes the
-label's threshold (chosen on validation by the run's evaluation, in ``metrics.json``; 0.5 before
-the run is evaluated). ``--json`` prints a list, one object per image in input order:
-``{"image", "probabilities", "predicted"}`` (multilabel: ``{"image", "probabilities",
-"thresholds", "positive"}``, keyed by label name), or ``{"image", "error"}`` for an unreadable one.
+Images are decoded exactly as the training data were (``xrayjax.data``: EXIF orientation, any
+PIL mode, the run's colour setting, PIL-nearest resize to the prepared size, 224 or the run's
+image size above it, then to the run's image size), then run through the model
+(:mod:`xrayjax.inference`). Binary runs have one logit, the evidence for the second class name
+(``normal`` on the challenge's data): its sigmoid is that class's probability and the first
+class's is 1 minus it. Multiclass runs take a softmax over their N classes. Multilabel runs
+give each label's own sigmoid and whether it passes the label's threshold (chosen on validation
+by the run's evaluation, in ``metrics.json``; 0.5 before the run is evaluated). ``--json``
+prints a list, one object per image in input order: ``{"image", "probabilities", "predicted"}``
+(multilabel: ``{"image", "probabilities", "thresholds", "positive"}``, keyed by label name), or
+``{"image", "error"}`` for an unreadable one.
 """
 
 from __future__ import annotations
