@@ -264,11 +264,13 @@ def test_no_tensorflow_after_preparing_and_loading(real_tfds, data_root):
 def test_batches_cover_the_test_set_once(real_splits):
     test = real_splits.test
     every = test.images[:]
+    assert np.array_equal(every[..., 0], every[..., 2])  # gray, broadcast to RGB when indexed
+    every = every[..., :1]
     seen = []
     out = list(batches(test, 16, 4, shuffle=True, seed=3))
     assert len(out) == 3
-    for batch in out:
-        assert batch["image"].shape == (4, 4, 224, 224, 3) and batch["label"].shape == (4, 4)
+    for batch in out:  # gray batches keep their one channel (the device broadcasts it)
+        assert batch["image"].shape == (4, 4, 224, 224, 1) and batch["label"].shape == (4, 4)
         mask = batch["mask"].reshape(-1).astype(bool)
         images = batch["image"].reshape(16, -1)
         assert not images[~mask].any()
@@ -357,9 +359,9 @@ def test_a_process_reads_only_its_devices_rows_of_each_batch():
     # images are read: 5 of 10.
     images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     split = Split(images, np.arange(10, dtype=np.int32), tuple(map(str, range(10))))
-    whole = list(batches(split, 4, 4, shuffle=True, seed=3, epoch=1))
+    whole = list(batches(split, 4, 4, shuffle=True, seed=3, epochs=[1]))
     counted = Split(CountingImages(images), split.labels, split.names)
-    mine = list(batches(counted, 4, 4, shuffle=True, seed=3, epoch=1, shards=[1, 3]))
+    mine = list(batches(counted, 4, 4, shuffle=True, seed=3, epochs=[1], shards=[1, 3]))
     assert len(mine) == len(whole) == 3
     for global_batch, local in zip(whole, mine):
         for key in ("image", "label", "mask"):

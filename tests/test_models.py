@@ -29,7 +29,7 @@ from xrayjax.models.__main__ import main
 from xrayjax.data import Split
 from xrayjax.inference import backbone_features, infer
 from xrayjax.porting import merge_keras_weights
-from xrayjax.preprocessing import preprocess_input
+from xrayjax.preprocessing import MODES, preprocess_input
 
 RTOL = 1e-5
 STAGES = {
@@ -208,6 +208,10 @@ def test_preprocess_input_equals_keras_uint8_and_float():
                                keras_pre(uint8[0].astype(np.float64)), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="3 channels last"):
         preprocess_input(np.zeros((1, 3, 8, 8)))
+    gray = uint8[..., :1]  # batches of gray records cross to the device with one channel
+    for mode in MODES:
+        np.testing.assert_array_equal(preprocess_input(gray, mode=mode),
+                                      preprocess_input(np.repeat(gray, 3, -1), mode=mode))
 
 
 def random_variables(shapes, rng: np.random.Generator) -> dict:

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from training_helpers import tiny_config, tiny_splits
+from training_helpers import assert_close, tiny_config, tiny_splits
 from xrayjax import interrupts, runfiles
 from xrayjax.config import TrainConfig, resolve_run
 from xrayjax.data import DataError
 from xrayjax.data.__main__ import main as data_main
 from xrayjax.data.source import resolve_source
 from xrayjax.evaluate import main as evaluate_main
+from xrayjax import loop
 from xrayjax.loop import fit
 from xrayjax.predict import main as predict_main
 from xrayjax.runfiles import RunFolderError, RunFolderLock, load_run
@@ -276,6 +277,46 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
         f"interrupted: continue the run with the same flags and --resume (its checkpoint is in {out})")
     assert "Traceback" not in rest
     assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkeypatch):
+    # SIGTERM lands inside epoch 2's second step (of 3): the run stops before the third, keeps
+    # where it stopped, and --resume trains only the third, ending equal to the run never stopped.
+    splits = tiny_splits("binary")
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    whole = fit(tiny_config(tmp_path, "whole", cache_features=False), splits)
+    compile_steps, calls = loop.Trainer.compile, []
+
+    def compile_then_signal(self, state):
+        compile_steps(self, state)
+        step = self.train_fn
+
+        def train_fn(*args):
+            calls.append(args[2])
+            if len(calls) == 5:
+                signal.raise_signal(signal.SIGTERM)
+            return step(*args)
+        self.train_fn = train_fn
+
+    monkeypatch.setattr(loop.Trainer, "compile", compile_then_signal)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        with pytest.raises(interrupts.Terminated):
+            fit(tiny_config(tmp_path, "stopped", cache_features=False), splits)
+    finally:
+        interrupts._pending.clear()
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    stopped = runfiles.read_checkpoint(tmp_path / "stopped")
+    assert (len(calls), stopped.epoch, stopped.step, stopped.sums["count"]) == (5, 1, 2, 8.0)
+    calls.clear()
+    resumed = fit(tiny_config(tmp_path, "stopped", cache_features=False, resume=True), splits)
+    assert len(calls) == 1  # the epoch's third step only
+    assert strip(resumed.history) == strip(whole.history)
+    assert_close(resumed.state.params, whole.state.params, 0.0)
+    assert_close(resumed.state.opt_state, whole.state.opt_state, 0.0)
+    assert runfiles.read_checkpoint(tmp_path / "stopped").step == 0
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one

@@ -135,10 +135,11 @@ def test_run_folder_and_load_run(vgg_runs):
     # Phase timings: the fast path caches features; the full path compiles its pmapped steps.
     assert not (result.run_dir / "timings.json").exists()  # the command line records them, with its evaluation
     assert {"setup", "compile", "features", "train"} <= set(result.timings)
-    # the checkpoint holds the state, the epoch and the files' sha256; the history lives in
-    # history.json only
+    # the checkpoint holds the state, the epoch, the files' sha256 and where in the next epoch it
+    # stopped (its start, after a whole epoch); the history lives in history.json only
     payload = serialization.msgpack_restore((result.run_dir / "checkpoint.msgpack").read_bytes())
-    assert set(payload) == {"state", "state_sha256", "epoch", "frozen_sha256"}
+    assert set(payload) == {"state", "state_sha256", "epoch", "frozen_sha256", "position"}
+    assert payload["position"] == {"step": 0, "sums": {}}
     state = serialization.msgpack_restore(payload["state"])
     assert set(state) == {"step", "params", "batch_stats", "opt_state"}
     assert payload["frozen_sha256"] == hashlib.sha256((result.run_dir / "frozen.msgpack").read_bytes()).hexdigest()

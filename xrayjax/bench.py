@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +166,16 @@ def _reference(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int, o
 
 
 def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, augment: bool,
-                batch: int) -> dict[str, Any]:
-    """The input pipeline alone, as training feeds the devices: the prepared training split read,
-    decoded and batched in shuffled order, transferred to the local devices (one process) and,
-    with ``augment``, rotated, shifted and zoomed there by the train step's own function.
-    Images/s is the median over ``cfg.repeats`` epochs, after one untimed epoch (compiles)."""
+                batch: int, workers: int) -> dict[str, Any]:
+    """The input pipeline alone, as training feeds the devices (:func:`xrayjax.data.batches`): the
+    prepared training split read in shuffled order by ``workers`` reader processes (0: a thread),
+    batched, placed on the local devices and, with ``augment``, rotated, shifted and zoomed there
+    by the train step's own function. Beside it, in the same run, the plain loop it must beat:
+    one thread reading each batch's records and handing them to the devices. Images/s is the
+    median over epochs of one stream, after an untimed first epoch (worker start, compiles)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
+    from xrayjax.data.loader import batch_rows
     from xrayjax.steps import AXIS, augment_step_images
 
     devices = _local_devices(batch)
@@ -180,21 +183,29 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     place = jax.pmap((lambda x, key: augment_step_images(AugmentConfig(), x, key)) if augment else
                      (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
     key = jax.random.key(cfg.seed)
+    epochs = range(1 + max(cfg.repeats, -(-4096 // len(train))))  # at least 4,096 timed images
+    steps = -(-len(train) // batch)
 
-    def epoch(seed: int) -> None:
-        for b in batches(train, batch, len(devices), shuffle=True, seed=seed):
-            out = place(b["image"], key)
-        jax.block_until_ready(out)
+    def plain() -> Iterator[np.ndarray]:
+        for epoch in epochs:
+            for rows in batch_rows(len(train), batch, shuffle=True, seed=cfg.seed, epoch=epoch)[0]:
+                yield train.read(rows).reshape(len(devices), batch // len(devices), *train.stored_shape[1:])
 
-    epoch(cfg.seed)
-    windows = []
-    for i in range(cfg.repeats):
-        start = time.perf_counter()
-        epoch(cfg.seed + 1 + i)
-        windows.append(time.perf_counter() - start)
+    def rate(stream: Iterator) -> float:
+        ends = []
+        for step, images in enumerate(stream):
+            out = place(images, key)
+            if (step + 1) % steps == 0:
+                ends.append(time.perf_counter())
+                jax.block_until_ready(out)
+        return round(len(train) / statistics.median(np.diff(ends)), 1)
+
+    ours = rate(b["image"] for b in batches(train, batch, len(devices), shuffle=True, seed=cfg.seed,
+                                            epochs=epochs, workers=workers, devices=devices))
+    baseline = rate(plain())
     return {"kind": "input", "images": len(train), "batch": batch, "image_size": cfg.image_size,
-            "augment": augment, "workers": 1,  # one thread reads and batches
-            "images_per_s": round(len(train) / statistics.median(windows), 1),
+            "augment": augment, "workers": workers, "images_per_s": ours, "plain_loop_images_per_s": baseline,
+            "vs_plain_loop": round(ours / baseline, 2), "epochs_timed": len(epochs) - 1,
             "device": f"{devices[0].device_kind} x{len(devices)}", "jax": jax.__version__,
             "date": datetime.date.today().isoformat()}
 
@@ -261,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tfds-dir", help="with --input: where its prepared data lives (default: TFDS' own)")
     p.add_argument("--augment", action="store_true",
                    help="with --input: also augment each batch on the devices, as --augment trains")
+    p.add_argument("--workers", nargs="+", type=int, default=[0], metavar="N",
+                   help="with --input: reader processes to measure, one record each (0: a reader thread; "
+                   "default 0)")
     return p
 
 
@@ -278,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from xrayjax.data.source import DataError
 
             known += (DataError,)  # a bad or missing dataset: one line, as the other commands say it
-            for batch in cfg.batches:
-                _emit(bench_input(cfg, args.data_dir, args.tfds_dir, args.augment, batch), out)
+            for batch, workers in itertools.product(cfg.batches, args.workers):
+                _emit(bench_input(cfg, args.data_dir, args.tfds_dir, args.augment, batch, workers), out)
         else:
             run(cfg, out)
     except known as err:

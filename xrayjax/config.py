@@ -105,6 +105,10 @@ class TrainConfig:
     cache_features: bool = _field(True, "with a frozen backbone and no --augment, compute its features once and "
                                   "train only the head (--no-cache-features: run the backbone every step)",
                                   flag="--no-cache-features")
+    workers: int = _field(0, "reader processes feeding the devices (grain's workers, each reading a slice of the "
+                          "steps, the order unchanged; 0: one reader thread in this process). Reading a prepared "
+                          "image is a copy, so workers pay only where the host has cores to spare: on 2 cores "
+                          "they are slower than the thread (experiments/bench.md)", metavar="N")
     evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
     eval_train: bool = _field(False, "the evaluation at the end also scores the train split (its accuracy, and "
                               "train points in tsne.png): free with cached features; with --augment or "
@@ -156,6 +160,7 @@ class TrainConfig:
             (self.l2 is None or (math.isfinite(self.l2) and self.l2 >= 0), "l2", "a number >= 0"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"),
             (self.num_devices is None or self.num_devices >= 1, "num_devices", "at least 1"),
+            (self.workers >= 0, "workers", "0 or more"),
             (self.folds == 0 or self.folds >= 2, "folds", "0 (off) or at least 2"),
             (self.seeds >= 1, "seeds", "at least 1"),
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),

@@ -3,14 +3,20 @@
 A signal handler's exception is raised wherever Python happens to be; in a finalizer (a
 generator or object collected mid-step) Python prints it as "Exception ignored" and goes on.
 So the handler also records the signal, and the training loop calls :func:`raise_if_pending`
-at each step, which raises it again. Imports nothing heavy (the commands install it first).
+at each step, which raises it again. Inside :func:`deferred` (an epoch's steps) the first
+signal is only recorded, so it is raised between two steps, where the state and the epoch's
+metrics agree and a mid-epoch checkpoint can be written; a second one raises at once. Imports
+nothing heavy (the commands install it first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 _pending: list[int] = []  # the signals received, while :func:`install` handles them
+_deferring: list[bool] = []
 
 
 class Terminated(KeyboardInterrupt):
@@ -19,7 +25,8 @@ class Terminated(KeyboardInterrupt):
 
 def _raise(signum: int, frame: object) -> None:
     _pending.append(signum)
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if not (_deferring and len(_pending) == 1):
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def install() -> None:
@@ -29,7 +36,22 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
+def pending() -> bool:
+    """Whether a signal was received (and not yet raised by :func:`raise_if_pending`)."""
+    return bool(_pending)
+
+
 def raise_if_pending() -> None:
     """Raise the first signal :func:`install`'s handler received, in case it was swallowed."""
     if _pending:
         raise Terminated if _pending[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """The first signal inside is raised by the next :func:`raise_if_pending`, not where it lands."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()

@@ -1,17 +1,19 @@
 """The training loop: :func:`fit` runs a :class:`~xrayjax.config.TrainConfig` epoch by epoch.
 
 It joins the other processes of a multi-host run, builds the steps of
-:mod:`xrayjax.steps`, feeds them batches, checks every loss, and after each epoch writes the
-history and a checkpoint (:mod:`xrayjax.runfiles`, process 0 only). With a frozen backbone and
-no augmentation (the fast path) the backbone runs once over every image and each epoch
-trains only the head, on a state that holds only the head. Evaluation is not part of the
-loop: see :mod:`xrayjax.evaluate`.
+:mod:`xrayjax.steps`, feeds them batches (:mod:`xrayjax.data.loader`), checks every loss, and
+after each epoch writes the history and a checkpoint (:mod:`xrayjax.runfiles`, process 0 only);
+a run stopped by Ctrl-C or SIGTERM between two steps also writes where it stopped, so
+``--resume`` continues from that step. With a frozen backbone and no augmentation (the fast
+path) the backbone runs once over every image and each epoch trains only the head, on a state
+that holds only the head. Evaluation is not part of the loop: see :mod:`xrayjax.evaluate`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -29,7 +31,8 @@ from xrayjax import distributed, interrupts, runfiles
 from xrayjax.augment import AugmentConfig
 from xrayjax.config import RunSpec, TrainConfig, resolve_run
 from xrayjax.data import Split, Splits, batches, load_splits
-from xrayjax.data.pipeline import batch_rows, split_folds
+from xrayjax.data.loader import StepBatches, batch_rows
+from xrayjax.data.pipeline import split_folds
 from xrayjax.tasks import SPLITS
 from xrayjax.steps import (
     StepModel,
@@ -50,10 +53,11 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the message says where and what to try."""
 
 
-def check_finite(per_step: Sequence[Mapping[str, Any]], epoch: int) -> None:
+def check_finite(per_step: Sequence[Mapping[str, Any]], epoch: int, first: int = 0) -> None:
     """Raise :class:`TrainingDiverged` at the first step whose mean loss is NaN or infinite (the
-    one divergence check of training and of every cross-validation fold)."""
-    for step, metrics in enumerate(per_step):
+    one divergence check of training and of every cross-validation fold); ``per_step`` begins
+    at step ``first``."""
+    for step, metrics in enumerate(per_step, first):
         loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
@@ -111,6 +115,10 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1,) + x.shape[2:])
 
 
+def _sums(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    return {k: float(sum(float(m[k]) for m in per_step)) for k in ("loss_sum", "correct", "count")}
+
+
 def rates(sums: Mapping[str, Any]) -> tuple[float, float]:
     """(mean loss, accuracy) from summed ``loss_sum``, ``correct`` and ``count`` (each a number or
     an array of per-step sums)."""
@@ -138,18 +146,34 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: StepModel, splits: Splits, devices: list, timings: Timings):
         self.config, self.model, self.splits, self.devices, self.timings = config, model, splits, devices, timings
-        self.home = devices[distributed.local_positions(devices)[0]]  # this process's first device
+        self.local = [devices[i] for i in distributed.local_positions(devices)]  # this process's, in shard order
+        self.home = self.local[0]
         self.fast = config.cache_features and model.frozen_backbone and not config.augment
         # the splits whose features the fast path caches (test: for the evaluation after training)
         self.cached = [n for n in SPLITS[:3 if config.evaluate else 2] if len(getattr(splits, n))]
         self.features: dict[str, tuple[jax.Array, jax.Array]] = {}
 
-    def _batches(self, split: Split, shuffle: bool, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """The full path's global batches of ``split``, this process's devices' rows only (the only
-        images it reads)."""
+    def _batches(self, split: Split, shuffle: bool, epochs: Sequence[int] = (0,), start: int = 0
+                 ) -> Iterator[dict[str, Any]]:
+        """The full path's global batches of ``split`` over ``epochs`` from step ``start``, this
+        process's devices' rows only (the only images it reads), placed on them ahead of use."""
         c = self.config
-        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epoch=epoch,
-                       shards=distributed.local_positions(self.devices))
+        return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epochs=epochs,
+                       start=start, shards=distributed.local_positions(self.devices),
+                       workers=c.workers, devices=self.local)
+
+    def open_streams(self, epoch: int, step: int) -> None:
+        """The full path's batches of the epochs left, from ``step`` of ``epoch``: one stream (one
+        set of readers) for training and one for validation."""
+        epochs, train, validation = range(epoch, self.config.epochs), self.splits.train, self.splits.validation
+        self.steps = math.ceil(len(train) / self.config.batch_size)
+        self.streams = [] if self.fast else [self._batches(train, True, epochs, step)]
+        if not self.fast and len(validation):
+            self.streams.append(self._batches(validation, False, epochs))
+
+    def close(self) -> None:
+        for stream in getattr(self, "streams", ()):
+            stream.close()
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The fast path's batches of a split: rows of its cached features and the padding mask."""
@@ -180,7 +204,9 @@ class Trainer:
     def compile(self, state: TrainState) -> None:
         """The full path's train and eval steps, or the fast path's head epochs."""
         if not self.fast:
-            example = next(self._batches(self.splits.train, False, 0))
+            c, train = self.config, self.splits.train  # the first batch, read alone (no read-ahead)
+            example = StepBatches(train, *batch_rows(len(train), c.batch_size, shuffle=False), len(self.devices),
+                                  distributed.local_positions(self.devices))[0]
             self.train_fn = self._compiled(make_train_step(self.model, self.devices), state, example, epoch_key(0, 0))
             self.eval_fn = self._compiled(make_eval_step(self.model, self.devices), state, example)
             return
@@ -207,9 +233,10 @@ class Trainer:
         step = make_feature_step(self.model, self.devices)
         began, chunks = time.perf_counter(), []
         _, masks = batch_rows(len(stream), self.config.batch_size, shuffle=False)  # every process's rows
-        for batch, mask in zip(tqdm(self._batches(stream, False, 0), total=len(masks), desc="backbone features",
-                                    disable=not log.bars, leave=False), masks):
-            chunks.append(_flat(distributed.gather_shards(step(backbone, batch["image"])))[mask > 0])
+        with contextlib.closing(self._batches(stream, False)) as read:
+            for batch, mask in zip(tqdm(read, total=len(masks), desc="backbone features", disable=not log.bars,
+                                        leave=False), masks):
+                chunks.append(_flat(distributed.gather_shards(step(backbone, batch["image"])))[mask > 0])
         features = np.split(np.concatenate(chunks), np.cumsum([len(p) for p in parts])[:-1])
         self.features = {name: jax.device_put((f, p.labels), self.home)
                          for name, f, p in zip(self.cached, features, parts)}
@@ -217,7 +244,11 @@ class Trainer:
         log(f"cached backbone features of {len(stream)} images ({' + '.join(self.cached)}), "
             f"{features[0].shape[1:]} each; training only the head")
 
-    def train_epoch(self, state: TrainState, epoch: int, bar: Any) -> tuple[TrainState, dict]:
+    def train_epoch(self, state: TrainState, epoch: int, bar: Any, first: int = 0,
+                    stop: Callable[[TrainState, int, dict], None] | None = None) -> tuple[TrainState, dict]:
+        """Train ``epoch`` from step ``first``; the summed metrics of its steps from ``first``. On
+        the full path a Ctrl-C or SIGTERM is raised between two steps, after ``stop(state, steps
+        done, their sums)``."""
         key = epoch_key(self.config.seed, epoch)
         if self.fast:
             state, metrics = self.head_train(state, *self.features["train"], *self._epoch_index("train", True, epoch),
@@ -225,33 +256,38 @@ class Trainer:
             per_step = [{k: v[s] for k, v in metrics.items()} for s in range(len(metrics["count"]))]
         else:
             per_step = []
-            for step, batch in enumerate(self._batches(self.splits.train, True, epoch)):
-                interrupts.raise_if_pending()
-                state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
-                per_step.append(metrics)
+            with interrupts.deferred():
+                for step, batch in zip(range(first, self.steps), self.streams[0]):
+                    if interrupts.pending() and stop is not None:
+                        stop(state, step, _sums(jax.device_get(per_step)))
+                    interrupts.raise_if_pending()
+                    state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
+                    per_step.append(metrics)
         per_step = jax.device_get(per_step)
-        check_finite(per_step, epoch)
+        check_finite(per_step, epoch, first)
         bar.update(len(per_step))
-        return state, {k: float(sum(float(m[k]) for m in per_step)) for k in ("loss_sum", "correct", "count")}
+        return state, _sums(per_step)
 
-    def evaluate(self, state: TrainState, name: str) -> dict[str, float]:
-        """Loss and accuracy sums over a split, inference mode."""
-        split = getattr(self.splits, name)
+    def validate(self, state: TrainState) -> dict[str, float]:
+        """Loss and accuracy sums over the validation split, inference mode (the full path: the
+        next epoch's batches of its stream)."""
+        split = self.splits.validation
         if not len(split):
             per_call = []
         elif self.fast:
-            per_call = [self.head_eval(state, *self.features[name], *self._epoch_index(name, False, 0))]
+            per_call = [self.head_eval(state, *self.features["validation"], *self._epoch_index("validation", False, 0))]
         else:
-            per_call = [self.eval_fn(state, b) for b in self._batches(split, False, 0)]
+            steps = math.ceil(len(split) / self.config.batch_size)
+            per_call = [self.eval_fn(state, b) for b in itertools.islice(self.streams[1], steps)]
         return {k: float(sum(np.sum(m[k], dtype=np.float64) for m in jax.device_get(per_call)))
                 for k in ("loss_sum", "correct", "count")}
 
 
 def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, quiet: bool
-           ) -> tuple[StepModel, TrainState, Splits, int, list, str | None]:
-    """The model, the initial (or resumed) state, the data, the first epoch, the history so far
-    and the sha256 of the run's ``frozen.msgpack`` (None for a fresh run). A resumed run trains
-    on the splits it recorded."""
+           ) -> tuple[StepModel, TrainState, Splits, runfiles.Checkpoint | None, list]:
+    """The model, the initial (or resumed) state, the data, the checkpoint resumed (None for a
+    fresh run: where it stopped) and the history so far. A resumed run trains on the splits it
+    recorded."""
     config, run_dir = spec.config, spec.run_dir
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
@@ -292,10 +328,11 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
                      init_variables(model, config.image_size, seed=config.seed, backbone=backbone))
         state = create_train_state(model, variables, config.lr)
     if checkpoint is None:
-        return model, state, splits, 0, [], None
-    log(f"resuming {run_dir} after epoch {checkpoint.epoch}")
+        return model, state, splits, None, []
+    log(f"resuming {run_dir} after epoch {checkpoint.epoch}"
+        + (f" and {checkpoint.step} steps of epoch {checkpoint.epoch + 1}" if checkpoint.step else ""))
     state = serialization.from_state_dict(state, checkpoint.state)
-    return model, state, splits, checkpoint.epoch, history, checkpoint.frozen_sha256
+    return model, state, splits, checkpoint, history
 
 
 def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainResult:
@@ -339,19 +376,26 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
         log(lock.note)
     try:
         timings = Timings()
-        model, state, splits, start, history, frozen_sha = _start(spec, log, timings, splits,
-                                                                  config.quiet or not writer)
+        model, state, splits, checkpoint, history = _start(spec, log, timings, splits, config.quiet or not writer)
+        start = checkpoint.epoch if checkpoint is not None else 0
         if writer:
             runfiles.write_config(run_dir, config, splits.class_names, devices)
-            if not start:
+            if checkpoint is None:
                 runfiles.write_splits(run_dir, splits)
         trainer = Trainer(config, model, splits, devices, timings)
+        if checkpoint is not None and checkpoint.step and trainer.fast:
+            raise ValueError(f"--resume: the run in {run_dir} stopped after step {checkpoint.step} of epoch "
+                             f"{start + 1}, which the cached-features path cannot start from; resume it with "
+                             "--no-cache-features (the same batches, the backbone run every step)")
         state = trainer.place(state)
         if start < config.epochs:
             trainer.compile(state)
             if trainer.fast:
                 trainer.cache(log)
-        state = _train_epochs(config, trainer, state, start, history, log, writer, frozen_sha)
+        try:
+            state = _train_epochs(config, trainer, state, checkpoint, history, log, writer)
+        finally:
+            trainer.close()
     except BaseException:
         if lock is not None and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
             runfiles.discard_new_run(run_dir, lock, before, created)
@@ -366,25 +410,39 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
     return TrainResult(spec, trainer.full(state), history, splits, features, timings, start)
 
 
-def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, start: int, history: list,
-                  log: Log, writer: bool, frozen_sha: str | None) -> TrainState:
-    """Epochs ``start..config.epochs``: train, validate, and write the history and checkpoint."""
+def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, checkpoint: runfiles.Checkpoint | None,
+                  history: list, log: Log, writer: bool) -> TrainState:
+    """The epochs after ``checkpoint`` (all for a fresh run): train, validate, and write the
+    history and checkpoint; a run stopped between two steps writes where it stopped."""
     run_dir = Path(config.out)
-    steps = math.ceil(len(trainer.splits.train) / config.batch_size)
-    bar = tqdm(total=(config.epochs - start) * steps, desc="training", unit="step", disable=not log.bars)
+    start, step, done = (checkpoint.epoch, checkpoint.step, checkpoint.sums) if checkpoint else (0, 0, {})
+    frozen_sha = checkpoint.frozen_sha256 if checkpoint else None
+    trainer.open_streams(start, step)
+    bar = tqdm(total=(config.epochs - start) * trainer.steps - step, desc="training", unit="step",
+               disable=not log.bars)
+
+    def stop(state: TrainState, at: int, sums: dict[str, float]) -> None:  # mid-epoch: keep where it stopped
+        if writer and at > step:
+            runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
+            runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch, frozen_sha, at,
+                                      {k: done.get(k, 0.0) + v for k, v in sums.items()})
+            log(f"stopped after step {at} of epoch {epoch + 1}; --resume continues from there")
+
     with bar:
         for epoch in range(start, config.epochs):
             interrupts.raise_if_pending()
             began = time.perf_counter()
             try:
-                state, sums = trainer.train_epoch(state, epoch, bar)
+                state, sums = trainer.train_epoch(state, epoch, bar, step, stop)
+                sums = {k: done.get(k, 0.0) + v for k, v in sums.items()}
+                step, done = 0, {}
             except TrainingDiverged as e:
                 kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch
                         else "no checkpoint was written")
                 raise TrainingDiverged(f"{e}; training stopped and {kept}. Try a lower --lr (now {config.lr})"
                                        + (" or train without --bf16" if config.bf16 else "") + ".") from None
             train_loss, train_acc = rates(sums)
-            val = trainer.evaluate(state, "validation")
+            val = trainer.validate(state)
             validation = dict(zip(("val_loss", "val_accuracy"), rates(val))) if val["count"] else {}
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **validation,
                             "seconds": time.perf_counter() - began})

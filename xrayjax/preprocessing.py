@@ -30,6 +30,8 @@ ARCH_PREPROCESSING: dict[str, str] = {
 def preprocess_input(x: jax.typing.ArrayLike, arch: str = "vgg16", *, mode: str | None = None) -> jax.Array:
     """Map RGB images in [0, 255] (uint8 or float, NHWC, any leading dims) to the float32 input
     of backbone ``arch`` (``mode``, when given, overrides the arch's: one of :data:`MODES`).
+    Gray images (1 channel) are broadcast to RGB first, so gray batches cross to the device at
+    a third of the bytes.
 
     Pure jnp, so it works inside ``jax.jit`` (preprocess on device, next to the model).
     """
@@ -40,9 +42,11 @@ def preprocess_input(x: jax.typing.ArrayLike, arch: str = "vgg16", *, mode: str 
     if mode not in MODES:
         raise ValueError(f"unknown preprocessing mode {mode!r}; valid modes: {', '.join(MODES)}")
     x = jnp.asarray(x)
+    if x.shape[-1] == 1:
+        x = jnp.broadcast_to(x, (*x.shape[:-1], 3))
     if x.shape[-1] != 3:
         raise ValueError(
-            f"preprocess_input expects RGB images with 3 channels last (NHWC), got shape {x.shape}"
+            f"preprocess_input expects RGB (3 channels last, NHWC) or gray (1) images, got shape {x.shape}"
         )
     x = x.astype(jnp.float32)
     if mode == "none":

@@ -50,10 +50,11 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.json"
 RUN_FILES = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FILE, TIMINGS_FILE, METRICS_FILE)
 # Settings a resumed run may change (device and process counts and the fast path change
-# results only by float rounding; where the data lives is checked image by image against
-# splits.json); every other one must equal the checkpoint's run.
+# results only by float rounding, the reader count not at all; where the data lives is checked
+# image by image against splits.json); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "weights_dir", "tfds_dir",
+    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "workers", "weights_dir",
+     "tfds_dir",
      "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
 
@@ -306,12 +307,15 @@ def _moving_and_frozen(model: StepModel, state: TrainState) -> tuple[dict, dict]
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint read back: the state dict (frozen leaves merged in), its epoch, and the
-    sha256 of the run's ``frozen.msgpack``."""
+    """A checkpoint read back: the state dict (frozen leaves merged in), the epochs it completed,
+    the sha256 of the run's ``frozen.msgpack``, and where in the next epoch it stopped: ``step``
+    steps trained (0: at the epoch's start) and their summed metrics (``sums``)."""
 
     state: dict[str, Any]
     epoch: int
     frozen_sha256: str
+    step: int = 0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _sha256(data: bytes) -> str:
@@ -319,26 +323,29 @@ def _sha256(data: bytes) -> str:
 
 
 def write_checkpoint(run_dir: Path, model: StepModel, state: TrainState, epoch: int,
-                     frozen_sha256: str | None) -> str:
-    """``checkpoint.msgpack`` after ``epoch``; first ``frozen.msgpack`` when ``frozen_sha256`` is
-    None (a fresh run's first checkpoint, so no other run's file is ever reused). Returns the
-    sha256 of ``frozen.msgpack``, which the checkpoint records beside its own state's."""
+                     frozen_sha256: str | None, step: int = 0, sums: dict[str, float] | None = None) -> str:
+    """``checkpoint.msgpack`` after ``epoch`` epochs and ``step`` steps of the next (with their
+    summed metrics ``sums``: a run stopped mid-epoch); first ``frozen.msgpack`` when
+    ``frozen_sha256`` is None (a fresh run's first checkpoint, so no other run's file is ever
+    reused). Returns the sha256 of ``frozen.msgpack``, which the checkpoint records beside its
+    own state's."""
     moving, fixed = jax.device_get(_moving_and_frozen(model, state))
     return _write_checkpoint_files(run_dir, serialization.to_state_dict(jax.device_get(state.replace(**moving))),
-                                   fixed, epoch, frozen_sha256)
+                                   fixed, epoch, frozen_sha256, {"step": step, "sums": dict(sums or {})})
 
 
 def _write_checkpoint_files(run_dir: Path, state_dict: dict[str, Any], fixed: Any, epoch: int,
-                            frozen_sha256: str | None) -> str:
+                            frozen_sha256: str | None, position: dict[str, Any] | None = None) -> str:
     """``frozen.msgpack`` (``fixed``) when ``frozen_sha256`` is None, then ``checkpoint.msgpack``
-    (``state_dict``); returns the sha256 of ``frozen.msgpack``."""
+    (``state_dict``, and the ``position`` within the next epoch); returns the sha256 of
+    ``frozen.msgpack``."""
     if frozen_sha256 is None:
         frozen_bytes = serialization.msgpack_serialize(jax.tree.map(np.asarray, fixed))
         write_atomic(run_dir / FROZEN_FILE, frozen_bytes)
         frozen_sha256 = _sha256(frozen_bytes)
     state_bytes = serialization.msgpack_serialize(state_dict)
     payload = {"state": state_bytes, "state_sha256": _sha256(state_bytes), "epoch": epoch,
-               "frozen_sha256": frozen_sha256}
+               "frozen_sha256": frozen_sha256, "position": position or {"step": 0, "sums": {}}}
     write_atomic(run_dir / CHECKPOINT_FILE, serialization.msgpack_serialize(payload))
     return frozen_sha256
 
@@ -381,7 +388,9 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
             state[col] = {part: merged.get(part, {}) for part in ("backbone", "head")}
     except (KeyError, TypeError) as e:
         raise RunFolderError(f"{path} or {frozen_path} lacks {e}: the run folder is damaged") from e
-    return Checkpoint(state, epoch, recorded[frozen_path])
+    position = payload.get("position") or {}  # absent: written before mid-epoch checkpoints
+    return Checkpoint(state, epoch, recorded[frozen_path], int(position.get("step", 0)),
+                      {k: float(v) for k, v in position.get("sums", {}).items()})
 
 
 def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...]) -> tuple[Checkpoint, list]:

@@ -67,15 +67,15 @@ def run(spec: RunSpec) -> dict | None:
 def _interrupted_hint(config: TrainConfig) -> str:
     """What an interrupted run left, for the resolved ``config`` of the run."""
     out = Path(config.out)
+    if not (out / runfiles.CHECKPOINT_FILE).is_file():
+        return ": no epoch finished, so nothing was kept"
     try:
-        done = len(runfiles.read_history(out)) if (out / runfiles.CHECKPOINT_FILE).is_file() else 0
-    except ValueError:
+        done = len(runfiles.read_history(out))
+    except (OSError, ValueError):
         return ""
     if done >= config.epochs:
         return f": training had finished; evaluate it with python -m xrayjax.evaluate --run {out}"
-    if done:
-        return f": continue the run with the same flags and --resume (its checkpoint is in {out})"
-    return ": no epoch finished, so nothing was kept"
+    return f": continue the run with the same flags and --resume (its checkpoint is in {out})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,9 +5,8 @@ batches.
 tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 """
 
-from xrayjax.data.pipeline import (
-    DataConfig, Dataset, RecordImages, Split, Splits, batches, load_splits, open_dataset,
-)
+from xrayjax.data.loader import batches
+from xrayjax.data.pipeline import DataConfig, Dataset, RecordImages, Split, Splits, load_splits, open_dataset
 from xrayjax.data.source import CHALLENGE_CLASSES, DataError
 
 __all__ = [

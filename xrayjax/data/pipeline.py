@@ -1,4 +1,4 @@
-"""Splits and global batches for pmap: what training and evaluation consume.
+"""Splits: what training and evaluation read (their batches: :mod:`xrayjax.data.loader`).
 
 Images stay in the prepared ``array_record`` files: a :class:`Split` holds the labels and
 names and a :class:`RecordImages` that reads (and resizes) only the rows a batch asks for, so
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +143,16 @@ class RecordImages:
     """uint8 images (N, size, size, 3) read on demand from prepared record files.
 
     ``refs`` holds (record file, row) pairs; indexing with an int array or a slice reads those
-    rows, broadcasts gray to 3 channels and resizes them. ``take`` and ``concat`` make new
-    views without reading anything.
+    rows, resizes them and broadcasts gray to 3 channels. :meth:`read` keeps the ``channels``
+    the records hold (1 for gray: what batches carry to the device). ``take`` and ``concat``
+    make new views without reading anything.
     """
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, records: Sequence[Sequence], refs: np.ndarray, size: int):
+    def __init__(self, records: Sequence[Sequence], refs: np.ndarray, size: int, channels: int = 3):
         self.records, self.refs, self.size = tuple(records), np.asarray(refs, np.int64).reshape(-1, 2), size
+        self.channels = channels
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -160,20 +162,27 @@ class RecordImages:
         return len(self.refs)
 
     def __getitem__(self, index) -> np.ndarray:
-        refs = self.refs[index]
-        if refs.ndim == 1:
+        if np.ndim(index) == 0 and not isinstance(index, slice):
             return self[np.array([index])][0]
+        images = self.read(index)
+        return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
+
+    def read(self, index) -> np.ndarray:
+        """The rows ``index`` (an int array or a slice) as (n, size, size, channels)."""
+        refs = self.refs[index]
         out = None  # the records' own size: 224, or the size they were prepared at
         for file in np.unique(refs[:, 0]):
             at = np.flatnonzero(refs[:, 0] == file)
             for i, record in zip(at, self.records[file].__getitems__(refs[at, 1].tolist())):
                 if out is None:
-                    out = np.empty((len(refs), *record["image"].shape[:2], 3), np.uint8)
-                out[i] = record["image"]  # broadcasts a gray channel to 3
-        return np.empty((0, self.size, self.size, 3), np.uint8) if out is None else resize_nearest(out, self.size)
+                    out = np.empty((len(refs), *record["image"].shape), np.uint8)
+                out[i] = record["image"]
+        if out is None:
+            return np.empty((0, self.size, self.size, self.channels), np.uint8)
+        return resize_nearest(out, self.size)
 
     def take(self, index: np.ndarray) -> RecordImages:
-        return RecordImages(self.records, self.refs[index], self.size)
+        return RecordImages(self.records, self.refs[index], self.size, self.channels)
 
     @staticmethod
     def concat(parts: Sequence[RecordImages]) -> RecordImages:
@@ -181,7 +190,7 @@ class RecordImages:
         for part in parts:
             refs.append(part.refs + np.array([len(records), 0]))
             records.extend(part.records)
-        return RecordImages(records, np.concatenate(refs), parts[0].size)
+        return RecordImages(records, np.concatenate(refs), parts[0].size, parts[0].channels)
 
 
 @dataclasses.dataclass
@@ -200,6 +209,16 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape :meth:`read` gives all rows: gray records keep their one channel."""
+        images = self.images
+        return (*images.shape[:-1], images.channels) if isinstance(images, RecordImages) else images.shape
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The images of ``rows`` as stored (see :attr:`stored_shape`), for the device to broadcast."""
+        return self.images.read(rows) if isinstance(self.images, RecordImages) else self.images[rows]
 
     def take(self, index: np.ndarray) -> Split:
         index = np.asarray(index, np.int64)
@@ -305,12 +324,13 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
             dataset.close()
     names = dataset.class_names
     multilabel = is_multilabel(builder)
+    channels = builder.info.features["image"].shape[-1]
 
     def key_of(split: str, label: Any, name: str) -> str:
         return f"{split}/{name}" if multilabel else f"{split}/{names[label]}/{name}"
 
     prepared = {split: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
-                                          cfg.image_size),
+                                          cfg.image_size, channels),
                              resolve_uncertain(p.labels, cfg.uncertain) if multilabel else p.labels, p.names,
                              tuple(key_of(split, label, name) for label, name in zip(p.labels, p.names)), p.patients)
                 for split, p in read_prepared(builder).items()}
@@ -429,44 +449,3 @@ def _warn_leaks(prepared: dict[str, Split]) -> None:
                 f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}. Its images stay where they "
                 f"are; its score may be optimistic (see `python -m xrayjax.data audit`).",
                 SourceLeakWarning, stacklevel=3)
-
-
-def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Every global batch of an epoch over ``n`` images as rows and a padding mask, both (S, B):
-    a seeded permutation from (seed, epoch) when ``shuffle``, the last batch padded with row 0."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    steps = -(-n // batch_size)
-    rows = np.zeros(steps * batch_size, np.int64)
-    rows[:n] = order
-    mask = np.zeros(steps * batch_size, np.float32)
-    mask[:n] = 1.0
-    return rows.reshape(steps, batch_size), mask.reshape(steps, batch_size)
-
-
-def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
-            epoch: int = 0, shards: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Global batches {"image", "label", "mask"} shaped (D, B/D, ...) in :func:`batch_rows`' order
-    (multilabel labels (D, B/D, L)); the last batch padded with zeros, mask 0. ``shards``: only
-    those device rows of each batch, the only images read (a process's share of the devices)."""
-    if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be a positive multiple of num_devices ({num_devices})"
-        )
-    per_device = batch_size // num_devices
-    shards = list(range(num_devices)) if shards is None else list(shards)
-    shape = split.images.shape[1:]
-    rows, mask = batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-    for step_rows, step_mask in zip(rows, mask):
-        step_rows = step_rows.reshape(num_devices, per_device)[shards].reshape(-1)
-        step_mask = step_mask.reshape(num_devices, per_device)[shards].reshape(-1)
-        real = step_mask > 0
-        image = np.zeros((len(step_rows), *shape), np.uint8)
-        label = np.zeros((len(step_rows), *split.labels.shape[1:]), split.labels.dtype)
-        if real.any():
-            image[real], label[real] = split.images[step_rows[real]], split.labels[step_rows[real]]
-        yield {
-            "image": image.reshape(len(shards), per_device, *shape),
-            "label": label.reshape(len(shards), per_device, *split.labels.shape[1:]),
-            "mask": step_mask.reshape(len(shards), per_device),
-        }
