@@ -267,6 +267,8 @@ def test_resume_trains_an_imported_model_further(tmp_path, capsys):
     with pytest.raises(ValueError, match="--arch resnet50: .* imported by weights/port.py --keras-model, whose "
                                          "--arch is vgg16; leave --arch out"):
         train(out, epochs=1, arch="resnet50")
+    with pytest.raises(ValueError, match="--dropout 0.2: .* keeps the Dropout rates of its Keras layers"):
+        train(out, epochs=1, dropout=0.2)
     result = train(out, epochs=1)  # the fast path: cached features, the Keras head trained alone
     run = load_run(out)
     assert len(result.history) == 1 and len(run.history) == 1 and frozen_sha(out) == sha
