@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -155,11 +156,6 @@ def test_cli_import_then_predict(tmp_path, capsys):
     heatmaps, logits = grad_cam(run.model, run.variables, pixels[None])
     assert heatmaps.shape == (1, SIZE, SIZE) and np.isfinite(heatmaps).all()
     np.testing.assert_allclose(probabilities(logits)[0], want, atol=1e-5, rtol=0)
-    from xrayjax.config import TrainConfig
-    from xrayjax.runfiles import check_resume
-
-    with pytest.raises(ValueError, match="imported by weights/port.py --keras-model"):  # not "pass --init keras"
-        check_resume(TrainConfig(), out, run.class_names)
 
 
 def _refused(tmp_path, path, capsys, needle):
@@ -234,6 +230,83 @@ def test_evaluate_imported_run_on_a_data_folder(tmp_path):
     run = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names)
     metrics = evaluate_run(run, data_dir=str(tmp_path / "data"), tfds_dir=str(tmp_path / "tfds"), quiet=True)
     assert (run / "metrics.json").is_file() and metrics
+
+
+def _class_folders(root, names, per_class):
+    """``root/<name>/<i>.png``: random 32-px gray images, ``per_class`` of each class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_resume_trains_an_imported_model_further(tmp_path, capsys):
+    import hashlib
+
+    from xrayjax import fit, predict, runfiles
+    from xrayjax import train as train_cli
+    from xrayjax.config import TrainConfig
+
+    build("vgg16", True, "gap", 1).save(tmp_path / "model.keras")  # GAP, Dense, Dropout, BatchNorm, Dense, Dense(1)
+    data = _class_folders(tmp_path / "data", ["covid", "normal"], 8)
+    names = ["covid", "normal"]
+
+    def train(out, **kw):
+        return fit(TrainConfig(out=str(out), data_dir=str(data), tfds_dir=str(tmp_path / "tfds"), resume=True,
+                               batch_size=4, quiet=True, evaluate=False, **kw))
+
+    def frozen_sha(out):
+        return hashlib.sha256((out / runfiles.FROZEN_FILE).read_bytes()).hexdigest()
+
+    out = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names, "rescale")
+    before, sha = load_run(out).variables, frozen_sha(out)
+    with pytest.raises(ValueError, match="--arch resnet50: .* imported by weights/port.py --keras-model, whose "
+                                         "--arch is vgg16; leave --arch out"):
+        train(out, epochs=1, arch="resnet50")
+    with pytest.raises(ValueError, match="--dropout 0.2: .* keeps the Dropout rates of its Keras layers"):
+        train(out, epochs=1, dropout=0.2)
+    result = train(out, epochs=1)  # the fast path: cached features, the Keras head trained alone
+    run = load_run(out)
+    assert len(result.history) == 1 and len(run.history) == 1 and frozen_sha(out) == sha
+    assert run.config.init == "keras" and run.config.image_size == SIZE and run.config.task == "binary"
+    assert "train" in result.features  # cached
+    output = run.model.head.layers[-1]  # the output Dense (Keras numbers the names per session)
+    head, old = run.variables["params"]["head"], before["params"]["head"]
+    assert not np.allclose(head[dict(output)["name"]]["kernel"], old[dict(output)["name"]]["kernel"])
+    bn, old_bn = run.variables["batch_stats"]["head"], before["batch_stats"]["head"]
+    (layer,) = bn  # the BatchNorm's moving statistics moved: it ran in training mode
+    assert not np.allclose(bn[layer]["mean"], old_bn[layer]["mean"])
+    for a, b in zip(*(jax.tree.leaves(v["params"]["backbone"]) for v in (run.variables, before)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    recorded = json.loads((out / runfiles.SPLITS_FILE).read_text())["splits"]
+    assert recorded["train"] and sorted(recorded["train"]) == sorted(result.splits.train.keys)
+    assert json.loads((out / "config.json").read_text())["keras_import"]["preprocess"] == "rescale"
+    capsys.readouterr()
+    assert predict.main(["--run", str(out), "--json", str(data / "covid" / "0.png")]) == 0
+    assert list(json.loads(capsys.readouterr().out)[0]["probabilities"]) == names
+    # the command line continues on the recorded splits, then evaluates the test split
+    assert train_cli.main(["--resume", "--out", str(out), "--data-dir", str(data), "--tfds-dir", str(tmp_path / "tfds"),
+                           "--epochs", "2", "--batch-size", "4", "--quiet"]) == 0
+    assert [h["epoch"] for h in runfiles.read_history(out)] == [1, 2] and frozen_sha(out) == sha
+    assert json.loads((out / runfiles.SPLITS_FILE).read_text())["splits"] == recorded
+    assert json.loads((out / runfiles.METRICS_FILE).read_text())
+
+    tuned = import_keras_run(tmp_path / "model.keras", tmp_path / "tuned", names, "rescale")
+    train(tuned, epochs=1, fine_tune=1, cache_features=False)  # the full path, vgg16's block5 opened
+    run = load_run(tuned)
+    assert frozen_sha(tuned) == sha and len(run.history) == 1
+    backbone, old = run.variables["params"]["backbone"], before["params"]["backbone"]
+    assert not np.allclose(backbone["block5_conv3"]["kernel"], old["block5_conv3"]["kernel"])
+    np.testing.assert_array_equal(backbone["block4_conv3"]["kernel"], old["block4_conv3"]["kernel"])
+
+    unnamed = import_keras_run(tmp_path / "model.keras", tmp_path / "unnamed")
+    with pytest.raises(ValueError, match="classes class_0, class_1, but the data now has covid, normal; an imported "
+                                         "Keras model's classes are named at import: .* --class-names covid,normal"):
+        train(unnamed, epochs=1)
 
 
 def _report_model(arch, task, outputs, nested):

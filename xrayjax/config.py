@@ -151,7 +151,8 @@ class TrainConfig:
         self.data_config()  # the data settings
         checks = (
             (self.arch in ARCHS, "arch", f"one of {', '.join(ARCHS)}"),
-            (self.init in ("imagenet", "random"), "init", "imagenet or random"),
+            (self.init in ("imagenet", "random") or (self.init == "keras" and self.resume), "init",
+             "imagenet or random (keras: only resuming a Keras model imported by weights/port.py --keras-model)"),
             (0 <= self.fine_tune <= len(BLOCKS.get(self.arch, ())), "fine_tune",
              f"in [0, {len(BLOCKS.get(self.arch, ()))}] for {self.arch}"),
             (self.epochs >= 1, "epochs", "at least 1"),
@@ -187,12 +188,14 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class RunSpec:
-    """One run, resolved once: its settings (every default filled in, paths absolute) and its
-    dataset, listed once (None when :func:`xrayjax.fit` was given its splits)."""
+    """One run, resolved once: its settings (every default filled in, paths absolute), its
+    dataset, listed once (None when :func:`xrayjax.fit` was given its splits), and the
+    ``keras_import`` record of the Keras model imported whole that it resumes (else None)."""
 
     config: TrainConfig
     dataset: Dataset | None
     class_names: tuple[str, ...]
+    keras_import: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -24,8 +24,8 @@ def _sha256(path: Path) -> str:
 def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
                      preprocess: str | None = None, arch: str | None = None, task: str | None = None,
                      image_size: int | None = None) -> Path:
-    """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate and
-    ``load_run``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
+    """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate,
+    ``load_run`` and ``train --resume``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
     to ``class_0, ...``. Nothing is written when anything fails.
 
     Raises:

@@ -287,7 +287,7 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
            ) -> tuple[StepModel, TrainState, Splits, runfiles.Checkpoint | None, list]:
     """The model, the initial (or resumed) state, the data, the checkpoint resumed (None for a
     fresh run: where it stopped) and the history so far. A resumed run trains on the splits it
-    recorded."""
+    recorded (a Keras model imported whole, until it has trained, on new ones)."""
     config, run_dir = spec.config, spec.run_dir
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
@@ -307,7 +307,8 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
                                      weights_dir=config.weights_dir, seed=config.seed)
     if splits is None:
         with timings.phase("data_load"):
-            recorded = runfiles.read_splits(run_dir) if checkpoint is not None else None
+            # an imported Keras model's checkpoint (epoch 0) trained on no split of this data
+            recorded = runfiles.read_splits(run_dir) if checkpoint is not None and checkpoint.trained else None
             splits = load_splits(config.data_config(), spec.dataset, recorded, quiet=quiet)
     if config.folds:  # the final model trains on train+validation; the folds must be possible
         splits = splits.pooled()
@@ -320,29 +321,44 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
         from xrayjax.multilabel_metrics import label_weights
 
         weights = label_weights(splits.train.labels)
+    imported = None if spec.keras_import is None else runfiles.imported_model(config, spec.keras_import)
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
                              l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names),
-                             label_weights=weights, augment=AugmentConfig() if config.augment else None)
+                             label_weights=weights, augment=AugmentConfig() if config.augment else None,
+                             classifier=imported)
     with timings.phase("setup"):  # a resumed run's variables are all in its checkpoint
         variables = (checkpoint.state if checkpoint is not None else
                      init_variables(model, config.image_size, seed=config.seed, backbone=backbone))
         state = create_train_state(model, variables, config.lr)
     if checkpoint is None:
         return model, state, splits, None, []
-    log(f"resuming {run_dir} after epoch {checkpoint.epoch}"
-        + (f" and {checkpoint.step} steps of epoch {checkpoint.epoch + 1}" if checkpoint.step else ""))
-    state = serialization.from_state_dict(state, checkpoint.state)
+    if imported is not None and not checkpoint.trained:
+        log(f"training the Keras model imported into {run_dir} (from {spec.keras_import['source']}) further, on "
+            "new splits of --data-dir")
+    else:
+        log(f"resuming {run_dir} after epoch {checkpoint.epoch}"
+            + (f" and {checkpoint.step} steps of epoch {checkpoint.epoch + 1}" if checkpoint.step else ""))
+    if "opt_state" in checkpoint.state:  # an imported model's has none: its optimizer starts fresh
+        state = serialization.from_state_dict(state, checkpoint.state)
     return model, state, splits, checkpoint, history
+
+
+def resolve_training(config: TrainConfig, splits: Splits | None = None) -> RunSpec:
+    """The RunSpec of ``config`` (:func:`xrayjax.config.resolve_run`), after resuming a Keras
+    model imported whole has taken its model settings (:func:`xrayjax.runfiles.imported_settings`)."""
+    config, record = runfiles.imported_settings(config)
+    return dataclasses.replace(resolve_run(config, splits), keras_import=record)
 
 
 def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainResult:
     """Train a run as ``config`` says (a TrainConfig, resolved here, or a RunSpec already resolved
-    by :func:`xrayjax.config.resolve_run`); ``splits`` (``xrayjax.data.Splits``) skips loading the data.
+    by :func:`resolve_training`); ``splits`` (``xrayjax.data.Splits``) skips loading the data.
 
     Locks the run folder while it trains, writes ``config.json`` and ``splits.json``, then after
     every epoch ``history.json`` and ``checkpoint.msgpack`` (process 0 of a multi-process run
     only). A run that stops before its first checkpoint removes the files it wrote. A resumed run
-    trains on the splits it recorded.
+    trains on the splits it recorded; a Keras model imported whole recorded none, so its first
+    training splits the data as a fresh run does.
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
@@ -353,7 +369,7 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
             folder in use by another process (``xrayjax.runfiles.RunFolderError``).
         xrayjax.distributed.DistributedError: incomplete or bad multi-process settings.
     """
-    spec = config if isinstance(config, RunSpec) else resolve_run(config, splits)
+    spec = config if isinstance(config, RunSpec) else resolve_training(config, splits)
     config = spec.config
     distributed.initialize(distributed.from_args_and_env(
         config.coordinator, config.num_processes, config.process_id,
@@ -379,8 +395,8 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
         model, state, splits, checkpoint, history = _start(spec, log, timings, splits, config.quiet or not writer)
         start = checkpoint.epoch if checkpoint is not None else 0
         if writer:
-            runfiles.write_config(run_dir, config, splits.class_names, devices)
-            if checkpoint is None:
+            runfiles.write_config(run_dir, config, splits.class_names, devices, keras_import=spec.keras_import)
+            if checkpoint is None or not checkpoint.trained:
                 runfiles.write_splits(run_dir, splits)
         trainer = Trainer(config, model, splits, devices, timings)
         if checkpoint is not None and checkpoint.step and trainer.fast:

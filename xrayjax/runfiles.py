@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = frozenset(
      "tfds_dir",
      "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
+# What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
+IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")
 
 
 class RunFolderError(ValueError):
@@ -317,6 +319,11 @@ class Checkpoint:
     step: int = 0
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    @property
+    def trained(self) -> bool:
+        """Whether any step was trained (a Keras model imported whole has not: epoch 0, step 0)."""
+        return bool(self.epoch or self.step)
+
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -382,8 +389,9 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     state, frozen = _restore(state_bytes, path), _restore(frozen_bytes, frozen_path)
     try:
         for col in ("params", "batch_stats"):
+            # the checkpoint's leaves win: a fine-tuned imported run keeps its whole Keras backbone in frozen.msgpack
             merged = traverse_util.unflatten_dict(
-                {**traverse_util.flatten_dict(state[col]), **traverse_util.flatten_dict(frozen[col])}
+                {**traverse_util.flatten_dict(frozen[col]), **traverse_util.flatten_dict(state[col])}
             )
             state[col] = {part: merged.get(part, {}) for part in ("backbone", "head")}
     except (KeyError, TypeError) as e:
@@ -393,28 +401,64 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
                       {k: float(v) for k, v in position.get("sums", {}).items()})
 
 
+def imported_settings(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """For ``--resume`` of a Keras model imported whole into ``--out``: ``config`` with the model's
+    IMPORTED_SETTINGS (and its ``l2`` unless ``--l2`` is given) and its ``keras_import`` record;
+    ``(config, None)`` for any other run.
+
+    Raises ValueError for a flag the imported model fixes set to another value, ``--dropout``
+    (its head keeps its own rates) and ``--folds`` (cross-validation trains the report's heads).
+    """
+    run_dir = Path(config.out).expanduser().resolve() if config.out else None
+    if not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+        return config, None
+    record = read_keras_import(run_dir)
+    if record is None:
+        return config, None
+    saved, defaults = read_config(run_dir)[0], TrainConfig()
+    what = f"the run in {run_dir} is a Keras model imported by weights/port.py --keras-model"
+    for name in IMPORTED_SETTINGS:
+        value = canonical_task(config.task) if name == "task" else getattr(config, name)
+        if value not in (getattr(defaults, name), getattr(saved, name)):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: {what}, whose {flag} is {getattr(saved, name)}; leave {flag} out")
+    if config.dropout != defaults.dropout:
+        raise ValueError(f"--dropout {config.dropout}: {what}; its head keeps the Dropout rates of its Keras "
+                         "layers, so leave --dropout out")
+    if config.folds:
+        raise ValueError(f"--folds {config.folds}: {what}; cross-validation trains fresh report heads, not its "
+                         "Keras head, so leave --folds out")
+    kept = {name: getattr(saved, name) for name in IMPORTED_SETTINGS}
+    return dataclasses.replace(config, **kept, l2=saved.l2 if config.l2 is None else config.l2), record
+
+
 def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...]) -> tuple[Checkpoint, list]:
     """(checkpoint, history) of ``run_dir`` after checking ``config`` and the data's
-    ``class_names`` continue its run."""
+    ``class_names`` continue its run: every setting outside RESUMABLE_CHANGES must equal the run's,
+    but a Keras model imported whole that has trained no step has no training settings of its
+    own, so only its IMPORTED_SETTINGS are compared."""
     if not (run_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / CHECKPOINT_FILE}; start the run "
                                 "without --resume")
-    if read_keras_import(run_dir) is not None:
-        raise ValueError(f"--resume: the run in {run_dir} is a Keras model imported by weights/port.py --keras-model; "
-                         "training it further is not supported yet (predict, evaluate and gradcam work on it)")
+    imported = read_keras_import(run_dir) is not None
     saved, saved_classes, _ = read_config(run_dir)
     if tuple(saved_classes) != tuple(class_names):
+        fix = (f"; an imported Keras model's classes are named at import: import it again with weights/port.py "
+               f"--keras-model FILE --class-names {','.join(class_names)} --out NEW" if imported else
+               "; pass its data or choose another --out")
         raise ValueError(f"--resume: the run in {run_dir} was trained on the classes {', '.join(saved_classes)}, "
-                         f"but the data now has {', '.join(class_names)}; pass its data or choose another --out")
+                         f"but the data now has {', '.join(class_names)}{fix}")
+    checkpoint = read_checkpoint(run_dir)
     saved, current = dataclasses.asdict(saved), dataclasses.asdict(config)
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved[k] != current[k])
+    compared = IMPORTED_SETTINGS if imported and not checkpoint.trained else [
+        k for k in current if k not in RESUMABLE_CHANGES]
+    changed = sorted(k for k in compared if saved[k] != current[k])
     if changed:
         raise ValueError(
             f"--resume: the run in {run_dir} was trained with other settings: "
             + ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed)
             + "; pass the same settings or choose another --out"
         )
-    checkpoint = read_checkpoint(run_dir)
     history = read_history(run_dir)
     if len(history) < checkpoint.epoch:
         raise RunFolderError(f"{run_dir / HISTORY_FILE} has {len(history)} epochs but the checkpoint "

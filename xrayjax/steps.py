@@ -35,7 +35,7 @@ from flax.core import FrozenDict
 
 from xrayjax import distributed
 from xrayjax.augment import AugmentConfig, augment_images
-from xrayjax.models import create_backbone, create_head, default_l2, frozen_features
+from xrayjax.models import Classifier, create_backbone, create_head, default_l2, frozen_features
 from xrayjax.optim import make_optimizers, trainable_mask
 from xrayjax.preprocessing import preprocess_input
 
@@ -105,15 +105,20 @@ def build_step_model(
     num_classes: int | None = None,
     label_weights: Sequence[float] | None = None,
     augment: AugmentConfig | None = None,
+    classifier: Classifier | None = None,
 ) -> StepModel:
     """Backbone (bf16 compute when asked) and float32 head of (arch, task), ``num_classes``
     outputs for multiclass and multilabel (default 4); ``label_weights`` weigh each label's loss
-    (multilabel); ``augment`` turns on the train step's augmentation."""
+    (multilabel); ``augment`` turns on the train step's augmentation. ``classifier``: the
+    backbone and head to train in place of those (a Keras model imported whole,
+    :func:`xrayjax.runfiles.imported_model`; ``dropout`` and ``bf16`` are then its own)."""
     return StepModel(
         arch=arch,
         task=task,
-        backbone=create_backbone(arch, dtype=jnp.bfloat16 if bf16 else jnp.float32),
-        head=create_head(arch, task, dropout=dropout, num_classes=num_classes),
+        backbone=classifier.backbone if classifier is not None else
+        create_backbone(arch, dtype=jnp.bfloat16 if bf16 else jnp.float32),
+        head=classifier.head if classifier is not None else
+        create_head(arch, task, dropout=dropout, num_classes=num_classes),
         l2=default_l2(arch, task) if l2 is None else l2,
         fine_tune=fine_tune,
         label_weights=None if label_weights is None else tuple(float(w) for w in label_weights),
@@ -245,8 +250,8 @@ def head_loss(
             per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             correct = jnp.argmax(logits, axis=-1) == labels
         data_loss = jnp.sum(mask * per_sample) / jnp.maximum(count, 1.0)
-    penalty = model.l2 * sum(
-        jnp.sum(jnp.square(layer["kernel"])) for name, layer in head_params.items() if name.startswith("dense")
+    penalty = model.l2 * sum(  # the Dense layers: the head's only layers with a kernel
+        jnp.sum(jnp.square(layer["kernel"])) for layer in head_params.values() if "kernel" in layer
     )
     loss = data_loss + penalty
     metrics = {"loss_sum": loss * count, "correct": jnp.sum(mask * correct), "count": count}

@@ -17,10 +17,10 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from xrayjax import distributed, runfiles  # noqa: E402
-from xrayjax.config import RunSpec, TrainConfig, from_args, resolve_run  # noqa: E402
+from xrayjax.config import RunSpec, TrainConfig, from_args  # noqa: E402
 from xrayjax.crossval import cross_validate, cv_summary  # noqa: E402
 from xrayjax.evaluate import evaluate_run, summary  # noqa: E402
-from xrayjax.loop import TrainingDiverged, fit  # noqa: E402
+from xrayjax.loop import TrainingDiverged, fit, resolve_training  # noqa: E402
 
 DESCRIPTION = (
     "Train a chest X-ray classifier: a frozen ImageNet backbone and the report's head, data "
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         nonlocal spec
-        spec = resolve_run(config)
+        spec = resolve_training(config)
         try:
             run(spec)
         except TrainingDiverged as e:
