@@ -33,7 +33,8 @@ def e2e_record(run_dir: Path, label: str, wall: float) -> dict:
 
 
 def summary(records: list[dict]) -> str:
-    bench = [r for r in records if "images_per_s" in r]
+    bench = [r for r in records if "images_per_s" in r and r.get("kind") != "input"]
+    inputs = [r for r in records if r.get("kind") == "input"]
     e2e = [r for r in records if r.get("kind") == "e2e"]
     h100 = all("H100" in r["device"] for r in bench + e2e) and bool(bench + e2e)
     lines = [f"{'model':<22}{'dtype':>6}{'batch':>6}{'img/s':>10}{'plain Flax':>12}{'ratio':>7}"
@@ -50,6 +51,10 @@ def summary(records: list[dict]) -> str:
         ok = r["wall_s"] <= E2E_TARGET_S
         lines.append(f"e2e {r['run']:<5} {r['epochs']} epochs: {r['wall_s']:.1f} s wall "
                      f"(target {E2E_TARGET_S:.0f} s, met: {('yes' if ok else 'no') if h100 else '-'}); {phases}")
+    for r in inputs:
+        lines.append(f"input {r['image_size']} px, batch {r['batch']}{', augment' if r['augment'] else ''}, "
+                     f"{r['workers']} workers: {r['images_per_s']:,.0f} img/s, {r['vs_plain_loop']:.2f}x the plain "
+                     f"loop ({r['plain_loop_images_per_s']:,.0f})")
     device = {r["device"] for r in bench + e2e}
     lines.append(f"device: {', '.join(sorted(device))}; jax {', '.join(sorted({r['jax'] for r in bench + e2e}))}"
                  + ("" if h100 else " (targets are for one H100: not judged here)"))

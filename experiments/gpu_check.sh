@@ -8,13 +8,15 @@
 #   4. times each VGG conv layer (experiments/vgg_layers.py);
 #   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
 #      --smoke runs it once, at 32 px for 2 epochs;
+#   5b. times the input pipeline (bench --input) beside a plain loop: the reader thread, 4 and 8
+#      worker processes, and with --augment;
 #   6. writes every record (device, JAX version, date) to $OUT/bench.jsonl as it goes (the device
 #      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
 #      (not in a smoke run) and prints one summary table.
 #
 # Before the call, here: `python -m xrayjax.data prepare --tfds-dir .tfds`, and into .whl the
 # wheels the GPU image lacks (the device tool's README says how: tensorflow-datasets,
-# array_record, dm-tree, promise, simple-parsing, docstring-parser, termcolor, toml,
+# array_record, grain, dm-tree, promise, simple-parsing, docstring-parser, termcolor, toml,
 # immutabledict, tensorflow-metadata, googleapis-common-protos; cp312 manylinux x86_64).
 #
 #   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200
@@ -41,6 +43,7 @@ if [ "$smoke" = 1 ]; then  # the same commands, the smallest sizes and a smaller
   tiny=(--image-size 32 --warmup 1 --steps 1 --repeats 1 --batches 4)
   groups=("--models vgg16:binary --dtypes bf16 ${tiny[*]}")
   archs=(vgg16); layers=(--smoke --dtype fp32); e2e=(--epochs 2 --image-size 32 --batch-size 4); runs=(cold)
+  inputs=("--image-size 32 --batches 4 --repeats 1 --workers 0")
 else
   tfds=${TFDS_DIR:-.tfds}
   groups=("--models vgg16:binary vgg19:multiclass resnet50:multiclass densenet121:multiclass --dtypes bf16 --batches 256"
@@ -48,6 +51,7 @@ else
           "--models resnet50:multiclass --dtypes bf16 --batches 32"
           "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches
   archs=(vgg16 vgg19); layers=(); e2e=(--epochs 50); runs=(cold warm)
+  inputs=("--batches 256 --workers 0 4 8" "--augment --batches 256 --workers 0 8")
 fi
 records="$out/bench.jsonl"  # this run's records; a full run appends them to experiments/ at the end
 : >"$records"
@@ -84,6 +88,13 @@ for run in "${runs[@]}"; do
     ${DATA_DIR:+--data-dir "$DATA_DIR"} "${e2e[@]}" | tee -a "$out/gpu_check.log"
   wall=$(python3 -c "print($(date +%s.%N) - $start)")
   python3 experiments/gpu_check.py e2e "$work/e2e_$run" "$run" "$wall" "$records"
+done
+
+log "input pipeline beside a plain loop: the reader thread, then worker processes"
+for flags in "${inputs[@]}"; do
+  # shellcheck disable=SC2086  # a list of flags
+  python3 -m xrayjax.bench --input $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
+    2>>"$out/gpu_check.log"
 done
 
 [ "$smoke" = 1 ] || cat "$records" >>experiments/bench.jsonl

@@ -284,6 +284,23 @@ def test_batches_cover_the_test_set_once(real_splits):
         next(batches(test, 6, 4, shuffle=False))
 
 
+def test_worker_processes_give_the_thread_s_batches_in_its_order(real_splits):
+    # Two epochs of the real test split, from step 1 of the first: two grain worker processes
+    # (each reading every other step of the prepared records) give the reader thread's batches.
+    test = real_splits.test
+    kw = dict(shuffle=True, seed=3, epochs=[4, 5], start=1)
+    thread = list(batches(test, 16, 4, **kw))
+    workers = list(batches(test, 16, 4, workers=2, **kw))
+    assert len(thread) == len(workers) == 5
+    for a, b in zip(thread, workers):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+    one_by_one = [*list(batches(test, 16, 4, shuffle=True, seed=3, epochs=[4]))[1:],
+                  *batches(test, 16, 4, shuffle=True, seed=3, epochs=[5])]  # the stream is the epochs in turn
+    for a, b in zip(thread, one_by_one, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
 # --- audit --------------------------------------------------------------------------------
 
 def test_group_keys():

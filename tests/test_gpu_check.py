@@ -17,7 +17,10 @@ def test_gpu_check_smoke(small_dataset, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    bench = [r for r in records if "images_per_s" in r]
+    bench = [r for r in records if "images_per_s" in r and r.get("kind") != "input"]
+    inputs = [r for r in records if r.get("kind") == "input"]
+    assert [(r["batch"], r["workers"], r["image_size"]) for r in inputs] == [(4, 0, 32)]
+    assert "input 32 px, batch 4, 0 workers" in done.stdout
     assert [(r["arch"], r["dtype"], r["batch"]) for r in bench] == [("vgg16", "bf16", 4)]
     for r in bench:
         assert r["reference_images_per_s"] > 0
