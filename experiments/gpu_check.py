@@ -33,8 +33,9 @@ def e2e_record(run_dir: Path, label: str, wall: float) -> dict:
 
 
 def summary(records: list[dict]) -> str:
-    bench = [r for r in records if "images_per_s" in r and r.get("kind") != "input"]
+    bench = [r for r in records if "images_per_s" in r and r.get("kind") not in ("input", "fed")]
     inputs = [r for r in records if r.get("kind") == "input"]
+    fed = [r for r in records if r.get("kind") == "fed"]
     e2e = [r for r in records if r.get("kind") == "e2e"]
     h100 = all("H100" in r["device"] for r in bench + e2e) and bool(bench + e2e)
     lines = [f"{'model':<22}{'dtype':>6}{'batch':>6}{'img/s':>10}{'plain Flax':>12}{'ratio':>7}"
@@ -55,6 +56,11 @@ def summary(records: list[dict]) -> str:
         lines.append(f"input {r['image_size']} px, batch {r['batch']}{', augment' if r['augment'] else ''}, "
                      f"{r['workers']} workers: {r['images_per_s']:,.0f} img/s, {r['vs_plain_loop']:.2f}x the plain "
                      f"loop ({r['plain_loop_images_per_s']:,.0f})")
+    for r in fed:
+        lines.append(f"fed {r['arch']} {r['dtype']} batch {r['batch']}, fine-tune {r['fine_tune']}"
+                     f"{', augment' if r['augment'] else ''}, {r['workers']} workers: {r['images_per_s']:,.0f} img/s, "
+                     f"{r['vs_step']:.0%} of the step alone ({r['step_images_per_s']:,.0f}; target 90%, met: "
+                     f"{'yes' if r['vs_step'] >= 0.9 else 'no'})")
     device = {r["device"] for r in bench + e2e}
     lines.append(f"device: {', '.join(sorted(device))}; jax {', '.join(sorted({r['jax'] for r in bench + e2e}))}"
                  + ("" if h100 else " (targets are for one H100: not judged here)"))

@@ -9,7 +9,8 @@
 #   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
 #      --smoke runs it once, at 32 px for 2 epochs;
 #   5b. times the input pipeline (bench --input) beside a plain loop: the reader thread, 4 and 8
-#      worker processes, and with --augment;
+#      worker processes, and with --augment; then (not in a smoke run) the --fine-tune 1 --augment
+#      step fed by it beside the step alone (bench --fed: issue 23's 90% target);
 #   6. writes every record (device, JAX version, date) to $OUT/bench.jsonl as it goes (the device
 #      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
 #      (not in a smoke run) and prints one summary table.
@@ -51,7 +52,8 @@ else
           "--models resnet50:multiclass --dtypes bf16 --batches 32"
           "--models vgg16:binary --dtypes bf16 --batches 512")  # a candidate: larger per-device batches
   archs=(vgg16 vgg19); layers=(); e2e=(--epochs 50); runs=(cold warm)
-  inputs=("--batches 256 --workers 0 4 8" "--augment --batches 256 --workers 0 8")
+  inputs=("--batches 256 --workers 0 4 8" "--augment --batches 256 --workers 0 8"
+          "--fed --models vgg16 --dtypes bf16 --batches 256 --fine-tune 1 --augment --workers 0 8")
 fi
 records="$out/bench.jsonl"  # this run's records; a full run appends them to experiments/ at the end
 : >"$records"
@@ -93,7 +95,8 @@ done
 log "input pipeline beside a plain loop: the reader thread, then worker processes"
 for flags in "${inputs[@]}"; do
   # shellcheck disable=SC2086  # a list of flags
-  python3 -m xrayjax.bench --input $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
+  case $flags in --fed*) ;; *) flags="--input $flags" ;; esac
+  python3 -m xrayjax.bench $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
     2>>"$out/gpu_check.log"
 done
 

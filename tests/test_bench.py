@@ -76,3 +76,16 @@ def test_input_mode_measures_the_prepared_training_split(small_dataset, tmp_path
         assert r["batches_timed"] >= 200
     assert main(["--input", "--data-dir", str(tmp_path / "missing"), "--no-save"]) == 2
     assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_fed_mode_times_the_train_step_fed_by_the_pipeline_beside_the_step_alone(small_dataset, tmp_path, capsys):
+    # --fed: the real train step on the pipeline's batches and on batches already on the devices,
+    # one record per --workers; the task is the data's (4 classes: multiclass).
+    assert main(["--fed", "--models", "vgg16", "--dtypes", "fp32", "--batches", "4", "--image-size", "32",
+                 "--stream-batches", "2", "--workers", "0", "--data-dir", str(small_dataset), "--tfds-dir",
+                 str(tmp_path / "tfds"), "--no-save"]) == 0
+    [r] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (r["kind"], r["arch"], r["task"], r["workers"], r["fine_tune"], r["augment"]) == (
+        "fed", "vgg16", "multiclass", 0, 0, False)
+    assert r["images_per_s"] > 0 and r["step_images_per_s"] > 0 and r["batches_timed"] >= 2
+    assert r["vs_step"] == round(r["images_per_s"] / r["step_images_per_s"], 3)

@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,6 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "experiments" / "bench.jsonl
 _REFERENCE_TASK = dict(zip(DEFAULT_MODELS, ("task1", "arch1", "arch2", "arch3", "chexnet")))
 
 
-INPUT_BATCHES = 200  # timed batches of --input, many more than its readers' buffers hold
-
-
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """What to measure: the grid of models x dtypes x global batch sizes, and how long."""
@@ -66,6 +63,7 @@ class BenchConfig:
     steps: int = 10
     repeats: int = 5
     input_sets: int = 3
+    stream_batches: int = 200  # timed batches of --input and --fed: many more than the readers' buffers hold
     seed: int = 0
     reference: str | None = None  # path of the plain-Flax reference step to time beside ours
 
@@ -110,7 +108,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
     """Measure one configuration; returns the JSON record."""
     devices = _local_devices(batch)
     model = build_step_model(arch, task, bf16=dtype == "bf16")
-    variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
+    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))  # donated twice
     state = replicate(create_train_state(model, variables, lr=1e-4), devices)
     inputs = _device_batches(cfg, max(2, model.head.outputs), batch, devices)  # binary: 1 logit
     rng = jax.random.key(cfg.seed)
@@ -175,7 +173,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     batched, placed on the local devices and, with ``augment``, rotated, shifted and zoomed there
     by the train step's own function. Beside it, in the same run, the plain loop it must beat:
     one thread reading each batch's records and handing them to the devices. Images/s is over
-    at least ``INPUT_BATCHES`` batches of one stream, after an untimed first epoch (worker start,
+    at least ``cfg.stream_batches`` batches of one stream, after an untimed first epoch (worker start,
     compiles); the readers' buffers (2 + 2 per worker, then 2 on the devices) hold a few of them."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
@@ -188,7 +186,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
                      (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
     key = jax.random.key(cfg.seed)
     steps = -(-len(train) // batch)
-    epochs = range(1 + max(cfg.repeats, -(-INPUT_BATCHES // steps)))
+    epochs = range(1 + -(-cfg.stream_batches // steps))
 
     def plain() -> Iterator[np.ndarray]:
         for epoch in epochs:
@@ -196,12 +194,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
                 yield train.read(rows).reshape(len(devices), batch // len(devices), *train.stored_shape[1:])
 
     def rate(stream: Iterator) -> float:
-        for step, images in enumerate(stream):
-            out = place(images, key)
-            if step == steps - 1:  # the untimed first epoch ends
-                began = time.perf_counter()
-        jax.block_until_ready(out)
-        return round(len(train) * (len(epochs) - 1) / (time.perf_counter() - began), 1)
+        return _rate(stream, lambda images: place(images, key), steps, len(train) * (len(epochs) - 1))
 
     ours = rate(b["image"] for b in batches(train, batch, len(devices), shuffle=True, seed=cfg.seed,
                                             epochs=epochs, workers=workers, devices=devices))
@@ -211,6 +204,63 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
             "vs_plain_loop": round(ours / baseline, 2), "batches_timed": (len(epochs) - 1) * steps,
             "device": f"{devices[0].device_kind} x{len(devices)}", "jax": jax.__version__,
             "date": datetime.date.today().isoformat()}
+
+
+def _rate(stream: Iterator, consume: Callable[[Any], Any], untimed: int, images: int) -> float:
+    """Images/s of ``consume`` over ``stream`` after its first ``untimed`` items, to the last
+    result's ``block_until_ready``; ``images`` are those of the timed items."""
+    for i, item in enumerate(stream):
+        out = consume(item)
+        if i == untimed - 1:
+            jax.block_until_ready(out)
+            began = time.perf_counter()
+    jax.block_until_ready(out)
+    return round(images / (time.perf_counter() - began), 1)
+
+
+def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch: str, dtype: str, batch: int,
+              workers: int, fine_tune: int, augment: bool) -> dict[str, Any]:
+    """The real train step (``fine_tune`` blocks open, ``augment`` on the devices) fed by the input
+    pipeline (:func:`xrayjax.data.batches`, ``workers`` readers) over the prepared training split,
+    beside the same step on batches already on the devices: the share of the step's own
+    throughput that training end to end keeps. Both over at least ``cfg.stream_batches`` steps, after
+    an untimed epoch (compiles, worker start)."""
+    from xrayjax.augment import AugmentConfig
+    from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
+
+    devices = _local_devices(batch)
+    splits = load_splits(DataConfig(data_dir=data_dir, tfds_dir=tfds_dir, image_size=cfg.image_size))
+    train, classes = splits.train, len(splits.class_names)
+    task = "binary" if classes == 2 else "multiclass"
+    model = build_step_model(arch, task, bf16=dtype == "bf16", fine_tune=fine_tune, num_classes=classes,
+                             augment=AugmentConfig() if augment else None)
+    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))  # donated twice
+    step, rng = make_train_step(model, devices), jax.random.key(cfg.seed)
+    steps = -(-len(train) // batch)
+    epochs = range(1 + -(-cfg.stream_batches // steps))
+    timed = len(train) * (len(epochs) - 1)
+
+    def rate(stream: Iterator) -> float:
+        state = replicate(create_train_state(model, variables, lr=1e-4), devices)
+
+        def train_step(b: dict) -> Any:
+            nonlocal state
+            state, metrics = step(state, b, rng)
+            return metrics
+        return _rate(stream, train_step, steps, timed)
+
+    def stream() -> Iterator[dict]:
+        return batches(train, batch, len(devices), shuffle=True, seed=cfg.seed, epochs=epochs, workers=workers,
+                       devices=devices)
+
+    placed = list(itertools.islice(stream(), cfg.input_sets))  # the pipeline's own batches, on the devices
+    own = rate(placed[i % len(placed)] for i in range((len(epochs)) * steps))
+    fed = rate(stream())
+    return {"kind": "fed", "arch": arch, "task": task, "dtype": dtype, "batch": batch, "image_size": cfg.image_size,
+            "fine_tune": fine_tune, "augment": augment, "workers": workers, "images": len(train),
+            "images_per_s": fed, "step_images_per_s": own, "vs_step": round(fed / own, 3),
+            "batches_timed": (len(epochs) - 1) * steps, "device": f"{devices[0].device_kind} x{len(devices)}",
+            "jax": jax.__version__, "date": datetime.date.today().isoformat()}
 
 
 def _emit(record: dict[str, Any], out: Path | None) -> None:
@@ -271,13 +321,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="store_true",
                    help="measure the input pipeline alone instead (read, decode, batch, transfer; "
                    "one record per --batches, kind \"input\"), over the prepared training split of --data-dir")
-    p.add_argument("--data-dir", help="with --input: the dataset (default ../shared/covid_xray)")
-    p.add_argument("--tfds-dir", help="with --input: where its prepared data lives (default: TFDS' own)")
+    p.add_argument("--data-dir", help="with --input or --fed: the dataset (default ../shared/covid_xray)")
+    p.add_argument("--tfds-dir", help="with --input or --fed: where its prepared data lives (default: TFDS' own)")
     p.add_argument("--augment", action="store_true",
-                   help="with --input: also augment each batch on the devices, as --augment trains")
+                   help="with --input or --fed: also augment each batch on the devices, as --augment trains")
     p.add_argument("--workers", nargs="+", type=int, default=[0], metavar="N",
-                   help="with --input: reader processes to measure, one record each (0: a reader thread; "
+                   help="with --input or --fed: reader processes to measure, one record each (0: a reader thread; "
                    "default 0)")
+    p.add_argument("--fed", action="store_true",
+                   help="measure the train step fed by the input pipeline instead, beside the same step on "
+                   "batches already on the devices (kind \"fed\", vs_step: the share kept end to end), over the "
+                   "prepared training split of --data-dir; one record per --models arch, --dtypes, --batches "
+                   "and --workers")
+    p.add_argument("--stream-batches", type=int, default=d.stream_batches, metavar="N",
+                   help=f"with --input or --fed: timed batches, many more than the readers' buffers hold "
+                   f"(default {d.stream_batches})")
+    p.add_argument("--fine-tune", type=int, default=0, metavar="N",
+                   help="with --fed: also train the last N backbone blocks (default 0)")
     return p
 
 
@@ -286,17 +346,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = BenchConfig(
         models=tuple(args.models), dtypes=tuple(args.dtypes), batches=tuple(args.batches),
         image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
-        reference=args.reference,
+        reference=args.reference, stream_batches=args.stream_batches,
     )
     out = None if args.no_save else args.out
     known: tuple[type[Exception], ...] = (ValueError, FloatingPointError, OSError)
     try:
-        if args.input:
+        if args.input or args.fed:
             from xrayjax.data.source import DataError
 
             known += (DataError,)  # a bad or missing dataset: one line, as the other commands say it
+        if args.input:
             for batch, workers in itertools.product(cfg.batches, args.workers):
                 _emit(bench_input(cfg, args.data_dir, args.tfds_dir, args.augment, batch, workers), out)
+        elif args.fed:
+            archs = dict.fromkeys(arch for arch, _ in cfg.models)  # the task is the data's
+            for arch, dtype, batch, workers in itertools.product(archs, cfg.dtypes, cfg.batches, args.workers):
+                _emit(bench_fed(cfg, args.data_dir, args.tfds_dir, arch, dtype, batch, workers, args.fine_tune,
+                                args.augment), out)
         else:
             run(cfg, out)
     except known as err:
