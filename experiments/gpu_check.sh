@@ -17,10 +17,11 @@
 #
 # Before the call, here: `python -m xrayjax.data prepare --tfds-dir .tfds`, and into .whl the
 # wheels the GPU image lacks (the device tool's README says how: tensorflow-datasets,
-# array_record, grain, dm-tree, promise, simple-parsing, docstring-parser, termcolor, toml,
-# immutabledict, tensorflow-metadata, googleapis-common-protos; cp312 manylinux x86_64).
+# array_record, grain (with cloudpickle and portpicker), dm-tree, promise,
+# simple-parsing, docstring-parser, termcolor, toml, immutabledict, tensorflow-metadata,
+# googleapis-common-protos; cp312 manylinux x86_64).
 #
-#   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200
+#   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200, before 5b was added
 #   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
 # Environment: OUT (default: a temporary folder), TFDS_DIR, DATA_DIR (the dataset to train on
 # end to end; default ../shared/covid_xray, or, where that is missing as on the GPU machine, the

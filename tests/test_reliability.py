@@ -1,6 +1,7 @@
 """A hostile user's cases: no shared run folder, no traceback, no silent nonsense, nothing lost
 or half-written, damaged files named (issue 16). Tiny data, CPU."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -171,6 +172,10 @@ def test_a_run_written_by_an_older_version_is_named(run_dir, tmp_path):
     _edit_json(run / "config.json", lambda v: v["config"].pop("skip_bad_images"))
     with pytest.raises(RunFolderError, match="lacks the settings skip_bad_images: written by an older version"):
         load_run(run)
+    # a setting that changes nothing trained (one a resume may change) takes its default
+    run = _copy(run_dir, tmp_path / "before_workers")
+    _edit_json(run / "config.json", lambda v: v["config"].pop("workers"))
+    assert load_run(run).config.workers == 0
 
 
 def test_a_run_of_the_report_s_four_class_task_reads_as_multiclass(run_dir, tmp_path):
@@ -279,12 +284,10 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
     assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
 
 
-def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkeypatch):
-    # SIGTERM lands inside epoch 2's second step (of 3): the run stops before the third, keeps
-    # where it stopped, and --resume trains only the third, ending equal to the run never stopped.
-    splits = tiny_splits("binary")
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
-    whole = fit(tiny_config(tmp_path, "whole", cache_features=False), splits)
+@contextlib.contextmanager
+def _sigterm_in_call(monkeypatch, n: int):
+    """Inside, the train step raises SIGTERM during its ``n``-th call, with xrayjax's handlers
+    installed; yields the list of each call's key."""
     compile_steps, calls = loop.Trainer.compile, []
 
     def compile_then_signal(self, state):
@@ -293,7 +296,7 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkey
 
         def train_fn(*args):
             calls.append(args[2])
-            if len(calls) == 5:
+            if len(calls) == n:
                 signal.raise_signal(signal.SIGTERM)
             return step(*args)
         self.train_fn = train_fn
@@ -302,12 +305,21 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkey
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupts.install()
     try:
-        with pytest.raises(interrupts.Terminated):
-            fit(tiny_config(tmp_path, "stopped", cache_features=False), splits)
+        yield calls
     finally:
         interrupts._pending.clear()
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkeypatch):
+    # SIGTERM lands inside epoch 2's second step (of 3): the run stops before the third, keeps
+    # where it stopped, and --resume trains only the third, ending equal to the run never stopped.
+    splits = tiny_splits("binary")
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    whole = fit(tiny_config(tmp_path, "whole", cache_features=False), splits)
+    with _sigterm_in_call(monkeypatch, 5) as calls, pytest.raises(interrupts.Terminated):
+        fit(tiny_config(tmp_path, "stopped", cache_features=False), splits)
     stopped = runfiles.read_checkpoint(tmp_path / "stopped")
     assert (len(calls), stopped.epoch, stopped.step, stopped.sums["count"]) == (5, 1, 2, 8.0)
     calls.clear()
@@ -317,6 +329,15 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkey
     assert_close(resumed.state.params, whole.state.params, 0.0)
     assert_close(resumed.state.opt_state, whole.state.opt_state, 0.0)
     assert runfiles.read_checkpoint(tmp_path / "stopped").step == 0
+
+
+def test_a_signal_in_the_last_step_still_stops_the_run(tmp_path, monkeypatch):
+    # SIGTERM inside the last step of the last epoch: that epoch is whole and kept, and the run
+    # still ends as interrupted (not as finished: the command would go on to evaluate).
+    with _sigterm_in_call(monkeypatch, 3) as calls, pytest.raises(interrupts.Terminated):
+        fit(tiny_config(tmp_path, "last", epochs=1, cache_features=False), tiny_splits("binary"))
+    kept = runfiles.read_checkpoint(tmp_path / "last")
+    assert (len(calls), kept.epoch, kept.step) == (3, 1, 0)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one

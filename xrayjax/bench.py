@@ -32,6 +32,7 @@ import numpy as np
 
 from xrayjax.models import ARCHS
 from xrayjax.steps import (
+    batch_sharding,
     build_step_model,
     create_train_state,
     init_variables,
@@ -197,7 +198,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
         return _rate(stream, lambda images: place(images, key), steps, len(train) * (len(epochs) - 1))
 
     ours = rate(b["image"] for b in batches(train, batch, len(devices), shuffle=True, seed=cfg.seed,
-                                            epochs=epochs, workers=workers, devices=devices))
+                                            epochs=epochs, workers=workers, sharding=batch_sharding(devices)))
     baseline = rate(plain())
     return {"kind": "input", "images": len(train), "batch": batch, "image_size": cfg.image_size,
             "augment": augment, "workers": workers, "images_per_s": ours, "plain_loop_images_per_s": baseline,
@@ -251,7 +252,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
 
     def stream() -> Iterator[dict]:
         return batches(train, batch, len(devices), shuffle=True, seed=cfg.seed, epochs=epochs, workers=workers,
-                       devices=devices)
+                       sharding=batch_sharding(devices))
 
     placed = list(itertools.islice(stream(), cfg.input_sets))  # the pipeline's own batches, on the devices
     own = rate(placed[i % len(placed)] for i in range((len(epochs)) * steps))

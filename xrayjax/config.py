@@ -125,6 +125,12 @@ class TrainConfig:
     heartbeat_timeout: int = _field(100, "stop every process about S seconds after one of them died",
                                     metavar="S", group=MULTI_HOST)
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether the run caches the backbone's features once and trains only the head (a frozen
+        backbone, no augmentation, ``cache_features``)."""
+        return self.cache_features and self.fine_tune == 0 and not self.augment
+
     def data_config(self) -> DataConfig:
         """The data settings of this run (DataConfig checks them, naming the flag)."""
         # With --folds the final model trains on train+validation: nothing is held out for validation.
@@ -165,7 +171,7 @@ class TrainConfig:
             (self.folds == 0 or self.folds >= 2, "folds", "0 (off) or at least 2"),
             (self.seeds >= 1, "seeds", "at least 1"),
             (self.seeds == 1 or self.folds, "seeds", "1 without --folds (it repeats the cross-validation)"),
-            (not self.folds or (self.cache_features and self.fine_tune == 0 and not self.augment), "folds",
+            (not self.folds or self.fast_path, "folds",
              "0 with --augment, --fine-tune or --no-cache-features (folds train heads on cached features)"),
             (self.label_weights is None or task == "multilabel", "label_weights", "unset without --labels"),
         )

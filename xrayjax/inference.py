@@ -7,6 +7,7 @@ in inference mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 
@@ -89,12 +90,12 @@ def infer(
     depend on it), padding dropped; ``desc`` shows a progress bar under that name.
     """
     logits, embeddings = [], []
-    for batch in tqdm(batches(split, batch_size, 1, shuffle=False), desc=desc, disable=desc is None,
-                      total=-(-len(split) // batch_size), unit="batch"):
-        keep = batch["mask"][0] > 0
-        out_logits, out_embeddings = _forward(model, variables, batch["image"][0])
-        logits.append(np.asarray(out_logits)[keep])
-        embeddings.append(np.asarray(out_embeddings)[keep])
+    with contextlib.closing(batches(split, batch_size, 1, shuffle=False)) as stream:
+        for batch in tqdm(stream, desc=desc, disable=desc is None, total=-(-len(split) // batch_size), unit="batch"):
+            keep = batch["mask"][0] > 0
+            out_logits, out_embeddings = _forward(model, variables, batch["image"][0])
+            logits.append(np.asarray(out_logits)[keep])
+            embeddings.append(np.asarray(out_embeddings)[keep])
     return np.concatenate(logits), np.concatenate(embeddings)
 
 

@@ -12,6 +12,7 @@ nothing heavy (the commands install it first).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Iterator
 
@@ -25,8 +26,10 @@ class Terminated(KeyboardInterrupt):
 
 def _raise(signum: int, frame: object) -> None:
     _pending.append(signum)
-    if not (_deferring and len(_pending) == 1):
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if _deferring and len(_pending) == 1:
+        os.write(2, b"\nstopping after the step under way (Ctrl-C again: at once)\n")  # async-signal safe
+        return
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def install() -> None:
@@ -37,7 +40,7 @@ def install() -> None:
 
 
 def pending() -> bool:
-    """Whether a signal was received (and not yet raised by :func:`raise_if_pending`)."""
+    """Whether a signal was received since :func:`install` (it stays recorded once raised)."""
     return bool(_pending)
 
 

@@ -37,6 +37,7 @@ from xrayjax.tasks import SPLITS
 from xrayjax.steps import (
     StepModel,
     TrainState,
+    batch_sharding,
     build_step_model,
     create_train_state,
     epoch_key,
@@ -146,12 +147,13 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: StepModel, splits: Splits, devices: list, timings: Timings):
         self.config, self.model, self.splits, self.devices, self.timings = config, model, splits, devices, timings
-        self.local = [devices[i] for i in distributed.local_positions(devices)]  # this process's, in shard order
-        self.home = self.local[0]
-        self.fast = config.cache_features and model.frozen_backbone and not config.augment
+        self.home = devices[distributed.local_positions(devices)[0]]  # this process's first device
+        self.fast = config.fast_path
         # the splits whose features the fast path caches (test: for the evaluation after training)
         self.cached = [n for n in SPLITS[:3 if config.evaluate else 2] if len(getattr(splits, n))]
         self.features: dict[str, tuple[jax.Array, jax.Array]] = {}
+        self.steps = math.ceil(len(splits.train) / config.batch_size)  # per training epoch
+        self.streams: list[Iterator[dict[str, Any]]] = []  # the full path's (open_streams)
 
     def _batches(self, split: Split, shuffle: bool, epochs: Sequence[int] = (0,), start: int = 0
                  ) -> Iterator[dict[str, Any]]:
@@ -160,19 +162,18 @@ class Trainer:
         c = self.config
         return batches(split, c.batch_size, len(self.devices), shuffle=shuffle, seed=c.seed, epochs=epochs,
                        start=start, shards=distributed.local_positions(self.devices),
-                       workers=c.workers, devices=self.local)
+                       workers=c.workers, sharding=batch_sharding(self.devices))
 
     def open_streams(self, epoch: int, step: int) -> None:
         """The full path's batches of the epochs left, from ``step`` of ``epoch``: one stream (one
         set of readers) for training and one for validation."""
         epochs, train, validation = range(epoch, self.config.epochs), self.splits.train, self.splits.validation
-        self.steps = math.ceil(len(train) / self.config.batch_size)
         self.streams = [] if self.fast else [self._batches(train, True, epochs, step)]
         if not self.fast and len(validation):
             self.streams.append(self._batches(validation, False, epochs))
 
     def close(self) -> None:
-        for stream in getattr(self, "streams", ()):
+        for stream in self.streams:
             stream.close()
 
     def _epoch_index(self, name: str, shuffle: bool, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +206,8 @@ class Trainer:
         """The full path's train and eval steps, or the fast path's head epochs."""
         if not self.fast:
             c, train = self.config, self.splits.train  # the first batch, read alone (no read-ahead)
-            example = StepBatches(train, *batch_rows(len(train), c.batch_size, shuffle=False), len(self.devices),
-                                  distributed.local_positions(self.devices))[0]
+            example = StepBatches(train, c.batch_size, len(self.devices), distributed.local_positions(self.devices),
+                                  shuffle=False)[0]
             self.train_fn = self._compiled(make_train_step(self.model, self.devices), state, example, epoch_key(0, 0))
             self.eval_fn = self._compiled(make_eval_step(self.model, self.devices), state, example)
             return
@@ -257,11 +258,14 @@ class Trainer:
         else:
             per_step = []
             with interrupts.deferred():
-                for step, batch in zip(range(first, self.steps), self.streams[0]):
-                    if interrupts.pending() and stop is not None:
-                        stop(state, step, _sums(jax.device_get(per_step)))
-                    interrupts.raise_if_pending()
-                    state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
+                for step in range(first, self.steps):
+                    if interrupts.pending():  # before the next batch: a stopped reader cannot stop this
+                        done = jax.device_get(per_step)
+                        check_finite(done, epoch, first)  # a diverged state is not kept
+                        if stop is not None:
+                            stop(state, step, _sums(done))
+                        interrupts.raise_if_pending()
+                    state, metrics = self.train_fn(state, next(self.streams[0]), jax.random.fold_in(key, step))
                     per_step.append(metrics)
         per_step = jax.device_get(per_step)
         check_finite(per_step, epoch, first)
@@ -297,6 +301,10 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
     if checkpoint is not None and checkpoint.epoch >= config.epochs:
         raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
                          f"--epochs is the total, so pass --epochs above {checkpoint.epoch} to train more")
+    if checkpoint is not None and checkpoint.step and config.fast_path:
+        raise ValueError(f"--resume: the run in {run_dir} stopped after step {checkpoint.step} of epoch "
+                         f"{checkpoint.epoch + 1}, which the cached-features path cannot start from; resume it "
+                         "with --no-cache-features (the same batches, the backbone run every step)")
     backbone = None
     if checkpoint is None:  # before the data, so missing weights stop the run at once
         if config.init == "random":
@@ -399,15 +407,10 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
             if checkpoint is None or not checkpoint.trained:
                 runfiles.write_splits(run_dir, splits)
         trainer = Trainer(config, model, splits, devices, timings)
-        if checkpoint is not None and checkpoint.step and trainer.fast:
-            raise ValueError(f"--resume: the run in {run_dir} stopped after step {checkpoint.step} of epoch "
-                             f"{start + 1}, which the cached-features path cannot start from; resume it with "
-                             "--no-cache-features (the same batches, the backbone run every step)")
         state = trainer.place(state)
-        if start < config.epochs:
-            trainer.compile(state)
-            if trainer.fast:
-                trainer.cache(log)
+        trainer.compile(state)
+        if trainer.fast:
+            trainer.cache(log)
         try:
             state = _train_epochs(config, trainer, state, checkpoint, history, log, writer)
         finally:
@@ -433,6 +436,7 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
     run_dir = Path(config.out)
     start, step, done = (checkpoint.epoch, checkpoint.step, checkpoint.sums) if checkpoint else (0, 0, {})
     frozen_sha = checkpoint.frozen_sha256 if checkpoint else None
+    kept = (f"epoch {start}" + (f", step {step}" if step else "")) if checkpoint else None  # on disk
     trainer.open_streams(start, step)
     bar = tqdm(total=(config.epochs - start) * trainer.steps - step, desc="training", unit="step",
                disable=not log.bars)
@@ -453,9 +457,8 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
                 sums = {k: done.get(k, 0.0) + v for k, v in sums.items()}
                 step, done = 0, {}
             except TrainingDiverged as e:
-                kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch
-                        else "no checkpoint was written")
-                raise TrainingDiverged(f"{e}; training stopped and {kept}. Try a lower --lr (now {config.lr})"
+                left = f"the last good checkpoint ({kept}) is kept in {run_dir}" if kept else "no checkpoint was written"
+                raise TrainingDiverged(f"{e}; training stopped and {left}. Try a lower --lr (now {config.lr})"
                                        + (" or train without --bf16" if config.bf16 else "") + ".") from None
             train_loss, train_acc = rates(sums)
             val = trainer.validate(state)
@@ -466,9 +469,11 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
                 runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
                 frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch + 1,
                                                        frozen_sha)
+            kept = f"epoch {epoch + 1}"
             trainer.timings.add("train", time.perf_counter() - began)
             shown = {k: f"{v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "seconds")}
             bar.set_postfix(shown)
             if not log.bars:
                 log(f"epoch {epoch + 1}/{config.epochs}: " + " ".join(f"{k} {v}" for k, v in shown.items()))
+    interrupts.raise_if_pending()  # a signal in the last epoch's last step: the run is kept, and still stops
     return state

@@ -35,7 +35,7 @@ from flax import linen as nn
 
 from xrayjax.config import TrainConfig
 from xrayjax.data import Splits, load_splits
-from xrayjax.models import create_model
+from xrayjax.models import Classifier, create_model
 from xrayjax.tasks import canonical_task
 from xrayjax.atomic import write_atomic
 from xrayjax.steps import StepModel, TrainState, split_trainable
@@ -194,7 +194,8 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
         raise RunFolderError(f"{path}: 'config' must be an object and 'num_devices' a positive integer")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = meta["config"]
-    unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
+    # a setting a resumed run may change leaves what was trained as it is: missing, it takes its default
+    unknown, missing = sorted(set(settings) - known), sorted(known - set(settings) - RESUMABLE_CHANGES)
     if unknown:
         raise RunFolderError(f"{path} has settings this version of xrayjax does not know: "
                              f"{', '.join(unknown)} (written by a newer version?)")
@@ -223,10 +224,10 @@ def write_imported_checkpoint(run_dir: Path, variables: dict[str, Any]) -> None:
     _write_checkpoint_files(run_dir, {"step": 0, **jax.tree.map(np.asarray, part("head"))}, part("backbone"), 0, None)
 
 
-def imported_model(config: TrainConfig, record: dict[str, Any]) -> nn.Module:
+def imported_model(config: TrainConfig, record: dict[str, Any]) -> Classifier:
     """The Classifier of an imported Keras model: the zoo backbone with the recorded
     preprocessing, then :class:`~xrayjax.models.heads.KerasHead` of the recorded layers."""
-    from xrayjax.models import Classifier, create_backbone
+    from xrayjax.models import create_backbone
     from xrayjax.models.heads import KerasHead
 
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32

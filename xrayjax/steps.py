@@ -184,11 +184,19 @@ def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float
     )
 
 
+def _local_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """This process's ``devices`` in their pmap order, as the 1-D mesh of pmap's axis."""
+    return jax.sharding.Mesh(np.asarray([devices[i] for i in distributed.local_positions(devices)]), (AXIS,))
+
+
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
     """Put ``tree`` on this process's ``devices`` as pmap's ``in_axes=None`` expects it."""
-    local = [devices[i] for i in distributed.local_positions(devices)]
-    mesh = jax.sharding.Mesh(np.asarray(local), (AXIS,))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.device_put(tree, jax.sharding.NamedSharding(_local_mesh(devices), jax.sharding.PartitionSpec()))
+
+
+def batch_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
+    """Where a batch's leading device axis goes on this process's ``devices``, as pmap takes it."""
+    return jax.sharding.NamedSharding(_local_mesh(devices), jax.sharding.PartitionSpec(AXIS))
 
 
 def _mask_batchnorm(mask: jax.Array) -> Callable:

@@ -12,6 +12,7 @@ epoch already trained: the position a mid-epoch checkpoint records.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,62 +37,81 @@ def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: 
 
 
 class StepBatches(Sequence):
-    """Batches by step (a grain source, picklable for its workers): {"image", "label",
-    "mask"} shaped (len(shards), B/D, ...), images as stored (:meth:`Split.read`)."""
+    """Batches by step of the ``epochs`` in turn (a grain source, picklable for its workers):
+    {"image", "label", "mask"} shaped (len(shards), B/D, ...), images as stored
+    (:meth:`Split.read`). An epoch's order is drawn when its first step is read, so the source
+    stays small however many epochs it spans."""
 
-    def __init__(self, split: Split, rows: np.ndarray, mask: np.ndarray, num_devices: int, shards: Sequence[int]):
-        per_device = rows.shape[1] // num_devices
-        self.split, self.shards, self.per_device = split, list(shards), per_device
-        self.rows = rows.reshape(len(rows), num_devices, per_device)[:, self.shards]
-        self.mask = mask.reshape(len(mask), num_devices, per_device)[:, self.shards]
+    def __init__(self, split: Split, batch_size: int, num_devices: int, shards: Sequence[int], *, shuffle: bool,
+                 seed: int = 0, epochs: Sequence[int] = (0,)):
+        self.split, self.batch_size, self.num_devices, self.shards = split, batch_size, num_devices, list(shards)
+        self.shuffle, self.seed, self.epochs = shuffle, seed, list(epochs)
+        self.per_epoch = -(-len(split) // batch_size)
+        self._order: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # the last epoch drawn
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.per_epoch * len(self.epochs)
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        rows, mask = self.rows[step].reshape(-1), self.mask[step]
-        real = mask.reshape(-1) > 0
+        epoch, at = self.epochs[step // self.per_epoch], step % self.per_epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, batch_rows(len(self.split), self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                                            epoch=epoch)
+        per_device = self.batch_size // self.num_devices
+        rows, mask = (a[at].reshape(self.num_devices, per_device)[self.shards] for a in self._order[1])
+        rows, real = rows.reshape(-1), mask.reshape(-1) > 0
         labels = self.split.labels
         image = np.zeros((len(rows), *self.split.stored_shape[1:]), np.uint8)
         label = np.zeros((len(rows), *labels.shape[1:]), labels.dtype)
         if real.any():
             image[real], label[real] = self.split.read(rows[real]), labels[rows[real]]
-        return {"image": image.reshape(len(self.shards), self.per_device, *image.shape[1:]),
-                "label": label.reshape(len(self.shards), self.per_device, *labels.shape[1:]), "mask": mask}
+        return {"image": image.reshape(len(self.shards), per_device, *image.shape[1:]),
+                "label": label.reshape(len(self.shards), per_device, *labels.shape[1:]), "mask": mask}
+
+
+def _ignore_signals(worker: int, workers: int) -> None:
+    """A reader process leaves Ctrl-C and SIGTERM to the training process, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
             epochs: Sequence[int] = (0,), shards: Sequence[int] | None = None, workers: int = 0, start: int = 0,
-            devices: Sequence[Any] | None = None) -> Iterator[dict[str, Any]]:
+            sharding: Any = None) -> Iterator[dict[str, Any]]:
     """Global batches {"image", "label", "mask"} shaped (D, B/D, ...), the epochs ``epochs`` one
     after another, each in :func:`batch_rows`' order, from the stream's step ``start``
     (multilabel labels (D, B/D, L)); an epoch's last batch padded with zeros, mask 0.
     ``shards``: only those device rows of each batch, the only images read (a process's share of
-    the devices). ``workers``: reader processes (0: a thread). ``devices``: the devices of
-    ``shards``, where the batches are placed ahead of their step (None: numpy batches)."""
-    import grain
-    from absl import flags
+    the devices). ``workers``: reader processes (0: a thread). ``sharding``: where the batches
+    are placed ahead of their step (:func:`xrayjax.steps.batch_sharding`; None: numpy batches).
 
+    Raises ValueError at once for a batch size the devices cannot split.
+    """
     if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
         raise ValueError(
             f"batch_size ({batch_size}) must be a positive multiple of num_devices ({num_devices})"
         )
-    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag in its workers (google/grain#1355)
-        flags.FLAGS.mark_as_parsed()
-    parts = [batch_rows(len(split), batch_size, shuffle=shuffle, seed=seed, epoch=e) for e in epochs]
-    rows, mask = (np.concatenate(p) for p in zip(*parts))
-    steps = StepBatches(split, rows, mask, num_devices, range(num_devices) if shards is None else shards)
+    steps = StepBatches(split, batch_size, num_devices, range(num_devices) if shards is None else shards,
+                        shuffle=shuffle, seed=seed, epochs=epochs)
+    return _stream(steps, workers, start, sharding)
+
+
+def _stream(steps: StepBatches, workers: int, start: int, sharding: Any) -> Iterator[dict[str, Any]]:
+    import grain
+
     dataset = grain.MapDataset.source(steps)[start:].to_iter_dataset(
         grain.ReadOptions(num_threads=0 if workers else 1, prefetch_buffer_size=2))
     if workers:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-    if devices is not None:
-        import jax
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag in its workers (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                                      worker_init_fn=_ignore_signals)
+    if sharding is not None:
         from grain.experimental import device_put
 
-        on = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)),
-                                        jax.sharding.PartitionSpec("d"))
-        dataset = device_put(dataset, on, cpu_buffer_size=2, device_buffer_size=DEVICE_BUFFER)
+        dataset = device_put(dataset, sharding, cpu_buffer_size=2, device_buffer_size=DEVICE_BUFFER)
     iterator = iter(dataset)
     try:
         yield from iterator
