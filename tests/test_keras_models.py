@@ -331,7 +331,8 @@ def _report_model(arch, task, outputs, nested):
     return _randomize(keras.Model(inputs, x))
 
 
-@pytest.mark.parametrize("arch,task,outputs,nested", [("vgg16", "binary", 1, False), ("resnet50", "multiclass", 3, True)])
+@pytest.mark.parametrize("arch,task,outputs,nested", [
+    ("vgg16", "binary", 1, False), ("vgg19", "multiclass", 4, False), ("resnet50", "multiclass", 3, True)])
 def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, xrays, arch, task, outputs, nested):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
@@ -339,7 +340,7 @@ def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, xrays, arch, t
     model = _report_model(arch, task, outputs, nested)
     with h5py.File(tmp_path / "weights.h5", "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    names = ["a", "b"] if task == "binary" else ["a", "b", "c"]
+    names = ["a", "b"] if task == "binary" else ["a", "b", "c", "d"][:outputs]
     run_dir = import_keras_run(tmp_path / "weights.h5", tmp_path / "run", names, "none", arch, task, SIZE)
     run = load_run(run_dir)
     from xrayjax.inference import _forward
@@ -349,8 +350,9 @@ def test_report_models_weights_only_legacy_h5_and_whole(tmp_path, xrays, arch, t
     got = probabilities(np.asarray(logits))
     want = model.predict(x, verbose=0)
     np.testing.assert_allclose(got[:, 1:] if outputs == 1 else got, want, atol=1e-5, rtol=0)
-    with pytest.raises(KerasImportError, match="read as --arch vgg19"):
-        import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", "vgg19", task, SIZE)
+    wrong = "vgg16" if arch == "vgg19" else "vgg19"
+    with pytest.raises(KerasImportError, match=f"read as --arch {wrong}"):
+        import_keras_run(tmp_path / "weights.h5", tmp_path / "run2", names, "none", wrong, task, SIZE)
     assert not (tmp_path / "run2").exists()
     model.save_weights(tmp_path / "model.weights.h5")  # Keras 3's weights-only format
     v3 = load_run(import_keras_run(tmp_path / "model.weights.h5", tmp_path / "v3", names, "none", arch, task, SIZE))
