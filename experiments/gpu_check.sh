@@ -95,8 +95,8 @@ done
 
 log "input pipeline beside a plain loop: the reader thread, then worker processes"
 for flags in "${inputs[@]}"; do
-  # shellcheck disable=SC2086  # a list of flags
   case $flags in --fed*) ;; *) flags="--input $flags" ;; esac
+  # shellcheck disable=SC2086  # a list of flags
   python3 -m xrayjax.bench $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
     2>>"$out/gpu_check.log"
 done

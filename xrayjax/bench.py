@@ -8,7 +8,8 @@ by ``block_until_ready``. Inputs rotate over a few random batches so no cache ho
 One JSON line per configuration goes to stdout and is appended to ``experiments/bench.jsonl``.
 With ``--reference FILE`` (``experiments/plain_flax_step.py``) the plain-Flax reference step
 runs after each configuration in the same process, and the record holds the ratio.
-``--input`` measures the input pipeline alone instead (:func:`bench_input`), ``kind: "input"``.
+``--input`` measures the input pipeline alone instead (:func:`bench_input`), ``kind: "input"``;
+``--fed`` the step fed by it beside the step alone (:func:`bench_fed`), ``kind: "fed"``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
     """Measure one configuration; returns the JSON record."""
     devices = _local_devices(batch)
     model = build_step_model(arch, task, bf16=dtype == "bf16")
-    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))  # donated twice
+    variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
     state = replicate(create_train_state(model, variables, lr=1e-4), devices)
     inputs = _device_batches(cfg, max(2, model.head.outputs), batch, devices)  # binary: 1 logit
     rng = jax.random.key(cfg.seed)
@@ -174,8 +175,8 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     batched, placed on the local devices and, with ``augment``, rotated, shifted and zoomed there
     by the train step's own function. Beside it, in the same run, the plain loop it must beat:
     one thread reading each batch's records and handing them to the devices. Images/s is over
-    at least ``cfg.stream_batches`` batches of one stream, after an untimed first epoch (worker start,
-    compiles); the readers' buffers (2 + 2 per worker, then 2 on the devices) hold a few of them."""
+    at least ``cfg.stream_batches`` batches of one stream, after untimed epochs of at least
+    :func:`_untimed` batches (worker start, compiles, the readers' buffers filling)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
     from xrayjax.data.loader import batch_rows
@@ -187,7 +188,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
                      (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
     key = jax.random.key(cfg.seed)
     steps = -(-len(train) // batch)
-    epochs = range(1 + -(-cfg.stream_batches // steps))
+    epochs = range((warm := _untimed(workers, steps)) + -(-cfg.stream_batches // steps))
 
     def plain() -> Iterator[np.ndarray]:
         for epoch in epochs:
@@ -195,26 +196,35 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
                 yield train.read(rows).reshape(len(devices), batch // len(devices), *train.stored_shape[1:])
 
     def rate(stream: Iterator) -> float:
-        return _rate(stream, lambda images: place(images, key), steps, len(train) * (len(epochs) - 1))
+        return _rate(stream, lambda images: place(images, key), warm * steps, len(train) * (len(epochs) - warm))
 
     ours = rate(b["image"] for b in batches(train, batch, len(devices), shuffle=True, seed=cfg.seed,
                                             epochs=epochs, workers=workers, sharding=batch_sharding(devices)))
     baseline = rate(plain())
     return {"kind": "input", "images": len(train), "batch": batch, "image_size": cfg.image_size,
             "augment": augment, "workers": workers, "images_per_s": ours, "plain_loop_images_per_s": baseline,
-            "vs_plain_loop": round(ours / baseline, 2), "batches_timed": (len(epochs) - 1) * steps,
+            "vs_plain_loop": round(ours / baseline, 2), "batches_timed": (len(epochs) - warm) * steps,
             "device": f"{devices[0].device_kind} x{len(devices)}", "jax": jax.__version__,
             "date": datetime.date.today().isoformat()}
+
+
+def _untimed(workers: int, steps: int) -> int:
+    """The epochs (of ``steps`` batches) left untimed: every reader started and its buffers
+    full (2 batches a worker, 2 on the host, 2 on the devices)."""
+    return -(-(2 * workers + 4) // steps)
 
 
 def _rate(stream: Iterator, consume: Callable[[Any], Any], untimed: int, images: int) -> float:
     """Images/s of ``consume`` over ``stream`` after its first ``untimed`` items, to the last
     result's ``block_until_ready``; ``images`` are those of the timed items."""
+    i = -1
     for i, item in enumerate(stream):
         out = consume(item)
         if i == untimed - 1:
             jax.block_until_ready(out)
             began = time.perf_counter()
+    if i < untimed:
+        raise ValueError(f"the stream held {i + 1} batches, none after the {untimed} untimed")
     jax.block_until_ready(out)
     return round(images / (time.perf_counter() - began), 1)
 
@@ -225,7 +235,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     pipeline (:func:`xrayjax.data.batches`, ``workers`` readers) over the prepared training split,
     beside the same step on batches already on the devices: the share of the step's own
     throughput that training end to end keeps. Both over at least ``cfg.stream_batches`` steps, after
-    an untimed epoch (compiles, worker start)."""
+    :func:`_untimed` epochs (compiles, worker start)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
 
@@ -235,11 +245,12 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     task = "binary" if classes == 2 else "multiclass"
     model = build_step_model(arch, task, bf16=dtype == "bf16", fine_tune=fine_tune, num_classes=classes,
                              augment=AugmentConfig() if augment else None)
-    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))  # donated twice
+    # on the host: each rate() below builds its own state from them, which its steps donate
+    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))
     step, rng = make_train_step(model, devices), jax.random.key(cfg.seed)
     steps = -(-len(train) // batch)
-    epochs = range(1 + -(-cfg.stream_batches // steps))
-    timed = len(train) * (len(epochs) - 1)
+    epochs = range((warm := _untimed(workers, steps)) + -(-cfg.stream_batches // steps))
+    timed = len(train) * (len(epochs) - warm)
 
     def rate(stream: Iterator) -> float:
         state = replicate(create_train_state(model, variables, lr=1e-4), devices)
@@ -248,19 +259,20 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
             nonlocal state
             state, metrics = step(state, b, rng)
             return metrics
-        return _rate(stream, train_step, steps, timed)
+        return _rate(stream, train_step, warm * steps, timed)
 
     def stream() -> Iterator[dict]:
         return batches(train, batch, len(devices), shuffle=True, seed=cfg.seed, epochs=epochs, workers=workers,
                        sharding=batch_sharding(devices))
 
-    placed = list(itertools.islice(stream(), cfg.input_sets))  # the pipeline's own batches, on the devices
+    with contextlib.closing(stream()) as first:  # the pipeline's own batches, on the devices
+        placed = list(itertools.islice(first, cfg.input_sets))
     own = rate(placed[i % len(placed)] for i in range((len(epochs)) * steps))
     fed = rate(stream())
     return {"kind": "fed", "arch": arch, "task": task, "dtype": dtype, "batch": batch, "image_size": cfg.image_size,
             "fine_tune": fine_tune, "augment": augment, "workers": workers, "images": len(train),
             "images_per_s": fed, "step_images_per_s": own, "vs_step": round(fed / own, 3),
-            "batches_timed": (len(epochs) - 1) * steps, "device": f"{devices[0].device_kind} x{len(devices)}",
+            "batches_timed": (len(epochs) - warm) * steps, "device": f"{devices[0].device_kind} x{len(devices)}",
             "jax": jax.__version__, "date": datetime.date.today().isoformat()}
 
 
@@ -319,9 +331,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="FILE",
                    help="also time the plain-Flax reference step in FILE (experiments/plain_flax_step.py) "
                    "for each configuration, in this process, and record the ratio")
-    p.add_argument("--input", action="store_true",
-                   help="measure the input pipeline alone instead (read, decode, batch, transfer; "
-                   "one record per --batches, kind \"input\"), over the prepared training split of --data-dir")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--input", action="store_true",
+                      help="measure the input pipeline alone instead (read, decode, batch, transfer; "
+                      "one record per --batches, kind \"input\"), over the prepared training split of --data-dir")
     p.add_argument("--data-dir", help="with --input or --fed: the dataset (default ../shared/covid_xray)")
     p.add_argument("--tfds-dir", help="with --input or --fed: where its prepared data lives (default: TFDS' own)")
     p.add_argument("--augment", action="store_true",
@@ -329,11 +342,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", nargs="+", type=int, default=[0], metavar="N",
                    help="with --input or --fed: reader processes to measure, one record each (0: a reader thread; "
                    "default 0)")
-    p.add_argument("--fed", action="store_true",
-                   help="measure the train step fed by the input pipeline instead, beside the same step on "
-                   "batches already on the devices (kind \"fed\", vs_step: the share kept end to end), over the "
-                   "prepared training split of --data-dir; one record per --models arch, --dtypes, --batches "
-                   "and --workers")
+    mode.add_argument("--fed", action="store_true",
+                      help="measure the train step fed by the input pipeline instead, beside the same step on "
+                      "batches already on the devices (kind \"fed\", vs_step: the share kept end to end), over "
+                      "the prepared training split of --data-dir; one record per --models arch, --dtypes, "
+                      "--batches and --workers. Training feeds the step this way with --fine-tune, --augment or "
+                      "--no-cache-features")
     p.add_argument("--stream-batches", type=int, default=d.stream_batches, metavar="N",
                    help=f"with --input or --fed: timed batches, many more than the readers' buffers hold "
                    f"(default {d.stream_batches})")
@@ -343,7 +357,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.stream_batches < 1:
+        parser.error(f"--stream-batches must be at least 1, got {args.stream_batches}")
     cfg = BenchConfig(
         models=tuple(args.models), dtypes=tuple(args.dtypes), batches=tuple(args.batches),
         image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,

@@ -3,9 +3,10 @@
 A signal handler's exception is raised wherever Python happens to be; in a finalizer (a
 generator or object collected mid-step) Python prints it as "Exception ignored" and goes on.
 So the handler also records the signal, and the training loop calls :func:`raise_if_pending`
-at each step, which raises it again. Inside :func:`deferred` (an epoch's steps) the first
-signal is only recorded, so it is raised between two steps, where the state and the epoch's
-metrics agree and a mid-epoch checkpoint can be written; a second one raises at once. Imports
+at each step, which raises it again. Inside :func:`deferred` (an epoch) the first signal is
+only recorded, so it is raised between two steps, where the state and the epoch's metrics
+agree and a mid-epoch checkpoint can be written, or once the epoch's checkpoint is written;
+a second one raises at once. Imports
 nothing heavy (the commands install it first).
 """
 
@@ -27,7 +28,10 @@ class Terminated(KeyboardInterrupt):
 def _raise(signum: int, frame: object) -> None:
     _pending.append(signum)
     if _deferring and len(_pending) == 1:
-        os.write(2, b"\nstopping after the step under way (Ctrl-C again: at once)\n")  # async-signal safe
+        try:  # async-signal safe; stderr may be a closed pipe (a `| tee` that the Ctrl-C ended)
+            os.write(2, b"\nstopping after the step under way (Ctrl-C again: at once)\n")
+        except OSError:
+            pass
         return
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 

@@ -248,8 +248,8 @@ class Trainer:
     def train_epoch(self, state: TrainState, epoch: int, bar: Any, first: int = 0,
                     stop: Callable[[TrainState, int, dict], None] | None = None) -> tuple[TrainState, dict]:
         """Train ``epoch`` from step ``first``; the summed metrics of its steps from ``first``. On
-        the full path a Ctrl-C or SIGTERM is raised between two steps, after ``stop(state, steps
-        done, their sums)``."""
+        the full path a signal deferred by the caller (:func:`xrayjax.interrupts.deferred`) is
+        raised between two steps, after ``stop(state, steps done, their sums)``."""
         key = epoch_key(self.config.seed, epoch)
         if self.fast:
             state, metrics = self.head_train(state, *self.features["train"], *self._epoch_index("train", True, epoch),
@@ -257,16 +257,22 @@ class Trainer:
             per_step = [{k: v[s] for k, v in metrics.items()} for s in range(len(metrics["count"]))]
         else:
             per_step = []
-            with interrupts.deferred():
-                for step in range(first, self.steps):
-                    if interrupts.pending():  # before the next batch: a stopped reader cannot stop this
-                        done = jax.device_get(per_step)
-                        check_finite(done, epoch, first)  # a diverged state is not kept
-                        if stop is not None:
-                            stop(state, step, _sums(done))
-                        interrupts.raise_if_pending()
-                    state, metrics = self.train_fn(state, next(self.streams[0]), jax.random.fold_in(key, step))
-                    per_step.append(metrics)
+            for step in range(first, self.steps):
+                batch = None
+                if not interrupts.pending():
+                    try:
+                        batch = next(self.streams[0])
+                    except Exception:  # a reader the signal ended: the signal is what to report
+                        if not interrupts.pending():
+                            raise
+                if interrupts.pending():
+                    done = jax.device_get(per_step)
+                    check_finite(done, epoch, first)  # a diverged state is not kept
+                    if stop is not None:
+                        stop(state, step, _sums(done))
+                    interrupts.raise_if_pending()
+                state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
+                per_step.append(metrics)
         per_step = jax.device_get(per_step)
         check_finite(per_step, epoch, first)
         bar.update(len(per_step))
@@ -432,11 +438,12 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
 def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, checkpoint: runfiles.Checkpoint | None,
                   history: list, log: Log, writer: bool) -> TrainState:
     """The epochs after ``checkpoint`` (all for a fresh run): train, validate, and write the
-    history and checkpoint; a run stopped between two steps writes where it stopped."""
+    history and checkpoint. A signal is deferred: raised between two steps, after writing where
+    the run stopped, or once the epoch's checkpoint is written."""
     run_dir = Path(config.out)
     start, step, done = (checkpoint.epoch, checkpoint.step, checkpoint.sums) if checkpoint else (0, 0, {})
     frozen_sha = checkpoint.frozen_sha256 if checkpoint else None
-    kept = (f"epoch {start}" + (f", step {step}" if step else "")) if checkpoint else None  # on disk
+    kept = (f"step {step} of epoch {start + 1}" if step else f"epoch {start}") if checkpoint else None  # on disk
     trainer.open_streams(start, step)
     bar = tqdm(total=(config.epochs - start) * trainer.steps - step, desc="training", unit="step",
                disable=not log.bars)
@@ -452,28 +459,30 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
         for epoch in range(start, config.epochs):
             interrupts.raise_if_pending()
             began = time.perf_counter()
-            try:
-                state, sums = trainer.train_epoch(state, epoch, bar, step, stop)
+            with interrupts.deferred():
+                try:
+                    state, sums = trainer.train_epoch(state, epoch, bar, step, stop)
+                except TrainingDiverged as e:
+                    left = (f"the last good checkpoint ({kept}) is kept in {run_dir}" if kept
+                            else "no checkpoint was written")
+                    raise TrainingDiverged(f"{e}; training stopped and {left}. Try a lower --lr (now {config.lr})"
+                                           + (" or train without --bf16" if config.bf16 else "") + ".") from None
                 sums = {k: done.get(k, 0.0) + v for k, v in sums.items()}
                 step, done = 0, {}
-            except TrainingDiverged as e:
-                left = f"the last good checkpoint ({kept}) is kept in {run_dir}" if kept else "no checkpoint was written"
-                raise TrainingDiverged(f"{e}; training stopped and {left}. Try a lower --lr (now {config.lr})"
-                                       + (" or train without --bf16" if config.bf16 else "") + ".") from None
-            train_loss, train_acc = rates(sums)
-            val = trainer.validate(state)
-            validation = dict(zip(("val_loss", "val_accuracy"), rates(val))) if val["count"] else {}
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **validation,
-                            "seconds": time.perf_counter() - began})
-            if writer:
-                runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
-                frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch + 1,
-                                                       frozen_sha)
-            kept = f"epoch {epoch + 1}"
+                train_loss, train_acc = rates(sums)
+                val = trainer.validate(state)
+                validation = dict(zip(("val_loss", "val_accuracy"), rates(val))) if val["count"] else {}
+                history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                                **validation, "seconds": time.perf_counter() - began})
+                if writer:
+                    runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
+                    frozen_sha = runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch + 1,
+                                                           frozen_sha)
+                kept = f"epoch {epoch + 1}"
             trainer.timings.add("train", time.perf_counter() - began)
             shown = {k: f"{v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "seconds")}
             bar.set_postfix(shown)
             if not log.bars:
                 log(f"epoch {epoch + 1}/{config.epochs}: " + " ".join(f"{k} {v}" for k, v in shown.items()))
-    interrupts.raise_if_pending()  # a signal in the last epoch's last step: the run is kept, and still stops
+    interrupts.raise_if_pending()  # a signal in the last epoch: the run is kept, and still stops
     return state

@@ -54,11 +54,12 @@ class StepBatches(Sequence):
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         epoch, at = self.epochs[step // self.per_epoch], step % self.per_epoch
-        if self._order is None or self._order[0] != epoch:
-            self._order = epoch, batch_rows(len(self.split), self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                                            epoch=epoch)
+        order = self._order  # read once: another reader thread may replace it
+        if order is None or order[0] != epoch:
+            order = self._order = epoch, batch_rows(len(self.split), self.batch_size, shuffle=self.shuffle,
+                                                    seed=self.seed, epoch=epoch)
         per_device = self.batch_size // self.num_devices
-        rows, mask = (a[at].reshape(self.num_devices, per_device)[self.shards] for a in self._order[1])
+        rows, mask = (a[at].reshape(self.num_devices, per_device)[self.shards] for a in order[1])
         rows, real = rows.reshape(-1), mask.reshape(-1) > 0
         labels = self.split.labels
         image = np.zeros((len(rows), *self.split.stored_shape[1:]), np.uint8)
@@ -69,10 +70,10 @@ class StepBatches(Sequence):
                 "label": label.reshape(len(self.shards), per_device, *labels.shape[1:]), "mask": mask}
 
 
-def _ignore_signals(worker: int, workers: int) -> None:
-    """A reader process leaves Ctrl-C and SIGTERM to the training process, which stops it."""
+def _ignore_ctrl_c(worker: int, workers: int) -> None:
+    """A reader process leaves Ctrl-C (sent to the terminal's whole process group) to the
+    training process, which stops it; SIGTERM still ends it quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batches(split: Split, batch_size: int, num_devices: int, *, shuffle: bool, seed: int = 0,
@@ -107,7 +108,7 @@ def _stream(steps: StepBatches, workers: int, start: int, sharding: Any) -> Iter
         if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag in its workers (google/grain#1355)
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
-                                      worker_init_fn=_ignore_signals)
+                                      worker_init_fn=_ignore_ctrl_c)
     if sharding is not None:
         from grain.experimental import device_put
 
