@@ -175,8 +175,8 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     batched, placed on the local devices and, with ``augment``, rotated, shifted and zoomed there
     by the train step's own function. Beside it, in the same run, the plain loop it must beat:
     one thread reading each batch's records and handing them to the devices. Images/s is over
-    at least ``cfg.stream_batches`` batches of one stream, after untimed epochs of at least
-    :func:`_untimed` batches (worker start, compiles, the readers' buffers filling)."""
+    at least ``cfg.stream_batches`` batches of one stream, after untimed epochs (worker start,
+    compiles, the readers' buffers filling: :func:`_stream_plan`)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
     from xrayjax.data.loader import batch_rows
@@ -187,8 +187,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     place = jax.pmap((lambda x, key: augment_step_images(AugmentConfig(), x, key)) if augment else
                      (lambda x, key: x), axis_name=AXIS, in_axes=(0, None), devices=devices)
     key = jax.random.key(cfg.seed)
-    steps = -(-len(train) // batch)
-    epochs = range((warm := _untimed(workers, steps)) + -(-cfg.stream_batches // steps))
+    steps, epochs, warm = _stream_plan(cfg, len(train), batch, workers)
 
     def plain() -> Iterator[np.ndarray]:
         for epoch in epochs:
@@ -208,10 +207,13 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
             "date": datetime.date.today().isoformat()}
 
 
-def _untimed(workers: int, steps: int) -> int:
-    """The epochs (of ``steps`` batches) left untimed: every reader started and its buffers
-    full (2 batches a worker, 2 on the host, 2 on the devices)."""
-    return -(-(2 * workers + 4) // steps)
+def _stream_plan(cfg: BenchConfig, images: int, batch: int, workers: int) -> tuple[int, range, int]:
+    """(batches an epoch, the epochs of the stream, how many of them are untimed) for a split of
+    ``images``: the untimed epochs see every reader started and its buffers full (2 batches a
+    worker, 2 on the host, 2 on the devices); the rest hold at least ``cfg.stream_batches``."""
+    steps = -(-images // batch)
+    warm = -(-(2 * workers + 4) // steps)
+    return steps, range(warm + -(-cfg.stream_batches // steps)), warm
 
 
 def _rate(stream: Iterator, consume: Callable[[Any], Any], untimed: int, images: int) -> float:
@@ -235,7 +237,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     pipeline (:func:`xrayjax.data.batches`, ``workers`` readers) over the prepared training split,
     beside the same step on batches already on the devices: the share of the step's own
     throughput that training end to end keeps. Both over at least ``cfg.stream_batches`` steps, after
-    :func:`_untimed` epochs (compiles, worker start)."""
+    untimed epochs (compiles, worker start: :func:`_stream_plan`)."""
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
 
@@ -248,8 +250,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     # on the host: each rate() below builds its own state from them, which its steps donate
     variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))
     step, rng = make_train_step(model, devices), jax.random.key(cfg.seed)
-    steps = -(-len(train) // batch)
-    epochs = range((warm := _untimed(workers, steps)) + -(-cfg.stream_batches // steps))
+    steps, epochs, warm = _stream_plan(cfg, len(train), batch, workers)
     timed = len(train) * (len(epochs) - warm)
 
     def rate(stream: Iterator) -> float:
@@ -267,7 +268,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
 
     with contextlib.closing(stream()) as first:  # the pipeline's own batches, on the devices
         placed = list(itertools.islice(first, cfg.input_sets))
-    own = rate(placed[i % len(placed)] for i in range((len(epochs)) * steps))
+    own = rate(placed[i % len(placed)] for i in range(len(epochs) * steps))
     fed = rate(stream())
     return {"kind": "fed", "arch": arch, "task": task, "dtype": dtype, "batch": batch, "image_size": cfg.image_size,
             "fine_tune": fine_tune, "augment": augment, "workers": workers, "images": len(train),

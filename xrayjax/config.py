@@ -107,8 +107,8 @@ class TrainConfig:
                                   flag="--no-cache-features")
     workers: int = _field(0, "reader processes feeding the devices (grain's workers, each reading a slice of the "
                           "steps, the order unchanged; 0: one reader thread in this process). Reading a prepared "
-                          "image is a copy, so workers pay only where the host has cores to spare: on 2 cores "
-                          "they are slower than the thread (experiments/bench.md)", metavar="N")
+                          "image is a record parse and a copy, so workers pay only where the host has cores to "
+                          "spare: on 2 cores they are slower than the thread (experiments/bench.md)", metavar="N")
     evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
     eval_train: bool = _field(False, "the evaluation at the end also scores the train split (its accuracy, and "
                               "train points in tsne.png): free with cached features; with --augment or "

@@ -6,8 +6,7 @@ So the handler also records the signal, and the training loop calls :func:`raise
 at each step, which raises it again. Inside :func:`deferred` (an epoch) the first signal is
 only recorded, so it is raised between two steps, where the state and the epoch's metrics
 agree and a mid-epoch checkpoint can be written, or once the epoch's checkpoint is written;
-a second one raises at once. Imports
-nothing heavy (the commands install it first).
+a second one raises at once. Imports nothing heavy (the commands install it first).
 """
 
 from __future__ import annotations

@@ -116,8 +116,12 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1,) + x.shape[2:])
 
 
-def _sums(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    return {k: float(sum(float(m[k]) for m in per_step)) for k in ("loss_sum", "correct", "count")}
+def _sums(per_step: Sequence[Mapping[str, Any]], before: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The summed ``loss_sum``, ``correct`` and ``count`` of ``per_step`` (numbers, or arrays of
+    per-step sums), added to ``before``'s (the steps of an epoch before a mid-epoch stop)."""
+    before = before or {}
+    return {k: before.get(k, 0.0) + float(sum(np.sum(m[k], dtype=np.float64) for m in per_step))
+            for k in ("loss_sum", "correct", "count")}
 
 
 def rates(sums: Mapping[str, Any]) -> tuple[float, float]:
@@ -246,10 +250,12 @@ class Trainer:
             f"{features[0].shape[1:]} each; training only the head")
 
     def train_epoch(self, state: TrainState, epoch: int, bar: Any, first: int = 0,
+                    before: Mapping[str, float] | None = None,
                     stop: Callable[[TrainState, int, dict], None] | None = None) -> tuple[TrainState, dict]:
-        """Train ``epoch`` from step ``first``; the summed metrics of its steps from ``first``. On
-        the full path a signal deferred by the caller (:func:`xrayjax.interrupts.deferred`) is
-        raised between two steps, after ``stop(state, steps done, their sums)``."""
+        """Train ``epoch`` from step ``first``; the epoch's summed metrics (``before``: those of
+        its steps before ``first``). On the full path a signal deferred by the caller
+        (:func:`xrayjax.interrupts.deferred`) is raised between two steps, after
+        ``stop(state, steps done, their summed metrics)``."""
         key = epoch_key(self.config.seed, epoch)
         if self.fast:
             state, metrics = self.head_train(state, *self.features["train"], *self._epoch_index("train", True, epoch),
@@ -258,25 +264,23 @@ class Trainer:
         else:
             per_step = []
             for step in range(first, self.steps):
-                batch = None
-                if not interrupts.pending():
-                    try:
-                        batch = next(self.streams[0])
-                    except Exception:  # a reader the signal ended: the signal is what to report
-                        if not interrupts.pending():
-                            raise
+                try:
+                    batch = None if interrupts.pending() else next(self.streams[0])
+                except Exception:  # a reader the signal ended: the signal is what to report
+                    if not interrupts.pending():
+                        raise
                 if interrupts.pending():
                     done = jax.device_get(per_step)
                     check_finite(done, epoch, first)  # a diverged state is not kept
                     if stop is not None:
-                        stop(state, step, _sums(done))
+                        stop(state, step, _sums(done, before))
                     interrupts.raise_if_pending()
                 state, metrics = self.train_fn(state, batch, jax.random.fold_in(key, step))
                 per_step.append(metrics)
         per_step = jax.device_get(per_step)
         check_finite(per_step, epoch, first)
         bar.update(len(per_step))
-        return state, _sums(per_step)
+        return state, _sums(per_step, before)
 
     def validate(self, state: TrainState) -> dict[str, float]:
         """Loss and accuracy sums over the validation split, inference mode (the full path: the
@@ -289,8 +293,7 @@ class Trainer:
         else:
             steps = math.ceil(len(split) / self.config.batch_size)
             per_call = [self.eval_fn(state, b) for b in itertools.islice(self.streams[1], steps)]
-        return {k: float(sum(np.sum(m[k], dtype=np.float64) for m in jax.device_get(per_call)))
-                for k in ("loss_sum", "correct", "count")}
+        return _sums(jax.device_get(per_call))
 
 
 def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, quiet: bool
@@ -451,8 +454,7 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
     def stop(state: TrainState, at: int, sums: dict[str, float]) -> None:  # mid-epoch: keep where it stopped
         if writer and at > step:
             runfiles.write_json(run_dir / runfiles.HISTORY_FILE, history)
-            runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch, frozen_sha, at,
-                                      {k: done.get(k, 0.0) + v for k, v in sums.items()})
+            runfiles.write_checkpoint(run_dir, trainer.model, trainer.full(state), epoch, frozen_sha, at, sums)
             log(f"stopped after step {at} of epoch {epoch + 1}; --resume continues from there")
 
     with bar:
@@ -461,13 +463,12 @@ def _train_epochs(config: TrainConfig, trainer: Trainer, state: TrainState, chec
             began = time.perf_counter()
             with interrupts.deferred():
                 try:
-                    state, sums = trainer.train_epoch(state, epoch, bar, step, stop)
+                    state, sums = trainer.train_epoch(state, epoch, bar, step, done, stop)
                 except TrainingDiverged as e:
                     left = (f"the last good checkpoint ({kept}) is kept in {run_dir}" if kept
                             else "no checkpoint was written")
                     raise TrainingDiverged(f"{e}; training stopped and {left}. Try a lower --lr (now {config.lr})"
                                            + (" or train without --bf16" if config.bf16 else "") + ".") from None
-                sums = {k: done.get(k, 0.0) + v for k, v in sums.items()}
                 step, done = 0, {}
                 train_loss, train_acc = rates(sums)
                 val = trainer.validate(state)

@@ -54,8 +54,8 @@ RUN_FILES = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FIL
 # image by image against splits.json); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "workers", "weights_dir",
-     "tfds_dir",
-     "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout", "heartbeat_timeout"}
+     "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
+     "heartbeat_timeout"}
 )
 # What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
 IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")
