@@ -55,7 +55,8 @@ def summary(records: list[dict]) -> str:
     for r in inputs:
         lines.append(f"input {r['image_size']} px, batch {r['batch']}{', augment' if r['augment'] else ''}, "
                      f"{r['workers']} workers: {r['images_per_s']:,.0f} img/s, {r['vs_plain_loop']:.2f}x the plain "
-                     f"loop ({r['plain_loop_images_per_s']:,.0f})")
+                     f"loop ({r['plain_loop_images_per_s']:,.0f}), {r['vs_tfds_loop']:.2f}x TFDS' own "
+                     f"({r['tfds_loop_images_per_s']:,.0f})")
     for r in fed:
         lines.append(f"fed {r['arch']} {r['dtype']} batch {r['batch']}, fine-tune {r['fine_tune']}"
                      f"{', augment' if r['augment'] else ''}, {r['workers']} workers: {r['images_per_s']:,.0f} img/s, "

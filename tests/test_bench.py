@@ -73,6 +73,7 @@ def test_input_mode_measures_the_prepared_training_split(small_dataset, tmp_path
         assert r["image_size"] == 32 and r["workers"] == 0 and r["device"] == "cpu x4"
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0 and r["plain_loop_images_per_s"] > 0
         assert r["vs_plain_loop"] == round(r["images_per_s"] / r["plain_loop_images_per_s"], 2)
+        assert r["vs_tfds_loop"] == round(r["images_per_s"] / r["tfds_loop_images_per_s"], 2)
         assert r["batches_timed"] >= 200
     assert main(["--input", "--data-dir", str(tmp_path / "missing"), "--no-save"]) == 2
     assert "missing does not exist" in capsys.readouterr().err

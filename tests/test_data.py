@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
+from csv_datasets import chexpert
 from training_helpers import CountingImages
 from xrayjax.data import (
     CHALLENGE_CLASSES, DataConfig, DataError, RecordImages, Split, batches, load_splits,
@@ -22,6 +25,7 @@ from xrayjax.data.audit import audit
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
 from xrayjax.data.decode import BadImage, NotAnImage, decode
 from xrayjax.data.groups import group_key, source_groups
+from xrayjax.data.pipeline import open_dataset
 from xrayjax.data.source import resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +165,34 @@ def test_strict_preparation_names_the_bad_file(small_root, tmp_path):
     with pytest.raises(DataError, match=r"broken\.jpeg.*--skip-bad-images"):
         prepare_dir(str(small_root), tfds_dir=str(tmp_path))
     assert prepared_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["folders", "labels_file"])
+def test_records_read_by_protobuf_equal_tfds_own_decode(kind, small_root, data_root, tmp_path):
+    """Prepared records are written uncompressed, and their reads (the image alone per step;
+    labels, names and patients once) give exactly what TFDS' decode of every feature gives:
+    CheXpert's NaN and -1 labels too."""
+    if kind == "folders":
+        builder = prepare_dir(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True, quiet=True)
+    else:
+        dataset = open_dataset(DataConfig(labels=str(chexpert(tmp_path / "csv", data_root))))
+        builder = prepare(dataset.source, dataset.listing, tfds_dir=str(tmp_path), quiet=True)
+        dataset.close()
+    files = sorted(Path(builder.data_dir).glob("*.array_record-*"))
+    assert len(files) == 2 and all("uncompressed" in ArrayRecordReader(str(f)).writer_options_string() for f in files)
+    checked = 0
+    for split, prepared in read_prepared(builder).items():
+        decoded = builder.as_data_source(split)
+        for i, position in enumerate(prepared.positions.tolist()):
+            record = decoded[position]
+            image = prepared.records[position]
+            assert image.dtype == np.uint8 and image.shape == record["image"].shape == (224, 224, 1)
+            np.testing.assert_array_equal(image, record["image"])
+            np.testing.assert_array_equal(prepared.labels[i], record["labels" if kind != "folders" else "label"])
+            assert prepared.names[i] == record["name"].decode()
+            assert prepared.patients[i] == record["patient"].decode() if kind != "folders" else not prepared.patients
+            checked += 1
+    assert checked == (21 if kind == "folders" else 24)
 
 
 def test_skip_bad_images_counts_everything(small_root, tmp_path):

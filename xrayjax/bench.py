@@ -173,13 +173,17 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     """The input pipeline alone, as training feeds the devices (:func:`xrayjax.data.batches`): the
     prepared training split read in shuffled order by ``workers`` reader processes (0: a thread),
     batched, placed on the local devices and, with ``augment``, rotated, shifted and zoomed there
-    by the train step's own function. Beside it, in the same run, the plain loop it must beat:
-    one thread reading each batch's records and handing them to the devices. Images/s is over
+    by the train step's own function. Beside it, in the same run, the plain loops it must beat:
+    one thread reading each batch's records and handing them to the devices, by our read (the
+    image alone) and by TFDS' own (every feature decoded). Images/s is over
     at least ``cfg.stream_batches`` batches of one stream, after untimed epochs (worker start,
     compiles, the readers' buffers filling: :func:`_stream_plan`)."""
+    import tensorflow_datasets as tfds
+
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
     from xrayjax.data.loader import batch_rows
+    from xrayjax.data.pipeline import resize_nearest
     from xrayjax.steps import AXIS, augment_step_images
 
     devices = _local_devices(batch)
@@ -189,20 +193,28 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     key = jax.random.key(cfg.seed)
     steps, epochs, warm = _stream_plan(cfg, len(train), batch, workers)
 
-    def plain() -> Iterator[np.ndarray]:
+    (records,) = train.images.records  # one prepared split: one record file
+    decoding = dataclasses.replace(records.raw, deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_AND_DECODE)
+
+    def tfds_read(rows: np.ndarray) -> np.ndarray:  # TFDS' own read: every feature of each record decoded
+        images = [r["image"] for r in decoding.__getitems__(train.images.refs[rows, 1].tolist())]
+        return resize_nearest(np.stack(images), cfg.image_size)
+
+    def plain(read: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
         for epoch in epochs:
             for rows in batch_rows(len(train), batch, shuffle=True, seed=cfg.seed, epoch=epoch)[0]:
-                yield train.read(rows).reshape(len(devices), batch // len(devices), *train.stored_shape[1:])
+                yield read(rows).reshape(len(devices), batch // len(devices), *train.stored_shape[1:])
 
     def rate(stream: Iterator) -> float:
         return _rate(stream, lambda images: place(images, key), warm * steps, len(train) * (len(epochs) - warm))
 
     ours = rate(b["image"] for b in batches(train, batch, len(devices), shuffle=True, seed=cfg.seed,
                                             epochs=epochs, workers=workers, sharding=batch_sharding(devices)))
-    baseline = rate(plain())
+    baseline, tfds_loop = rate(plain(train.read)), rate(plain(tfds_read))
     return {"kind": "input", "images": len(train), "batch": batch, "image_size": cfg.image_size,
             "augment": augment, "workers": workers, "images_per_s": ours, "plain_loop_images_per_s": baseline,
-            "vs_plain_loop": round(ours / baseline, 2), "batches_timed": (len(epochs) - warm) * steps,
+            "vs_plain_loop": round(ours / baseline, 2), "tfds_loop_images_per_s": tfds_loop,
+            "vs_tfds_loop": round(ours / tfds_loop, 2), "batches_timed": (len(epochs) - warm) * steps,
             "device": f"{devices[0].device_kind} x{len(devices)}", "jax": jax.__version__,
             "date": datetime.date.today().isoformat()}
 

@@ -41,6 +41,9 @@ from xrayjax.tasks import canonical_task
 NAME = "xray_folders"
 FILE_FORMAT = "array_record"
 READ_CHUNK = 256  # records per read when only labels and names are wanted
+# TFDS' own writer adds zstd:3 (no option: tensorflow/datasets#674): X-ray pixels shrink 12% by
+# it and are read 4x slower (experiments/bench.md, fourteenth session).
+RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 class _QuietConfigs(logging.Filter):
@@ -100,6 +103,20 @@ def size_of(key: str) -> int:
     return int(match.group(1)) if match else IMAGE_SIZE
 
 
+class _UncompressedRecords(tfds.core.writer.ExampleWriter):
+    """array_record files as TFDS writes them (a record a group, for random access), uncompressed."""
+
+    def write(self, path, examples) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        writer = ArrayRecordWriter(os.fspath(path), RECORD_OPTIONS)
+        try:
+            for _, example in examples:
+                writer.write(example)
+        finally:
+            writer.close()
+
+
 class XrayFolders(tfds.core.GeneratorBasedBuilder):
     """A class-folder X-ray dataset, every image resized once (224x224, or the config's size)."""
 
@@ -128,6 +145,9 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
 
     def _log_download_done(self) -> None:
         pass
+
+    def _example_writer(self) -> tfds.core.writer.ExampleWriter:  # TFDS' hook for a custom writer
+        return _UncompressedRecords(self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
@@ -266,14 +286,41 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
     return builder
 
 
+def _features(record: bytes):
+    """The features of one record as TFDS wrote it (a ``tf.train.Example``), parsed by protobuf
+    alone: TFDS' own numpy decode of every feature costs more than reading the record."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return tf_example_pb2.Example.FromString(record).features.feature
+
+
+class ImageRecords(Sequence):
+    """The images of one prepared split's records, (S, S, C) uint8 each, by position: only the
+    image of each record is decoded (picklable, for grain's reader processes)."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        self.raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        self.shape = tuple(builder.info.features["image"].shape)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: Sequence[int]) -> list[np.ndarray]:
+        return [np.frombuffer(_features(r)["image"].bytes_list.value[0], np.uint8).reshape(self.shape)
+                for r in self.raw.__getitems__(positions)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """One prepared split, sorted by (label, name) (by name for labels-file data): the records,
-    their positions in that order, labels ((N,) int32, or (N, L) float32), file names (paths in the
-    dataset for labels-file data) and patients (empty when the data has none). Images stay in
-    the files until read."""
+    """One prepared split, sorted by (label, name) (by name for labels-file data): the records'
+    images, their positions in that order, labels ((N,) int32, or (N, L) float32), file names
+    (paths in the dataset for labels-file data) and patients (empty when the data has none).
+    Images stay in the files until read."""
 
-    records: Sequence
+    records: ImageRecords
     positions: np.ndarray
     labels: np.ndarray
     names: tuple[str, ...]
@@ -291,14 +338,15 @@ def read_prepared(builder: tfds.core.DatasetBuilder) -> dict[str, Prepared]:
     multilabel = is_multilabel(builder)
     width = len(class_names(builder))
     for split in builder.info.splits:
-        records = builder.as_data_source(split)
+        records = ImageRecords(builder, split)
         labels, names, patients = [], [], []
         for start in range(0, len(records), READ_CHUNK):
-            for r in records.__getitems__(list(range(start, min(start + READ_CHUNK, len(records))))):
-                labels.append(r["labels"] if multilabel else int(r["label"]))
-                names.append(r["name"].decode())
+            for r in records.raw.__getitems__(list(range(start, min(start + READ_CHUNK, len(records))))):
+                f = _features(r)
+                labels.append(list(f["labels"].float_list.value) if multilabel else f["label"].int64_list.value[0])
+                names.append(f["name"].bytes_list.value[0].decode())
                 if multilabel:
-                    patients.append(r["patient"].decode())
+                    patients.append(f["patient"].bytes_list.value[0].decode())
         if multilabel:
             order = np.array(sorted(range(len(names)), key=names.__getitem__), dtype=np.int64)
             matrix = np.asarray(labels, np.float32).reshape(len(names), width)[order]

@@ -173,10 +173,10 @@ class RecordImages:
         out = None  # the records' own size: 224, or the size they were prepared at
         for file in np.unique(refs[:, 0]):
             at = np.flatnonzero(refs[:, 0] == file)
-            for i, record in zip(at, self.records[file].__getitems__(refs[at, 1].tolist())):
+            for i, image in zip(at, self.records[file].__getitems__(refs[at, 1].tolist())):
                 if out is None:
-                    out = np.empty((len(refs), *record["image"].shape), np.uint8)
-                out[i] = record["image"]
+                    out = np.empty((len(refs), *image.shape), np.uint8)
+                out[i] = image
         if out is None:
             return np.empty((0, self.size, self.size, self.channels), np.uint8)
         return resize_nearest(out, self.size)
