@@ -167,13 +167,15 @@ def test_strict_preparation_names_the_bad_file(small_root, tmp_path):
     assert prepared_dirs(tmp_path) == []
 
 
-@pytest.mark.parametrize("kind", ["folders", "labels_file"])
-def test_records_read_by_protobuf_equal_tfds_own_decode(kind, small_root, data_root, tmp_path):
+@pytest.mark.parametrize("kind, shape", [("folders", (224, 224, 1)), ("keep_320px", (320, 320, 3)),
+                                         ("labels_file", (224, 224, 1))])
+def test_records_read_by_protobuf_equal_tfds_own_decode(kind, shape, small_root, data_root, tmp_path):
     """Prepared records are written uncompressed, and their reads (the image alone per step;
     labels, names and patients once) give exactly what TFDS' decode of every feature gives:
-    CheXpert's NaN and -1 labels too."""
-    if kind == "folders":
-        builder = prepare_dir(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True, quiet=True)
+    RGB at another size, and CheXpert's NaN and -1 labels too."""
+    if kind != "labels_file":
+        builder = prepare_dir(str(small_root), tfds_dir=str(tmp_path), skip_bad_images=True, quiet=True,
+                              **({"color": "keep", "image_size": 320} if kind == "keep_320px" else {}))
     else:
         dataset = open_dataset(DataConfig(labels=str(chexpert(tmp_path / "csv", data_root))))
         builder = prepare(dataset.source, dataset.listing, tfds_dir=str(tmp_path), quiet=True)
@@ -186,13 +188,16 @@ def test_records_read_by_protobuf_equal_tfds_own_decode(kind, small_root, data_r
         for i, position in enumerate(prepared.positions.tolist()):
             record = decoded[position]
             image = prepared.records[position]
-            assert image.dtype == np.uint8 and image.shape == record["image"].shape == (224, 224, 1)
+            assert image.dtype == np.uint8 and image.shape == record["image"].shape == shape
             np.testing.assert_array_equal(image, record["image"])
-            np.testing.assert_array_equal(prepared.labels[i], record["labels" if kind != "folders" else "label"])
+            multilabel = kind == "labels_file"
+            np.testing.assert_array_equal(prepared.labels[i], record["labels" if multilabel else "label"])
             assert prepared.names[i] == record["name"].decode()
-            assert prepared.patients[i] == record["patient"].decode() if kind != "folders" else not prepared.patients
+            assert prepared.patients[i] == record["patient"].decode() if multilabel else not prepared.patients
             checked += 1
-    assert checked == (21 if kind == "folders" else 24)
+    assert checked == (24 if kind == "labels_file" else 21)
+    with pytest.raises(IndexError):
+        prepared.records[len(prepared.records)]
 
 
 def test_skip_bad_images_counts_everything(small_root, tmp_path):

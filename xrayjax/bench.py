@@ -193,7 +193,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     key = jax.random.key(cfg.seed)
     steps, epochs, warm = _stream_plan(cfg, len(train), batch, workers)
 
-    (records,) = train.images.records  # one prepared split: one record file
+    (records,) = train.images.records  # one prepared split: one ImageRecords over its files
     decoding = dataclasses.replace(records.raw, deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_AND_DECODE)
 
     def tfds_read(rows: np.ndarray) -> np.ndarray:  # TFDS' own read: every feature of each record decoded

@@ -7,9 +7,10 @@ the colour policy, whether bad images were skipped and
 the decoder, so prepares again into a new folder; nothing else does. A prepared folder
 (``<tfds_dir>/xray_folders/<config>/1.0.0``, as ``prepare`` prints it) is read back as it is by
 :func:`prepared_builder`.
-Files: ``array_record``, read back with random access (``as_data_source``). Each example
-holds the 224x224 pixels as a raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for
-keep; TFDS writes and reads that with numpy alone, no image decoding on load), the label as a
+Files: ``array_record``, uncompressed, read back with random access (``as_data_source``, raw
+bytes parsed by protobuf: :class:`ImageRecords`). Each example holds the 224x224 pixels as a
+raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for keep: no image decoding on
+load), the label as a
 ``ClassLabel`` carrying the class names, and the file name. A labels-file dataset (``multilabel``)
 holds instead its labels as a float32 vector (NaN unknown, -1 uncertain), the image's path in the
 dataset as its name, and its patient.
@@ -41,8 +42,8 @@ from xrayjax.tasks import canonical_task
 NAME = "xray_folders"
 FILE_FORMAT = "array_record"
 READ_CHUNK = 256  # records per read when only labels and names are wanted
-# TFDS' own writer adds zstd:3 (no option: tensorflow/datasets#674): X-ray pixels shrink 12% by
-# it and are read 4x slower (experiments/bench.md, fourteenth session).
+# TFDS' own writer adds zstd:3 and takes no writer options (tensorflow/datasets#674): X-ray pixels
+# shrink 12% by it and are read 4x slower (experiments/bench.md, fourteenth session).
 RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
@@ -147,6 +148,8 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
         pass
 
     def _example_writer(self) -> tfds.core.writer.ExampleWriter:  # TFDS' hook for a custom writer
+        if self.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            return super()._example_writer()
         return _UncompressedRecords(self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -306,7 +309,9 @@ class ImageRecords(Sequence):
         return len(self.raw)
 
     def __getitem__(self, position: int) -> np.ndarray:
-        return self.__getitems__([position])[0]
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"record {position} of {len(self)}")
+        return self.__getitems__([position % len(self)])[0]
 
     def __getitems__(self, positions: Sequence[int]) -> list[np.ndarray]:
         return [np.frombuffer(_features(r)["image"].bytes_list.value[0], np.uint8).reshape(self.shape)
