@@ -15,7 +15,8 @@
 #      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
 #      (not in a smoke run) and prints one summary table.
 #
-# Before the call, here: `python -m xrayjax.data prepare --tfds-dir .tfds`, and into .whl the
+# Before the call, here: `rm -rf .tfds; python -m xrayjax.data prepare --tfds-dir .tfds` (data prepared
+# before the fourteenth session is zstd-compressed and reads slower), and into .whl the
 # wheels the GPU image lacks (the device tool's README says how: tensorflow-datasets,
 # array_record, grain (with cloudpickle and portpicker), dm-tree, promise,
 # simple-parsing, docstring-parser, termcolor, toml, immutabledict, tensorflow-metadata,
