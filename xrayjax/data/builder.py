@@ -10,10 +10,9 @@ the decoder, so prepares again into a new folder; nothing else does. A prepared 
 Files: ``array_record``, uncompressed, read back with random access (``as_data_source``, raw
 bytes parsed by protobuf: :class:`ImageRecords`). Each example holds the 224x224 pixels as a
 raw uint8 ``tfds.features.Tensor`` (1 channel for gray, 3 for keep: no image decoding on
-load), the label as a
-``ClassLabel`` carrying the class names, and the file name. A labels-file dataset (``multilabel``)
-holds instead its labels as a float32 vector (NaN unknown, -1 uncertain), the image's path in the
-dataset as its name, and its patient.
+load), the label as a ``ClassLabel`` carrying the class names, and the file name. A labels-file
+dataset (``multilabel``) holds instead its labels as a float32 vector (NaN unknown, -1
+uncertain), the image's path in the dataset as its name, and its patient.
 """
 
 from __future__ import annotations
@@ -291,7 +290,7 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
 
 def _features(record: bytes):
     """The features of one record as TFDS wrote it (a ``tf.train.Example``), parsed by protobuf
-    alone: TFDS' own numpy decode of every feature costs more than reading the record."""
+    alone: TFDS' own numpy decode of every feature costs more than reading an uncompressed record."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     return tf_example_pb2.Example.FromString(record).features.feature
