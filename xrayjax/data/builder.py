@@ -42,7 +42,7 @@ NAME = "xray_folders"
 FILE_FORMAT = "array_record"
 READ_CHUNK = 256  # records per read when only labels and names are wanted
 # TFDS' own writer adds zstd:3 and takes no writer options (tensorflow/datasets#674): X-ray pixels
-# shrink 12-20% by it (224-512 px) and are read 4x slower (experiments/bench.md, fourteenth session).
+# shrink 12-20% by it (224-512 px) and are read 2.5x slower (experiments/bench.md, fourteenth session).
 RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
