@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, prepared_siz
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
+
+if TYPE_CHECKING:
+    from xrayjax.data.builder import ImageRecords
 
 TEST_SPLIT_SEED = 0  # the test hold-out does not move with --seed
 GROUP_BY = ("source",)
@@ -150,9 +153,12 @@ class RecordImages:
 
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, records: Sequence[Sequence], refs: np.ndarray, size: int, channels: int = 3):
+    def __init__(self, records: Sequence[ImageRecords], refs: np.ndarray, size: int):
         self.records, self.refs, self.size = tuple(records), np.asarray(refs, np.int64).reshape(-1, 2), size
-        self.channels = channels
+
+    @property
+    def channels(self) -> int:
+        return self.records[0].shape[-1]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -170,19 +176,15 @@ class RecordImages:
     def read(self, index) -> np.ndarray:
         """The rows ``index`` (an int array or a slice) as (n, size, size, channels)."""
         refs = self.refs[index]
-        out = None  # the records' own size: 224, or the size they were prepared at
+        out = np.empty((len(refs), *self.records[0].shape), np.uint8)  # the size the records were prepared at
         for file in np.unique(refs[:, 0]):
             at = np.flatnonzero(refs[:, 0] == file)
             for i, image in zip(at, self.records[file].__getitems__(refs[at, 1].tolist())):
-                if out is None:
-                    out = np.empty((len(refs), *image.shape), np.uint8)
                 out[i] = image
-        if out is None:
-            return np.empty((0, self.size, self.size, self.channels), np.uint8)
         return resize_nearest(out, self.size)
 
     def take(self, index: np.ndarray) -> RecordImages:
-        return RecordImages(self.records, self.refs[index], self.size, self.channels)
+        return RecordImages(self.records, self.refs[index], self.size)
 
     @staticmethod
     def concat(parts: Sequence[RecordImages]) -> RecordImages:
@@ -190,7 +192,7 @@ class RecordImages:
         for part in parts:
             refs.append(part.refs + np.array([len(records), 0]))
             records.extend(part.records)
-        return RecordImages(records, np.concatenate(refs), parts[0].size, parts[0].channels)
+        return RecordImages(records, np.concatenate(refs), parts[0].size)
 
 
 @dataclasses.dataclass
@@ -324,13 +326,12 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
             dataset.close()
     names = dataset.class_names
     multilabel = is_multilabel(builder)
-    channels = builder.info.features["image"].shape[-1]
 
     def key_of(split: str, label: Any, name: str) -> str:
         return f"{split}/{name}" if multilabel else f"{split}/{names[label]}/{name}"
 
     prepared = {split: Split(RecordImages([p.records], np.stack([np.zeros_like(p.positions), p.positions], 1),
-                                          cfg.image_size, channels),
+                                          cfg.image_size),
                              resolve_uncertain(p.labels, cfg.uncertain) if multilabel else p.labels, p.names,
                              tuple(key_of(split, label, name) for label, name in zip(p.labels, p.names)), p.patients)
                 for split, p in read_prepared(builder).items()}
