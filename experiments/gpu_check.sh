@@ -2,16 +2,17 @@
 # The GPU check of experiments/bench.md in one call on the lent machine (issue 15):
 #   1. installs the carried wheels (.whl: tensorflow-datasets and what the GPU image lacks);
 #   2. reads the carried prepared dataset (.tfds), or prepares it;
-#   3. times the training step beside the plain-Flax reference step, in one process per group:
+#   3. times the input pipeline (bench --input) beside a plain loop: the reader thread, 4 and 8
+#      worker processes, and with --augment; then (not in a smoke run) the --fine-tune 1 --augment
+#      step fed by it beside the step alone (bench --fed: issue 23's 90% target). It runs first:
+#      issue 23 waits on it, and a call cut short still brings back what ran;
+#   4. times the training step beside the plain-Flax reference step, in one process per group:
 #      the report's three models and densenet121 bf16 at 256, vgg16 fp32 at 256, resnet50 bf16 at 32, vgg16
 #      bf16 at 512 (a candidate: larger per-device batches);
-#   4. times each VGG conv layer (experiments/vgg_layers.py);
-#   5. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
+#   5. times each VGG conv layer (experiments/vgg_layers.py);
+#   6. runs the README's 50-epoch vgg19 command twice (cold, warm), evaluation included;
 #      --smoke runs it once, at 32 px for 2 epochs;
-#   5b. times the input pipeline (bench --input) beside a plain loop: the reader thread, 4 and 8
-#      worker processes, and with --augment; then (not in a smoke run) the --fine-tune 1 --augment
-#      step fed by it beside the step alone (bench --fed: issue 23's 90% target);
-#   6. writes every record (device, JAX version, date) to $OUT/bench.jsonl as it goes (the device
+#   7. writes every record (device, JAX version, date) to $OUT/bench.jsonl as it goes (the device
 #      tool brings $OUT back, even after a timeout), appends them to experiments/bench.jsonl
 #      (not in a smoke run) and prints one summary table.
 #
@@ -22,7 +23,7 @@
 # simple-parsing, docstring-parser, termcolor, toml, immutabledict, tensorflow-metadata,
 # googleapis-common-protos; cp312 manylinux x86_64).
 #
-#   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200, before 5b was added
+#   bash experiments/gpu_check.sh           # on the GPU: 7 minutes on an H200 before step 3 was added
 #   bash experiments/gpu_check.sh --smoke   # the same path on the CPU with tiny sizes (tests)
 # Environment: OUT (default: a temporary folder), TFDS_DIR, DATA_DIR (the dataset to train on
 # end to end; default ../shared/covid_xray, or, where that is missing as on the GPU machine, the
@@ -73,6 +74,14 @@ if [ "$smoke" = 0 ] && [ -z "${DATA_DIR:-}" ]; then  # the smoke run's training 
   fi
 fi
 
+log "input pipeline beside a plain loop: the reader thread, then worker processes"
+for flags in "${inputs[@]}"; do
+  case $flags in --fed*) ;; *) flags="--input $flags" ;; esac
+  # shellcheck disable=SC2086  # a list of flags
+  python3 -m xrayjax.bench $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
+    2>>"$out/gpu_check.log"
+done
+
 log "step throughput beside the plain-Flax reference"
 for group in "${groups[@]}"; do
   # shellcheck disable=SC2086  # a group is a list of flags
@@ -92,14 +101,6 @@ for run in "${runs[@]}"; do
     ${DATA_DIR:+--data-dir "$DATA_DIR"} "${e2e[@]}" | tee -a "$out/gpu_check.log"
   wall=$(python3 -c "print($(date +%s.%N) - $start)")
   python3 experiments/gpu_check.py e2e "$work/e2e_$run" "$run" "$wall" "$records"
-done
-
-log "input pipeline beside a plain loop: the reader thread, then worker processes"
-for flags in "${inputs[@]}"; do
-  case $flags in --fed*) ;; *) flags="--input $flags" ;; esac
-  # shellcheck disable=SC2086  # a list of flags
-  python3 -m xrayjax.bench $flags --tfds-dir "$tfds" ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$records" \
-    2>>"$out/gpu_check.log"
 done
 
 [ "$smoke" = 1 ] || cat "$records" >>experiments/bench.jsonl

@@ -213,22 +213,18 @@ def layer_of(weight: str, names: Collection[str]) -> str:
                 "_".join(parts[-1:]))
 
 
-def _h5_weights(root: Any, layer_names: Sequence[str], nested: str | None,
-                inner_names: Collection[str]) -> dict[str, list[np.ndarray]]:
-    """Per-layer weights of a legacy full-model file's ``model_weights`` group; ``inner_names``
-    are the nested backbone's layer names."""
-    weights: dict[str, list[np.ndarray]] = {}
+def legacy_weights(root: Any, layer_names: Sequence[str], names: Collection[str]) -> dict[str, list[np.ndarray]]:
+    """Per-layer weights of a legacy Keras HDF5 group (a weights file's root, or a full model's
+    ``model_weights``), in Keras order. Each group of ``layer_names`` lists its ``weight_names``;
+    a name with a path belongs to the layer of ``names`` that :func:`layer_of` finds (a nested
+    backbone's group holds all its layers), one without to the group's own layer."""
+    weights: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name in layer_names:
         group = root[name]
-        raw = _strings(group.attrs, "weight_names")
-        if name == nested:
-            by_layer: dict[str, list[tuple[str, np.ndarray]]] = {}
-            for w in raw:
-                by_layer.setdefault(layer_of(w, inner_names), []).append((w, np.asarray(group[w])))
-            weights.update({layer: _sorted_vars(items) for layer, items in by_layer.items()})
-        else:
-            weights[name.replace("/", "_")] = _sorted_vars([(w, np.asarray(group[w])) for w in raw])
-    return weights
+        for w in _strings(group.attrs, "weight_names"):
+            layer = layer_of(w, names) if "/" in w else name.replace("/", "_")
+            weights.setdefault(layer, []).append((w, np.asarray(group[w])))
+    return {layer: _sorted_vars(items) for layer, items in weights.items()}
 
 
 def _keras_weights(f: Any, model: Mapping[str, Any], nested: str | None) -> dict[str, list[np.ndarray]]:
@@ -285,8 +281,8 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
                 model = json.loads(config.decode() if isinstance(config, bytes) else config)
                 arch, bb_layers, nested, head_layers = _split(model, source)
                 root = f["model_weights"]
-                names = _strings(root.attrs, "layer_names")
-                weights = _h5_weights(root, names, nested, {_name(layer) for layer in bb_layers})
+                weights = legacy_weights(root, _strings(root.attrs, "layer_names"),
+                                         {_name(layer) for layer in (*bb_layers, *head_layers)})
     except KerasImportError:
         raise
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as e:

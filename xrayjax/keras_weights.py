@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xrayjax.keras_import import KerasImportError, KerasModel, _sorted_vars, _variables, layer_of
+from xrayjax.keras_import import KerasImportError, KerasModel, _variables, legacy_weights
 from xrayjax.porting import _backbone_template, _layer_names, _strings
 
 # Keras' snake-case class keys of the top's weighted layers in a .weights.h5, by spec kind.
@@ -41,18 +41,6 @@ def report_head_specs(arch: str, task: str, outputs: int) -> list[dict[str, Any]
     specs.append({"kind": "dense", "name": keras_name("dense", len(head.hidden)), "units": head.outputs,
                   "activation": "softmax" if task == "multiclass" else "sigmoid", "use_bias": True})
     return specs
-
-
-def _legacy_weights(f: Any, layers: Sequence[str], names: Collection[str]) -> dict[str, list[np.ndarray]]:
-    """Per-layer weights of a legacy weights file (its ``layers``, the root's ``layer_names``, and
-    each group's ``weight_names``), keyed by the layer each weight name belongs to."""
-    weights: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for name in layers:
-        group = f[name]
-        for w in _strings(group.attrs, "weight_names"):
-            layer = layer_of(w, names) if "/" in w else name.replace("/", "_")
-            weights.setdefault(layer, []).append((w, np.asarray(group[w])))
-    return {name: _sorted_vars(items) for name, items in weights.items()}
 
 
 def _v3_weights(f: Any, backbone: Collection[str], specs: list[dict[str, Any]],
@@ -113,7 +101,7 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     try:
         with h5py.File(path, "r") as f:
             if layers := _strings(f.attrs, "layer_names"):  # maybe chunked, as Keras writes long lists
-                weights = _legacy_weights(f, layers, backbone | {s["name"] for s in specs})
+                weights = legacy_weights(f, layers, backbone | {s["name"] for s in specs})
             elif "layers" in f:
                 weights = _v3_weights(f, backbone, specs, source)
             else:
