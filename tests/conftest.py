@@ -53,8 +53,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # Two workers take whole files in collection order, so a long file collected late leaves one
-# worker alone at the end (test_training.py, 96 s, is last by name): the slowest files start
-# first, the rest follow in name order (experiments/bench.md, fifteenth session).
+# worker alone at the end (test_training.py is last by name): the slowest files, as measured in
+# experiments/bench.md (fifteenth session), start first; the rest follow in name order.
 _SLOWEST_FIRST = ("test_keras_models.py", "test_training.py", "test_api.py", "test_gpu_check.py", "test_reliability.py")
 
 
