@@ -7,6 +7,7 @@ import math
 import pytest
 
 from xrayjax.bench import REPORT_MODELS, BenchConfig, _parser, main, run
+from xrayjax.data.pipeline import SplitWarning
 from xrayjax.tasks import TASKS
 
 KEYS = {"arch", "task", "dtype", "batch", "image_size", "images_per_s", "compile_s", "peak_mem_gb",
@@ -63,8 +64,9 @@ def test_input_mode_measures_the_prepared_training_split(small_dataset, tmp_path
     # the devices, and a missing dataset is one line.
     args = ["--input", "--data-dir", str(small_dataset), "--tfds-dir", str(tmp_path / "tfds"), "--image-size",
             "32", "--repeats", "1", "--out", str(tmp_path / "bench.jsonl")]
-    assert main([*args, "--batches", "4", "8"]) == 0
-    assert main([*args, "--batches", "4", "--augment"]) == 0
+    with pytest.warns(SplitWarning, match="held out no image"):
+        assert main([*args, "--batches", "4", "8"]) == 0
+        assert main([*args, "--batches", "4", "--augment"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()] == records
     assert [(r["kind"], r["batch"], r["augment"], r["images"]) for r in records] == [
@@ -82,9 +84,10 @@ def test_input_mode_measures_the_prepared_training_split(small_dataset, tmp_path
 def test_fed_mode_times_the_train_step_fed_by_the_pipeline_beside_the_step_alone(small_dataset, tmp_path, capsys):
     # --fed: the real train step on the pipeline's batches and on batches already on the devices,
     # one record per --workers; the task is the data's (4 classes: multiclass).
-    assert main(["--fed", "--models", "vgg16", "--dtypes", "fp32", "--batches", "4", "--image-size", "32",
-                 "--stream-batches", "2", "--workers", "0", "--data-dir", str(small_dataset), "--tfds-dir",
-                 str(tmp_path / "tfds"), "--no-save"]) == 0
+    with pytest.warns(SplitWarning, match="held out no image"):
+        assert main(["--fed", "--models", "vgg16", "--dtypes", "fp32", "--batches", "4", "--image-size", "32",
+                     "--stream-batches", "2", "--workers", "0", "--data-dir", str(small_dataset), "--tfds-dir",
+                     str(tmp_path / "tfds"), "--no-save"]) == 0
     [r] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert (r["kind"], r["arch"], r["task"], r["workers"], r["fine_tune"], r["augment"]) == (
         "fed", "vgg16", "multiclass", 0, 0, False)

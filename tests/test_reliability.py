@@ -19,6 +19,7 @@ from xrayjax import interrupts, runfiles
 from xrayjax.config import TrainConfig, resolve_run
 from xrayjax.data import DataError
 from xrayjax.data.__main__ import main as data_main
+from xrayjax.data.builder import BadImageWarning
 from xrayjax.data.source import resolve_source
 from xrayjax.evaluate import main as evaluate_main
 from xrayjax import loop
@@ -233,7 +234,10 @@ def test_dangling_and_looping_symlinks_are_unreadable_files(small_dataset, tmp_p
     assert data_main(["prepare", "--data-dir", str(data), "--tfds-dir", tfds_dir]) == 2
     err = capsys.readouterr().err
     assert "unreadable" in err and "--skip-bad-images" in err and "Traceback" not in err
-    assert data_main(["prepare", "--data-dir", str(data), "--tfds-dir", tfds_dir, "--skip-bad-images"]) == 0
+    with pytest.warns(BadImageWarning) as skipped:
+        assert data_main(["prepare", "--data-dir", str(data), "--tfds-dir", tfds_dir, "--skip-bad-images"]) == 0
+    names = sorted(str(w.message).split(": cannot read")[0].rsplit("/", 1)[-1] for w in skipped)
+    assert names == ["ghost.png"] * 3 + ["loop.png"] * 3  # once in each task's preparation
 
 
 def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(small_dataset, tmp_path,

@@ -420,8 +420,8 @@ def patient_split(split: Split, fraction: float, seed: int) -> tuple[Split, Spli
 
 def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple[str, ...], key: str) -> Splits:
     """A labels file's splits: its official test split, else patients held out of train (a fixed
-    seed), then validation patients held out of train (the run's seed); a label with no positive
-    in train is left out with a warning."""
+    seed), then validation patients held out of train (the run's seed); the labels with no
+    positive in train are left out, named in one warning."""
     train = prepared["train"]
     test = prepared.get("test")
     if test is None:
@@ -430,9 +430,14 @@ def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple
     positives = np.nansum(train.labels == 1.0, axis=0)
     known = np.sum(~np.isnan(train.labels), axis=0)
     keep = np.flatnonzero(positives > 0)
+    dropped: dict[str, list[str]] = {}  # the reason: the labels it leaves out
     for i in np.flatnonzero(positives == 0):
-        why = "no known value" if known[i] == 0 else f"no positive among its {known[i]} known values"
-        warnings.warn(f"label {names[i]!r} is left out: {why} in the training split", SplitWarning, stacklevel=3)
+        why = "no known value" if known[i] == 0 else f"no positive among {known[i]} known values"
+        dropped.setdefault(why, []).append(repr(names[i]))
+    if dropped:
+        warnings.warn(f"{int(np.sum(positives == 0))} label(s) left out, having no positive in the training split: "
+                      + "; ".join(f"{', '.join(labels)} ({why})" for why, labels in dropped.items()),
+                      SplitWarning, stacklevel=3)
     if not len(keep):
         raise DataError("no label has a positive image in the training split: nothing to learn")
     parts = [dataclasses.replace(s, labels=s.labels[:, keep]) for s in (train, validation, test)]
