@@ -231,6 +231,30 @@ def random_variables(shapes, rng: np.random.Generator) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding", [(2, 3, 1, (1, 1)), (1, 3, 1, (1, 1)), (2, 3, 2, (1, 1)),
+                                                      (3, 7, 2, (3, 3)), (2, 3, 1, (2, 0))])
+def test_a_conv_on_an_input_smaller_than_its_kernel_equals_lax(size, kernel, stride, padding):
+    """conv2d's matmul of windows (inputs smaller than the kernel, where XLA:CPU is slow) gives
+    lax's convolution and its gradients."""
+    from xrayjax.models.layers import _conv
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, size, size + 1, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 4)), jnp.float32)
+    pads, dn = [padding, padding[::-1]], ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        y = conv(x, w, (stride, stride), pads, dimension_numbers=dn)
+        return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size), y
+
+    (_, ours), grads = jax.jit(jax.value_and_grad(functools.partial(loss, _conv), (0, 1), has_aux=True))(x, w)
+    (_, theirs), expected = jax.jit(jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
+                                                       (0, 1), has_aux=True))(x, w)
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    for got, want in zip(grads, expected):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 SMALL = (2, 32, 32, 3)  # enough for five stride-2 stages; keeps compiles and runs cheap
 
 
