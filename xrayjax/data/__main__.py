@@ -8,13 +8,12 @@ import sys
 import time
 
 from xrayjax.cli import quiet_interrupts, run_command
-from xrayjax.tasks import TASKS
 
 quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
 
 from xrayjax.data.csv_labels import UNCERTAIN  # noqa: E402
 from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size  # noqa: E402
-from xrayjax.data.source import DataError, resolve_source  # noqa: E402
+from xrayjax.data.source import CHALLENGE_CLASSES, DataError, resolve_source  # noqa: E402
 
 DATA_DIR_HELP = (
     "the dataset: a folder (or zip) of split folders <split>/<class>/<images> (train/ required, "
@@ -90,7 +89,7 @@ def _prepare(args: argparse.Namespace) -> None:
         _prepare_labels(args)
         return
     with resolve_source(args.data_dir) as source:
-        for task in TASKS if source.is_challenge else (None,):
+        for task in CHALLENGE_CLASSES if source.is_challenge else (None,):  # multilabel needs --labels
             start = time.perf_counter()
             builder = prepare(source, source.listing(task), args.color, args.tfds_dir, args.skip_bad_images, task,
                               image_size=prepared_size(args.image_size))
