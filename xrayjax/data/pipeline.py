@@ -430,14 +430,14 @@ def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple
     positives = np.nansum(train.labels == 1.0, axis=0)
     known = np.sum(~np.isnan(train.labels), axis=0)
     keep = np.flatnonzero(positives > 0)
-    dropped: dict[str, list[str]] = {}  # the reason: the labels it leaves out
-    for i in np.flatnonzero(positives == 0):
-        why = "no known value" if known[i] == 0 else f"no positive among {known[i]} known values"
-        dropped.setdefault(why, []).append(repr(names[i]))
-    if dropped:
-        warnings.warn(f"{int(np.sum(positives == 0))} label(s) left out, having no positive in the training split: "
-                      + "; ".join(f"{', '.join(labels)} ({why})" for why, labels in dropped.items()),
-                      SplitWarning, stacklevel=3)
+    dropped = np.flatnonzero(positives == 0)
+    if len(dropped):
+        negative = ", ".join(f"{names[i]!r} ({known[i]} known)" for i in dropped if known[i])
+        unknown = ", ".join(repr(names[i]) for i in dropped if not known[i])
+        reasons = [f"{why}: {which}" for why, which in (("every known value negative", negative),
+                                                       ("no known value", unknown)) if which]
+        warnings.warn(f"{len(dropped)} label{'s' * (len(dropped) > 1)} left out of training (no positive image in the "
+                      f"training split): {'; '.join(reasons)}", SplitWarning, stacklevel=3)
     if not len(keep):
         raise DataError("no label has a positive image in the training split: nothing to learn")
     parts = [dataclasses.replace(s, labels=s.labels[:, keep]) for s in (train, validation, test)]

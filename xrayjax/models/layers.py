@@ -74,15 +74,18 @@ class KerasLayers(nn.Module):
 
 def _conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Sequence[tuple[int, int]],
           **options: Any) -> jax.Array:
-    """``lax.conv_general_dilated`` (NHWC, HWIO); a conv whose input is smaller than its kernel
-    (a 3x3 conv on 2x2 maps: VGG's block5 at 32 px) is one matmul of the padded input's windows.
-    XLA:CPU swaps such a conv's operands onto a loop 40x slower (experiments/bench.md)."""
+    """``lax.conv_general_dilated`` (NHWC, HWIO, as :func:`conv2d` gives it); but a conv without
+    dilation or groups whose input is smaller than its kernel (a 3x3 conv on VGG's 2x2 block5
+    maps at 32 px) is one matmul of the padded input's windows: XLA:CPU swaps such a conv's
+    operands onto a slow loop (experiments/bench.md)."""
     kh, kw = rhs.shape[:2]
-    if lhs.shape[1] >= kh and lhs.shape[2] >= kw:  # no dilation or groups below: conv2d uses none
+    plain = options.get("feature_group_count", 1) != 1 or isinstance(padding, str) or any(
+        tuple(options.get(d) or (1, 1)) != (1, 1) for d in ("lhs_dilation", "rhs_dilation"))
+    if plain or (lhs.shape[1] >= kh and lhs.shape[2] >= kw):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
     x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-    (sh, sw), (oh, ow) = window_strides, ((x.shape[1] - kh) // window_strides[0] + 1,
-                                          (x.shape[2] - kw) // window_strides[1] + 1)
+    sh, sw = window_strides
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
     windows = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] for i in range(kh) for j in range(kw)]
     return jnp.matmul(jnp.concatenate(windows, -1), rhs.reshape(-1, rhs.shape[-1]), precision=options.get("precision"))
 
