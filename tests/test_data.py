@@ -115,6 +115,7 @@ def real_tfds(tmp_path_factory, data_root):
          "--tfds-dir", str(tfds_dir)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "269" in proc.stdout and "129" in proc.stdout
+    assert "preparing 305 images" in proc.stderr and "Generating" not in proc.stderr  # no bars into a pipe
     # the challenge's two tasks; no multilabel copy (training refuses multilabel on class folders)
     assert sorted(p.name.split("-")[1] for p in (tfds_dir / "xray_folders").iterdir()) == ["binary", "multiclass"]
     return tfds_dir

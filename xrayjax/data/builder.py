@@ -262,7 +262,8 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
     """Prepare ``listing`` (of ``source``) unless it already is; return its builder.
 
     ``task`` names the challenge's prepared data (its listing says which folders it read).
-    ``quiet``: print nothing (TFDS' preparing and prepared lines and its progress bars).
+    ``quiet``: print nothing (TFDS' preparing and prepared lines and its progress bars, which are
+    also off when stderr is not a terminal).
     ``image_size``: the prepared pixels' size (see :func:`~xrayjax.data.decode.prepared_size`).
     """
     config = config_for(source, listing, color, task, skip_bad_images, image_size)
@@ -280,7 +281,7 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
                 return waited
             for stale in config_dir.glob("incomplete.*"):  # left by an interrupted prepare
                 shutil.rmtree(stale, ignore_errors=True)
-            with _progress_bars_off(quiet):
+            with _progress_bars_off(quiet or not sys.stderr.isatty()):  # a log file gets no bar redraws
                 builder.download_and_prepare()
     except PermissionError as err:
         raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
