@@ -436,8 +436,8 @@ def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple
         unknown = ", ".join(repr(names[i]) for i in dropped if not known[i])
         reasons = [f"{why}: {which}" for why, which in (("every known value negative", negative),
                                                        ("no known value", unknown)) if which]
-        warnings.warn(f"{len(dropped)} label{'s' * (len(dropped) > 1)} left out of training (no positive image in the "
-                      f"training split): {'; '.join(reasons)}", SplitWarning, stacklevel=3)
+        warnings.warn(f"{len(dropped)} label{'s' if len(dropped) > 1 else ''} left out of training (no positive "
+                      f"image in the training split): {'; '.join(reasons)}", SplitWarning, stacklevel=3)
     if not len(keep):
         raise DataError("no label has a positive image in the training split: nothing to learn")
     parts = [dataclasses.replace(s, labels=s.labels[:, keep]) for s in (train, validation, test)]
