@@ -6,8 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,7 +19,7 @@ from xrayjax.evaluate import main as evaluate_main
 from xrayjax.gradcam import grad_cam
 from xrayjax.inference import backbone_features
 from xrayjax.loop import fit
-from xrayjax.models import create_model
+from xrayjax.models import create_model, keras_init
 from xrayjax.predict import main as predict_main
 from xrayjax.predict import predict
 from xrayjax.preprocessing import preprocess_input
@@ -166,18 +164,14 @@ def test_tsne_handles_small_n_and_rejects_tiny_n():
         tsne_points(np.zeros((3, 5)))
 
 
-def _init(arch, task, size, compiled=False):
-    """The model and random variables: initialised op by op from threefry key 0, or (compiled)
-    by one compiled init from an rbg key, much cheaper to compile."""
+def _init(arch, task, size):
+    """The model and Keras' initial values for it (:func:`keras_init`, numpy: nothing compiled)."""
     model = create_model(arch, task)
-    x = jnp.zeros((1, size, size, 3))
-    if compiled:
-        return model, jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(0, impl="rbg"))
-    return model, model.init(jax.random.key(0), x, train=False)
+    return model, keras_init(model, (1, size, size, 3))
 
 
 def test_gradcam_on_a_four_class_model_has_image_shape_and_range():
-    model, variables = _init("vgg16", "multiclass", 64, compiled=True)
+    model, variables = _init("vgg16", "multiclass", 64)
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     heat, logits = grad_cam(model, variables, images)
     assert heat.shape == (3, 64, 64) and logits.shape == (3, 4)

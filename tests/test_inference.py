@@ -4,8 +4,6 @@ features, and one module that every command imports (no twin in predict)."""
 import ast
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import expit, softmax
@@ -17,7 +15,7 @@ import xrayjax.predict
 from xrayjax import inference
 from xrayjax.data import Split
 from xrayjax.inference import backbone_features, infer, infer_features, probabilities
-from xrayjax.models import create_model
+from xrayjax.models import create_model, keras_init
 
 
 def test_probabilities_of_one_logit_and_of_several():
@@ -32,8 +30,7 @@ def test_probabilities_of_one_logit_and_of_several():
 
 def test_infer_pads_batches_keeps_order_and_equals_the_head_on_cached_features():
     model = create_model("vgg16", "multiclass")
-    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))  # one compile
-    variables = init(jax.random.key(0, impl="rbg"))
+    variables = keras_init(model, (1, 32, 32, 3))
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     split = Split(images, np.zeros(5, np.int32), tuple("abcde"))
     logits, embeddings = infer(model, variables, split, batch_size=2)  # 2 + 2 + 1 padded to 2

@@ -7,6 +7,7 @@ compared, on a random image and a real chest X-ray.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import keras
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_helpers import numpy_initializers
+from keras_helpers import keras_outputs, numpy_initializers
 from xrayjax.models import (
     ARCHS,
     BLOCKS,
@@ -123,7 +124,7 @@ def keras_reference(images):
                 base = KERAS_APPS[arch](include_top=False, weights=None, input_shape=(224, 224, 3))
             randomize(base, np.random.default_rng(1))
             stages = keras.Model(base.input, [base.get_layer(n).output for n in STAGES[arch]])
-            outputs = [np.asarray(o) for o in stages(images, training=False)]
+            outputs = keras_outputs(stages, images)
             backbones[arch] = (base, dict(zip(STAGES[arch], outputs)))
         if (arch, task) not in models:
             base, stages = backbones[arch]
@@ -131,7 +132,7 @@ def keras_reference(images):
             with numpy_initializers():
                 head = keras.Model(features, keras_head(arch, task, features))
             randomize(head, np.random.default_rng(2))
-            embedding, logits = (np.asarray(o) for o in head(stages[STAGES[arch][-1]], training=False))
+            embedding, logits = keras_outputs(head, stages[STAGES[arch][-1]])
             weights = {layer.name: layer.get_weights() for layer in [*base.layers, *head.layers]}
             models[arch, task] = {"weights": weights, "stages": stages, "embedding": embedding,
                                   "logits": logits}
@@ -175,6 +176,41 @@ def test_folded_batchnorm_equals_keras(images, keras_reference):
     assert rel_err_per_image(out, ref["stages"]["conv5_block3_out"]) <= RTOL
     with pytest.raises(ValueError, match="inference mode only"):
         create_backbone("resnet50", fold_bn=True).apply(folded, images[:1], train=True)
+
+
+def test_keras_init_fills_the_models_own_template_with_keras_initial_values(caplog):
+    """keras_init gives init's tree (names, shapes, dtypes) with Keras' initial values: kernels
+    glorot_uniform (a third of the squared limit as variance), biases, beta and mean zero, gamma and
+    variance one; the same draws for a seed, others for another; nothing compiled."""
+    from xrayjax.models import keras_init
+    from xrayjax.steps import build_step_model, init_variables
+
+    model = create_model("resnet50", "multiclass")
+    caplog.set_level("WARNING", logger="jax")
+    with jax.log_compiles(True):
+        values = keras_init(model, (1, 32, 32, 3), seed=4)
+        init_variables(build_step_model("densenet121", "multiclass"), 32, init="random")
+    assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    shapes = template(model, (1, 32, 32, 3))
+    assert jax.tree.structure(values) == jax.tree.structure(shapes)
+    kernels = 0
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(values), jax.tree.leaves(shapes), strict=True):
+        assert isinstance(got, np.ndarray) and got.shape == want.shape and got.dtype == want.dtype
+        name = path[-1].key
+        if name == "kernel":
+            kernels += 1
+            limit = np.float32(np.sqrt(6 / (np.prod(got.shape[:-2]) * (got.shape[-2] + got.shape[-1]))))
+            assert np.abs(got).max() <= limit and got.std() == pytest.approx(limit / np.sqrt(3), rel=0.1)
+        else:
+            np.testing.assert_array_equal(got, 1.0 if name in ("scale", "var") else 0.0)
+    assert kernels == 53 + 2  # ResNet50's convs, the head's two Dense layers
+    again, other = keras_init(model, (1, 32, 32, 3), seed=4), keras_init(model, (1, 32, 32, 3), seed=5)
+    conv = ("params", "backbone", "conv1_conv", "kernel")
+    pick = lambda tree: tree[conv[0]][conv[1]][conv[2]][conv[3]]  # noqa: E731
+    np.testing.assert_array_equal(pick(again), pick(values))
+    assert not np.allclose(pick(other), pick(values))
+    with pytest.raises(ValueError, match=r"keras_init: no Keras initial value for \['params'\]\['negative_slope'\]"):
+        keras_init(nn.PReLU(), (1, 2))
 
 
 @pytest.mark.parametrize("arch,task", list(REPORT_COUNTS))

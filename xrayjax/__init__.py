@@ -17,6 +17,7 @@ _EXPORTS = {
     "create_backbone": "xrayjax.models",
     "create_head": "xrayjax.models",
     "count_params": "xrayjax.models",
+    "keras_init": "xrayjax.models",
     "preprocess_input": "xrayjax.preprocessing",
     "port_keras_weights": "xrayjax.porting",
     "load_pretrained": "xrayjax.porting",

@@ -35,7 +35,7 @@ from flax.core import FrozenDict
 
 from xrayjax import distributed
 from xrayjax.augment import AugmentConfig, augment_images
-from xrayjax.models import Classifier, create_backbone, create_head, default_l2, frozen_features
+from xrayjax.models import Classifier, create_backbone, create_head, default_l2, frozen_features, keras_init
 from xrayjax.optim import make_optimizers, trainable_mask
 from xrayjax.preprocessing import preprocess_input
 
@@ -131,15 +131,14 @@ def init_backbone(arch: str, image_size: int, *, init: str = "imagenet", weights
     """The backbone's variables: ported ImageNet weights or Keras' initialisers drawn from ``seed``.
 
     ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with the
-    porting command when missing); ``"random"`` draws from ``seed`` with JAX's ``rbg`` generator
-    (fast to compile; its draws may differ between CPU and GPU, not between compute dtypes).
+    porting command when missing); ``"random"`` is :func:`~xrayjax.models.keras_init` from
+    ``(seed, 0)`` (numpy: nothing to compile, the same draws on every backend and dtype).
     """
     if init == "imagenet":
         from xrayjax.porting import load_pretrained
 
         return load_pretrained(arch, weights_dir)
-    x = np.zeros((1, image_size, image_size, 3), np.float32)  # numpy: no compile for a constant
-    return jax.jit(create_backbone(arch).init)(jax.random.key(seed, impl="rbg"), x)
+    return keras_init(create_backbone(arch), (1, image_size, image_size, 3), (seed, 0))
 
 
 def init_variables(
@@ -152,8 +151,8 @@ def init_variables(
     backbone: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``: the
-    backbone from :func:`init_backbone` (or ``backbone``, already made), the head drawn from
-    ``seed`` with threefry. Both use Keras' default initialisers."""
+    backbone from :func:`init_backbone` (or ``backbone``, already made), the head from
+    :func:`init_head`. Both use Keras' default initialisers."""
     if backbone is None:
         backbone = init_backbone(model.arch, image_size, init=init, weights_dir=weights_dir, seed=seed)
     x = np.zeros((1, image_size, image_size, 3), np.float32)
@@ -165,10 +164,9 @@ def init_variables(
 
 
 def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict[str, Any]:
-    """The head's fresh variables for backbone features of ``feature_shape`` (one image's), drawn
-    from the second half of ``seed``'s threefry key (the backbone draws from an rbg key)."""
-    key = jax.random.split(jax.random.key(seed))[1]
-    return jax.jit(model.head.init)(key, np.zeros((1, *feature_shape), np.float32))
+    """The head's fresh variables for backbone features of ``feature_shape`` (one image's):
+    :func:`~xrayjax.models.keras_init` from ``(seed, 1)`` (the backbone draws from ``(seed, 0)``)."""
+    return keras_init(model.head, (1, *feature_shape), (seed, 1))
 
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:

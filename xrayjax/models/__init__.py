@@ -7,12 +7,13 @@ Run ``python -m xrayjax.models ARCH TASK`` for a Keras-style summary.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xrayjax.models.backbones import (
     ARCHS, BLOCKS, DenseNet, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features,
@@ -22,7 +23,7 @@ from xrayjax.tasks import TASKS
 
 __all__ = [
     "ARCHS", "BLOCKS", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
-    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "submodule_variables",
+    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "keras_init", "submodule_variables",
 ]
 
 
@@ -77,3 +78,29 @@ def count_params(variables: Mapping[str, Any]) -> dict[str, int]:
     trainable = num_params(params.get("head", {}))
     total = num_params(params) + num_params(variables.get("batch_stats", {}))
     return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
+
+
+_ZEROS, _ONES = frozenset({"bias", "mean"}), frozenset({"scale", "var"})
+
+
+def keras_init(module: nn.Module, input_shape: Sequence[int], seed: int | Sequence[int] = 0) -> dict[str, Any]:
+    """``module``'s variables (for inputs of ``input_shape``) as Keras' layers start them: every
+    kernel glorot_uniform, drawn with numpy from ``seed`` in the variables' key order; biases,
+    BatchNorm's beta and moving mean zero; its gamma and moving variance one. ``module.init``
+    gives the same distributions, but compiles a program whose XLA compile time grows with the
+    number of kernels; numpy compiles nothing and draws the same values on every backend."""
+    rng = np.random.default_rng(seed)
+
+    def value(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name, shape = getattr(path[-1], "key", None), tuple(leaf.shape)
+        if name == "kernel":  # Keras' compute_fans: (..., in, out), receptive field first
+            limit = np.float32(math.sqrt(6 / (math.prod(shape[:-2]) * (shape[-2] + shape[-1]))))
+            return ((rng.random(shape, np.float32) * 2 - 1) * limit).astype(leaf.dtype)  # |value| <= limit
+        if name in _ZEROS | _ONES:
+            return np.full(shape, name in _ONES, leaf.dtype)
+        raise ValueError(f"keras_init: no Keras initial value for {jax.tree_util.keystr(path)} of "
+                         f"{type(module).__name__}; only kernel, bias, scale, mean and var have one")
+
+    template = jax.eval_shape(lambda x: module.init(jax.random.key(0), x),  # the key traced too: no compile
+                              jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    return jax.tree_util.tree_map_with_path(value, template)
