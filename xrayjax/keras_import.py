@@ -24,6 +24,7 @@ import numpy as np
 
 from xrayjax.porting import (
     WeightMismatchError,
+    _backbone_shapes,
     _backbone_template,
     _layer_names,
     _strings,
@@ -316,11 +317,9 @@ def _variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[n
     import jax
     import jax.numpy as jnp
 
-    from xrayjax.models.backbones import create_backbone
     from xrayjax.models.heads import KerasHead
 
-    backbone = _backbone_template(arch)
-    features = jax.eval_shape(create_backbone(arch).apply, backbone, jnp.zeros((1, 224, 224, 3)))
+    features, backbone = _backbone_shapes(arch)
     head = jax.eval_shape(KerasHead(tuple(tuple(sorted(s.items())) for s in specs)).init, jax.random.key(0),
                           jax.ShapeDtypeStruct(features.shape, jnp.float32))
     if any(s["kind"] == "flatten" for s in specs):

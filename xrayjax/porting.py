@@ -326,16 +326,22 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 
 @functools.cache
-def _backbone_template(arch: str) -> dict[str, Any]:
-    """Shapes and dtypes of ``create_backbone(arch)``'s variables at 224x224 (no compute; traced
-    once per arch: a strict merge's error compares the file with every arch's)."""
+def _backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
+    """Shapes and dtypes of ``create_backbone(arch)``'s features and variables at 224x224 (no
+    compute; traced once per arch: a strict merge's error compares the file with every arch's,
+    and an imported head is shaped by the features)."""
     import jax
     import jax.numpy as jnp
 
     from xrayjax.models import create_backbone
 
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    return jax.eval_shape(create_backbone(arch).init, jax.random.key(0), x)
+    return jax.eval_shape(create_backbone(arch).init_with_output, jax.random.key(0), x)
+
+
+def _backbone_template(arch: str) -> dict[str, Any]:
+    """Shapes and dtypes of ``create_backbone(arch)``'s variables at 224x224."""
+    return _backbone_shapes(arch)[1]
 
 
 def _layer_names(template: Mapping[str, Any]) -> set[str]:
