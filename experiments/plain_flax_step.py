@@ -5,8 +5,9 @@ trained with Adam in float32. Random weights and inputs. Prints one JSON line pe
 Copied from ../shared/reference/plain_flax_step.py (the models and the step unchanged) so that
 `python -m xrayjax.bench --reference experiments/plain_flax_step.py` can import it and time it
 beside the library's step in one process: `run` takes the image size and step count and
-returns its record, and the full grid runs only as a script. The untimed initialisation is
-one jitted call, not one compiled program per eager operation. Added here, in the same plain
+returns its record, and the full grid runs only as a script. The untimed set-up (inputs,
+weights, Adam's state) is one jitted call drawn from an rbg key, not one compiled program per
+eager operation (the step keeps its threefry dropout key). Added here, in the same plain
 style: DenseNet121 and CheXNet's head (task "chexnet": global average pooling, Dense(4))."""
 import json, time, functools
 import jax, jax.numpy as jnp, flax.linen as nn, optax
@@ -92,14 +93,17 @@ def run(task, arch, batch, bf16, steps=30, image_size=224):
     bb = ResNet50(dt) if arch == "resnet50" else DenseNet121(dt) if arch == "densenet121" else VGG(arch, dt)
     hd = Head(task)
     k = jax.random.PRNGKey(0)
-    x = jax.random.normal(k, (batch, image_size, image_size, 3))
-    bvars = jax.jit(bb.init)(k, x[:1])
-    f0 = jax.eval_shape(bb.apply, bvars, x[:1])
-    hvars = hd.init({"params": k, "dropout": k}, jnp.zeros(f0.shape, f0.dtype), False)
-    y = jax.random.randint(k, (batch,), 0, 2 if task == "task1" else 4)
     opt = optax.adam(1e-4)
+
+    @jax.jit
+    def setup(r):
+        x = jax.random.normal(r, (batch, image_size, image_size, 3))
+        bvars = bb.init(r, x[:1])
+        hvars = hd.init({"params": r, "dropout": r}, bb.apply(bvars, x[:1]), False)
+        y = jax.random.randint(r, (batch,), 0, 2 if task == "task1" else 4)
+        return x, y, bvars, hvars, opt.init(hvars["params"])
+    x, y, bvars, hvars, st = setup(jax.random.key(0, impl="rbg"))
     hp = hvars["params"]; hrest = {kk: v for kk, v in hvars.items() if kk != "params"}
-    st = opt.init(hp)
 
     @jax.jit
     def step(hp, st, x, y, key):

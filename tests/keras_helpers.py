@@ -3,6 +3,7 @@
 import contextlib
 import math
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,3 +36,12 @@ def real_xrays(data_root, size: int) -> np.ndarray:
     """The first covid and the first normal test X-ray of the real dataset, RGB uint8 (2, size, size, 3)."""
     paths = [sorted((data_root / "all" / "test" / c).glob("*.jp*g"))[0] for c in ("covid", "normal")]
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
+
+
+def keras_outputs(model, x):
+    """``model(x, training=False)`` as numpy, computed by one jitted ``stateless_call``: the same
+    values as Keras' eager call, which runs layer by layer (ResNet50 at 224 px: 1.1 s, not 3.9 s)."""
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    outputs = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])(trainable, frozen, x)
+    return [np.asarray(o) for o in outputs] if isinstance(outputs, (list, tuple)) else np.asarray(outputs)

@@ -175,11 +175,13 @@ def keras_files(tmp_path_factory, xray):
     cache: dict[str, KerasFile] = {}
 
     def get(arch: str) -> KerasFile:
+        from keras_helpers import keras_outputs
+
         if arch not in cache:
             model = _keras_model(arch)
             h5 = _save_legacy_h5(model, tmp_path_factory.mktemp(arch) / f"{arch}.h5")
             weights = {layer.name: layer.get_weights() for layer in model.layers if layer.get_weights()}
-            cache[arch] = KerasFile(arch, h5, weights, np.asarray(model(xray, training=False)))
+            cache[arch] = KerasFile(arch, h5, weights, keras_outputs(model, xray))
         return cache[arch]
 
     return get
