@@ -40,7 +40,7 @@ def real_xrays(data_root, size: int) -> np.ndarray:
 
 def keras_outputs(model, x):
     """``model(x, training=False)`` as numpy, computed by one jitted ``stateless_call``: the same
-    values as Keras' eager call, which runs layer by layer (ResNet50 at 224 px: 1.1 s, not 3.9 s)."""
+    values as Keras' eager call, which runs layer by layer (slower: experiments/bench.md)."""
     trainable = [v.value for v in model.trainable_variables]
     frozen = [v.value for v in model.non_trainable_variables]
     outputs = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])(trainable, frozen, x)

@@ -180,17 +180,21 @@ def test_folded_batchnorm_equals_keras(images, keras_reference):
 
 def test_keras_init_fills_the_models_own_template_with_keras_initial_values(caplog):
     """keras_init gives init's tree (names, shapes, dtypes) with Keras' initial values: kernels
-    glorot_uniform (a third of the squared limit as variance), biases, beta and mean zero, gamma and
-    variance one; the same draws for a seed, others for another; nothing compiled."""
+    glorot_uniform (Keras' own fans; a third of the squared limit as variance), biases, beta and
+    mean zero, gamma and variance one; the same draws for a seed, others for another; numpy
+    arrays, nothing compiled. The random init's streams are not the data's."""
+    from keras.src.initializers.random_initializers import compute_fans
+
     from xrayjax.models import keras_init
     from xrayjax.steps import build_step_model, init_variables
 
-    model = create_model("resnet50", "multiclass")
+    model, step_model = create_model("resnet50", "multiclass"), build_step_model("densenet121", "multiclass")
     caplog.set_level("WARNING", logger="jax")
     with jax.log_compiles(True):
         values = keras_init(model, (1, 32, 32, 3), seed=4)
-        init_variables(build_step_model("densenet121", "multiclass"), 32, init="random")
+        started = init_variables(step_model, 32, init="random", seed=0)
     assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(started))  # not a cached jitted init
     shapes = template(model, (1, 32, 32, 3))
     assert jax.tree.structure(values) == jax.tree.structure(shapes)
     kernels = 0
@@ -199,16 +203,23 @@ def test_keras_init_fills_the_models_own_template_with_keras_initial_values(capl
         name = path[-1].key
         if name == "kernel":
             kernels += 1
-            limit = np.float32(np.sqrt(6 / (np.prod(got.shape[:-2]) * (got.shape[-2] + got.shape[-1]))))
+            limit = np.float32(np.sqrt(6 / sum(compute_fans(got.shape))))
             assert np.abs(got).max() <= limit and got.std() == pytest.approx(limit / np.sqrt(3), rel=0.1)
         else:
             np.testing.assert_array_equal(got, 1.0 if name in ("scale", "var") else 0.0)
     assert kernels == 53 + 2  # ResNet50's convs, the head's two Dense layers
+
+    def kernel(params):  # the first layer's kernel, by name
+        return next(layer["kernel"] for _, layer in sorted(params.items()) if "kernel" in layer)
+
     again, other = keras_init(model, (1, 32, 32, 3), seed=4), keras_init(model, (1, 32, 32, 3), seed=5)
-    conv = ("params", "backbone", "conv1_conv", "kernel")
-    pick = lambda tree: tree[conv[0]][conv[1]][conv[2]][conv[3]]  # noqa: E731
-    np.testing.assert_array_equal(pick(again), pick(values))
-    assert not np.allclose(pick(other), pick(values))
+    np.testing.assert_array_equal(kernel(again["params"]["backbone"]), kernel(values["params"]["backbone"]))
+    assert not np.allclose(kernel(other["params"]["backbone"]), kernel(values["params"]["backbone"]))
+    for part, module, shape in (("backbone", create_backbone("densenet121"), (1, 32, 32, 3)),
+                                ("head", step_model.head, (1, 1, 1, 1024))):
+        ours = kernel(started["params"][part])
+        for seed in (0, (0, 0), (0, 1)):  # seed 0's streams of the splits, and of epochs 0 and 1's order
+            assert not np.allclose(ours, kernel(keras_init(module, shape, seed)["params"])), (part, seed)
     with pytest.raises(ValueError, match=r"keras_init: no Keras initial value for \['params'\]\['negative_slope'\]"):
         keras_init(nn.PReLU(), (1, 2))
 

@@ -259,8 +259,8 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     task = "binary" if classes == 2 else "multiclass"
     model = build_step_model(arch, task, bf16=dtype == "bf16", fine_tune=fine_tune, num_classes=classes,
                              augment=AugmentConfig() if augment else None)
-    # on the host: each rate() below builds its own state from them, which its steps donate
-    variables = jax.device_get(init_variables(model, cfg.image_size, init="random", seed=cfg.seed))
+    # numpy, on the host: each rate() below builds its own state from them, which its steps donate
+    variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
     step, rng = make_train_step(model, devices), jax.random.key(cfg.seed)
     steps, epochs, warm = _stream_plan(cfg, len(train), batch, workers)
     timed = len(train) * (len(epochs) - warm)

@@ -336,7 +336,7 @@ def _backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
     from xrayjax.models import create_backbone
 
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-    return jax.eval_shape(create_backbone(arch).init_with_output, jax.random.key(0), x)
+    return jax.eval_shape(lambda x: create_backbone(arch).init_with_output(jax.random.key(0), x), x)
 
 
 def _backbone_template(arch: str) -> dict[str, Any]:

@@ -132,13 +132,13 @@ def init_backbone(arch: str, image_size: int, *, init: str = "imagenet", weights
 
     ``init="imagenet"`` loads ``xrayjax.porting.load_pretrained`` (FileNotFoundError with the
     porting command when missing); ``"random"`` is :func:`~xrayjax.models.keras_init` from
-    ``(seed, 0)`` (numpy: nothing to compile, the same draws on every backend and dtype).
+    :func:`init_seed` ``(seed, 0)`` (numpy: nothing to compile, the same draws on every backend).
     """
     if init == "imagenet":
         from xrayjax.porting import load_pretrained
 
         return load_pretrained(arch, weights_dir)
-    return keras_init(create_backbone(arch), (1, image_size, image_size, 3), (seed, 0))
+    return keras_init(create_backbone(arch), (1, image_size, image_size, 3), init_seed(seed, 0))
 
 
 def init_variables(
@@ -165,8 +165,15 @@ def init_variables(
 
 def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict[str, Any]:
     """The head's fresh variables for backbone features of ``feature_shape`` (one image's):
-    :func:`~xrayjax.models.keras_init` from ``(seed, 1)`` (the backbone draws from ``(seed, 0)``)."""
-    return keras_init(model.head, (1, *feature_shape), (seed, 1))
+    :func:`~xrayjax.models.keras_init` from :func:`init_seed` ``(seed, 1)``."""
+    return keras_init(model.head, (1, *feature_shape), init_seed(seed, 1))
+
+
+def init_seed(seed: int, part: int) -> np.random.SeedSequence:
+    """The random init's stream for ``part`` (0 the backbone, 1 the head): child ``part`` of
+    ``seed``'s SeedSequence, apart from the data's streams (``seed`` for the splits,
+    ``[seed, epoch]`` for the order), which a plain ``(seed, part)`` would repeat."""
+    return np.random.SeedSequence(seed, spawn_key=(part,))
 
 
 def create_train_state(model: StepModel, variables: Mapping[str, Any], lr: float) -> TrainState:

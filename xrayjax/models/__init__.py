@@ -23,7 +23,8 @@ from xrayjax.tasks import TASKS
 
 __all__ = [
     "ARCHS", "BLOCKS", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
-    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "keras_init", "submodule_variables",
+    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "keras_init",
+    "submodule_variables",
 ]
 
 
@@ -83,12 +84,15 @@ def count_params(variables: Mapping[str, Any]) -> dict[str, int]:
 _ZEROS, _ONES = frozenset({"bias", "mean"}), frozenset({"scale", "var"})
 
 
-def keras_init(module: nn.Module, input_shape: Sequence[int], seed: int | Sequence[int] = 0) -> dict[str, Any]:
-    """``module``'s variables (for inputs of ``input_shape``) as Keras' layers start them: every
-    kernel glorot_uniform, drawn with numpy from ``seed`` in the variables' key order; biases,
-    BatchNorm's beta and moving mean zero; its gamma and moving variance one. ``module.init``
-    gives the same distributions, but compiles a program whose XLA compile time grows with the
-    number of kernels; numpy compiles nothing and draws the same values on every backend."""
+def keras_init(module: nn.Module, input_shape: Sequence[int],
+               seed: int | Sequence[int] | np.random.SeedSequence = 0) -> dict[str, Any]:
+    """``module``'s variables (for inputs of ``input_shape``) as Keras' layers start them, by
+    name: every kernel glorot_uniform (``layers.KERAS_KERNEL_INIT``), drawn with numpy from
+    ``seed`` in the variables' key order; biases, BatchNorm's beta and moving mean zero; its gamma
+    and moving variance one. ``module.init`` gives the same distributions, but compiles a program
+    whose XLA compile time grows with the number of kernels; numpy compiles nothing and draws the
+    same values on every backend. The values are numpy arrays: ``jax.device_put`` them once
+    before calling jitted code repeatedly."""
     rng = np.random.default_rng(seed)
 
     def value(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:

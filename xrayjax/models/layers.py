@@ -18,6 +18,7 @@ HEAD_BN_EPSILON = 1e-3
 HEAD_BN_MOMENTUM = 0.99
 # Keras' Dense and Conv2D default kernel initialiser (biases: zeros, as Flax's default; Keras'
 # BatchNormalization starts from gamma 1, beta 0, mean 0, variance 1, as Flax's does).
+# xrayjax.models.keras_init draws the same with numpy, by variable name: keep the two in step.
 KERAS_KERNEL_INIT = nn.initializers.glorot_uniform()
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _NO_PAD: Padding = ((0, 0), (0, 0))
