@@ -41,6 +41,7 @@ from xrayjax.steps import (
     build_step_model,
     create_train_state,
     epoch_key,
+    feature_shape,
     init_backbone,
     init_variables,
     make_eval_step,
@@ -216,9 +217,7 @@ class Trainer:
             self.eval_fn = self._compiled(make_eval_step(self.model, self.devices), state, example)
             return
         train_fn, eval_fn = make_head_steps(self.model)
-        shape = jax.eval_shape(self.model.backbone.init_with_output, jax.random.key(0),
-                               jax.ShapeDtypeStruct((1, self.config.image_size, self.config.image_size, 3),
-                                                    jnp.float32))[0].shape[1:]
+        shape = feature_shape(self.model, self.config.image_size)
 
         def example(name: str) -> tuple:
             labels = getattr(self.splits, name).labels

@@ -155,12 +155,17 @@ def init_variables(
     :func:`init_head`. Both use Keras' default initialisers."""
     if backbone is None:
         backbone = init_backbone(model.arch, image_size, init=init, weights_dir=weights_dir, seed=seed)
-    x = np.zeros((1, image_size, image_size, 3), np.float32)
-    head = init_head(model, jax.eval_shape(model.backbone.apply, backbone, x).shape[1:], seed)
+    head = init_head(model, feature_shape(model, image_size), seed)
     return {
         col: {"backbone": dict(backbone.get(col, {})), "head": dict(head.get(col, {}))}
         for col in ("params", "batch_stats")
     }
+
+
+def feature_shape(model: StepModel, image_size: int) -> tuple[int, ...]:
+    """One image's backbone features at ``image_size``: traced, nothing computed or compiled."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.backbone.init_with_output(jax.random.key(0), x)[0], x).shape[1:]
 
 
 def init_head(model: StepModel, feature_shape: Sequence[int], seed: int) -> dict[str, Any]:
