@@ -280,11 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="backbone initialisation (default: imagenet when the ported weights "
                         "exist; otherwise the script stops unless --init random is given)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per model (default 30; 1 with --quick)")
+                        help=f"epochs per model (default {TrainConfig.epochs}; {QUICK['epochs']} with --quick)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="image size (default 224; 32 with --quick)")
+                        help=f"image size (default {TrainConfig.image_size}; {QUICK['image_size']} with --quick)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="global batch (default 32; 16 with --quick)")
+                        help=f"global batch (default {TrainConfig.batch_size}; {QUICK['batch_size']} with --quick)")
     parser.add_argument("--out", default=None,
                         help="where results.md, figures/ and runs/ go (default experiments/; "
                         "runs/reproduce_quick with --quick)")
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder of ported ImageNet weights (default weights/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"epochs": 30, "image_size": 224, "batch_size": 32}
+    defaults = QUICK if args.quick else {key: getattr(TrainConfig, key) for key in QUICK}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

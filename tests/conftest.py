@@ -9,7 +9,7 @@ import tempfile
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # One persistent XLA compilation cache for the session and the subprocesses it starts: many
-# tests compile the same small programs (the suite: 352 s without it, 287 s with it, CPU).
+# tests compile the same small programs (experiments/bench.md).
 _XLA_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="xrayjax-xla-")
 if _XLA_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
@@ -54,7 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 # Two workers take whole files in collection order, so a long file collected late leaves one
 # worker alone at the end (test_training.py is last by name): the slowest files, as measured in
-# experiments/bench.md (fifteenth session), start first; the rest follow in name order.
+# experiments/bench.md, start first; the rest follow in name order.
 _SLOWEST_FIRST = ("test_keras_models.py", "test_training.py", "test_api.py", "test_gpu_check.py", "test_reliability.py")
 
 

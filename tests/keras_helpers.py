@@ -12,7 +12,7 @@ from keras.src.initializers.random_initializers import VarianceScaling, compute_
 
 def _numpy_variance_scaling(self, shape, dtype=None):
     """Keras' VarianceScaling (glorot_uniform, he_normal, ...) drawn with numpy, seeded by the
-    shape: Keras' own compiles one XLA program per weight shape (DenseNet121: 11 s of its build)."""
+    shape: Keras' own compiles one XLA program per weight shape (experiments/bench.md)."""
     fan_in, fan_out = compute_fans(shape)
     fan = {"fan_in": fan_in, "fan_out": fan_out}.get(self.mode, (fan_in + fan_out) / 2.0)
     scale = self.scale / max(1.0, fan)
@@ -38,10 +38,21 @@ def real_xrays(data_root, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths])
 
 
+def compiled(fn, *args):
+    """``jax.jit(fn)`` compiled for ``args`` at XLA's lowest backend optimisation level: the same
+    program and float semantics (no fast-math either way), compiled faster on the CPU
+    (experiments/bench.md)."""
+    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+
+
 def keras_outputs(model, x):
-    """``model(x, training=False)`` as numpy, computed by one jitted ``stateless_call``: the same
+    """``model(x, training=False)`` as numpy, computed by one compiled ``stateless_call``: the same
     values as Keras' eager call, which runs layer by layer (slower: experiments/bench.md)."""
     trainable = [v.value for v in model.trainable_variables]
     frozen = [v.value for v in model.non_trainable_variables]
-    outputs = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])(trainable, frozen, x)
+
+    def forward(trainable, frozen, x):
+        return model.stateless_call(trainable, frozen, x, training=False)[0]
+
+    outputs = compiled(forward, trainable, frozen, x)(trainable, frozen, x)
     return [np.asarray(o) for o in outputs] if isinstance(outputs, (list, tuple)) else np.asarray(outputs)

@@ -110,7 +110,8 @@ def test_chexpert_audit_counts_uncertain_and_a_patient_in_train_and_valid(data_r
 
 def test_audit_views_without_labels_is_one_line(capsys):
     assert main(["audit", "--views", "PA"]) == 2
-    assert "--views applies to a labels file" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("error: --views must be unset without --labels (a labels file's column of "
+                                       "views), got 'PA'\n")
 
 
 def test_prepare_labels_takes_the_train_flags(nih, tmp_path, capsys):

@@ -35,6 +35,7 @@ def test_chestxray14_no_finding_is_no_label_and_the_official_lists_are_the_split
     assert {s for s in table.splits} == {"train", "test"}
     pa = read_labels(nih, views=["PA"])
     assert len(pa.paths) == 12 and pa.left_out == {"view": 12}
+    assert read_labels(nih, views=["pa"]).paths == pa.paths  # views compare in any case
 
 
 def test_chexpert_blanks_uncertain_no_finding_valid_and_views(data_root, tmp_path):
@@ -88,6 +89,19 @@ def test_an_unknown_csv_names_every_format_and_writes_nothing(tmp_path):
     assert "unrecognised labels file" in str(err.value)
     assert all(name in str(err.value) and cols[0] in str(err.value) for name, cols in FORMATS.items())
     assert not (tmp_path / "tfds").exists()
+
+
+def test_an_empty_csv_or_a_short_row_is_one_line_naming_the_file_and_line(nih, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=f"^--labels {empty} is empty: a labels file starts with its header row$"):
+        read_labels(empty)
+    lines = nih.read_text().splitlines()
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join([*lines[:3], ",".join(lines[3].split(",")[:2]), *lines[4:]]) + "\n")
+    with pytest.raises(DataError, match=f"^--labels {short}, line 4: 2 fields, but the header has 7; complete or "
+                                        "remove that row$"):
+        read_labels(short)
 
 
 def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
@@ -186,18 +200,24 @@ def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
 
     out = tmp_path / "run"
     argv = ["--labels", str(nih), "--init", "random", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--out", str(out), "--tfds-dir", str(tmp_path / "tfds"), "--quiet", "--label-weights", "balanced"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+            "--out", str(out), "--tfds-dir", str(tmp_path / "tfds"), "--label-weights", "balanced"]
+    printed, log = io.StringIO(), io.StringIO()  # stderr not a terminal, as a log file: no bar redraws,
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(log):  # a line as each long pass starts
         assert train.main(argv) == 0
     assert "mean ROC-AUC" in printed.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    start = next(i for i, line in enumerate(lines) if line.startswith("computing the backbone features of "))
+    assert lines[start + 1].startswith("cached backbone features of ")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "multilabel" and metrics["label_names"] == ["Consolidation", "Infiltration", "Pneumonia"]
     assert metrics["count"] == len((nih.parent / "test_list.txt").read_text().split())
     assert set(metrics["per_label"]["Pneumonia"]) >= {"roc_auc", "average_precision", "threshold", "sensitivity"}
     assert {p.name for p in out.glob("*.png")} == {"curves.png", "roc.png", "tsne.png", "gradcam.png"}
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert evaluate.main(["--run", str(out), "--quiet"]) == 0
+    log = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
+        assert evaluate.main(["--run", str(out)]) == 0
+    assert "\r" not in log.getvalue() and f"evaluating test: {metrics['count']} images" in log.getvalue().splitlines()
     again = json.loads((out / "metrics.json").read_text())["per_label"]  # the backbone ran again: rounding
     for name, row in metrics["per_label"].items():
         assert again[name]["roc_auc"] == pytest.approx(row["roc_auc"], abs=1e-6)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_helpers import numpy_initializers, real_xrays
+from keras_helpers import compiled, keras_outputs, numpy_initializers, real_xrays
 
 from xrayjax import porting
 from xrayjax.models import (
@@ -33,13 +33,6 @@ STAGES = ("pool1", "conv2_block6_concat", "pool2_pool", "conv3_block12_concat", 
 NOTOP_PARAMS = 7_037_504  # keras.applications.DenseNet121(include_top=False).count_params()
 # Keras 2 (keras-applications' densenet.py, which wrote the published file) named the stem so.
 KERAS2_STEM = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn", "conv1_relu": "conv1/relu"}
-
-
-def _compiled(fn, *args):
-    """``jax.jit(fn)`` compiled for ``args`` at XLA's lowest backend optimisation level: the same
-    program and float semantics (no fast-math either way), a third of DenseNet121's CPU compile
-    time (3 s instead of 9 s)."""
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
 
 
 def _relative_error(actual, expected) -> float:
@@ -61,16 +54,9 @@ def keras_densenet(data_root):
                 rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c), rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c))])
     images = real_xrays(data_root, SIZE)
     x = keras.applications.densenet.preprocess_input(images.astype(np.float32))
-    stages = keras.Model(model.input, [model.get_layer(n).output for n in STAGES])
-    trainable = [v.value for v in stages.trainable_variables]
-    frozen = [v.value for v in stages.non_trainable_variables]
-
-    def forward(trainable, frozen, x):
-        return stages.stateless_call(trainable, frozen, x, training=False)[0]
-
-    outputs = _compiled(forward, trainable, frozen, x)(trainable, frozen, x)
+    outputs = keras_outputs(keras.Model(model.input, [model.get_layer(n).output for n in STAGES]), x)
     weights = {layer.name: layer.get_weights() for layer in model.layers}
-    return dict(model=model, weights=weights, images=images, stages=dict(zip(STAGES, map(np.asarray, outputs))))
+    return dict(model=model, weights=weights, images=images, stages=dict(zip(STAGES, outputs)))
 
 
 def _template(module, shape=(1, SIZE, SIZE, 3)) -> dict:
@@ -95,7 +81,7 @@ def flax_forward(keras_densenet, template):
     def forward(variables):
         return frozen_features(backbone, variables, x, mutable=["intermediates"])
 
-    return _compiled(forward, template)
+    return compiled(forward, template)
 
 
 def test_every_stage_and_chexnet_head_equal_keras(keras_densenet, flax_forward, template):

@@ -86,6 +86,9 @@ def test_class_missing_from_labels_gives_a_note_not_a_crash():
     assert any("pneumonia_vir" in note for note in m["notes"])
     single = compute_metrics(np.zeros(3, int), FOUR_PROBS[:3], FOUR)
     assert single["roc_auc"] is None and single["accuracy"] == pytest.approx(1 / 3)
+    never = compute_metrics(np.array([0, 1, 1]), np.array([[0.9, 0.1]] * 3), BINARY)
+    assert never["per_class"][BINARY[1]]["precision"] == 0.0
+    assert never["notes"] == [f"never predicted: {BINARY[1]}; precision is undefined there and shown as 0"]
 
 
 def test_metrics_reject_probabilities_of_the_wrong_shape():
@@ -360,6 +363,26 @@ def test_predict_cli_json_lists_every_image_in_order_failures_included(tiny_run,
     # no readable image at all: still a JSON list, one error object per image
     assert predict_main(["--run", str(run_dir), "--json", str(missing)]) == 1
     assert json.loads(capsys.readouterr().out) == [rows[2]]
+
+
+def test_predict_cli_takes_a_folder_as_the_images_under_it(tiny_run, data_root, tmp_path, capsys):
+    import shutil
+
+    run_dir, splits = tiny_run
+    image = data_root / "two" / "test" / "normal" / splits.test.names[-1]
+    folder = tmp_path / "scans"
+    (folder / "b").mkdir(parents=True)
+    for name in ("z.jpeg", "b/a.JPG", ".hidden.jpeg"):
+        shutil.copy(image, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    assert predict_main(["--run", str(run_dir), "--json", str(folder), str(tmp_path / "empty")]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["image"] for row in rows] == [str(folder / "b" / "a.JPG"), str(folder / "z.jpeg"),
+                                              str(tmp_path / "empty")]
+    assert rows[0]["probabilities"] == rows[1]["probabilities"]
+    assert rows[2]["error"] == (f"'{tmp_path / 'empty'}' is a folder without image files "
+                                "(.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)")
 
 
 def test_evaluate_cli_reports_a_missing_run_folder(tmp_path, capsys):

@@ -289,8 +289,13 @@ def test_resume_trains_an_imported_model_further(tmp_path, capsys):
     assert predict.main(["--run", str(out), "--json", str(data / "covid" / "0.png")]) == 0
     assert list(json.loads(capsys.readouterr().out)[0]["probabilities"]) == names
     # the command line continues on the recorded splits, then evaluates the test split
-    assert train_cli.main(["--resume", "--out", str(out), "--data-dir", str(data), "--tfds-dir", str(tmp_path / "tfds"),
-                           "--epochs", "2", "--batch-size", "4", "--quiet"]) == 0
+    cli = ["--resume", "--out", str(out), "--data-dir", str(data), "--tfds-dir", str(tmp_path / "tfds"),
+           "--epochs", "2", "--batch-size", "4", "--quiet"]
+    for flag, value, saved in (("--color", "gray", "keep"), ("--image-size", "224", str(SIZE))):
+        assert train_cli.main([*cli, flag, value]) == 2  # given, though TrainConfig's default: it stops
+        assert f"{flag} {value}: the run in {out} is a Keras model imported by weights/port.py --keras-model, " \
+               f"whose {flag} is {saved}; leave {flag} out" in capsys.readouterr().err
+    assert train_cli.main(cli) == 0
     assert [h["epoch"] for h in runfiles.read_history(out)] == [1, 2] and frozen_sha(out) == sha
     assert json.loads((out / runfiles.SPLITS_FILE).read_text())["splits"] == recorded
     assert json.loads((out / runfiles.METRICS_FILE).read_text())

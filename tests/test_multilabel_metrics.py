@@ -9,9 +9,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from xrayjax import figures
-from xrayjax.multilabel_metrics import (FROM_VALIDATION, label_weights, multilabel_metrics, multilabel_summary,
-                                        youden_threshold)
+from xrayjax.multilabel_metrics import FROM_VALIDATION, multilabel_metrics, multilabel_summary, youden_threshold
 from xrayjax.stats import roc_auc_known, wilson
+from xrayjax.steps import balanced_label_weights
 
 NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Pleural_Thickening")
 
@@ -164,9 +164,9 @@ def test_label_weights_follow_torchxrayvision():
     labels = np.array([[1, 1, 1], [0, 1, 1], [np.nan, 1, 1], [0, np.nan, 1], [0, 0, 1],
                        [np.nan, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]])
     # n = (1, 3, 8), mean 4, max 8: max - n + mean = (11, 9, 4), divided by 11.
-    np.testing.assert_allclose(label_weights(labels), [1.0, 9 / 11, 4 / 11])
+    np.testing.assert_allclose(balanced_label_weights(labels), [1.0, 9 / 11, 4 / 11])
     with pytest.raises(ValueError, match="positive"):
-        label_weights(np.zeros((4, 2)))
+        balanced_label_weights(np.zeros((4, 2)))
 
 
 def test_bad_inputs_fail_with_a_clear_message():

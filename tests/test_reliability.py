@@ -5,16 +5,18 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from flax import serialization
 
-from training_helpers import assert_close, tiny_config, tiny_splits
+from training_helpers import assert_close, tiny_config, tiny_splits, without_seconds
 from xrayjax import interrupts, runfiles
 from xrayjax.config import TrainConfig, resolve_run
 from xrayjax.data import DataError
@@ -59,6 +61,29 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_taken_over(
     lock.release()
     result = fit(tiny_config(tmp_path, "shared", epochs=1), tiny_splits("binary"))
     assert (result.run_dir / "checkpoint.msgpack").is_file() and (out / ".lock").read_text() == ""
+
+
+def test_evaluate_refuses_and_predict_warns_while_a_run_trains_in_the_folder(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    run = _copy(run_dir, tmp_path)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(image)
+    holder = RunFolderLock(run)  # a training run holds the folder
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"}
+    assert evaluate_main(["--run", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: run folder {run} is in use by process {os.getpid()} (host "
+                                       f"{os.uname().nodename}); wait for that run to end, then evaluate it\n")
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"} == before  # nothing written
+    with pytest.warns(UserWarning, match=re.escape(
+            f"the run in {run} is still training (process {os.getpid()} (host {os.uname().nodename})): "
+            "predicting with its checkpoint after epoch 2")):
+        assert predict_main(["--run", str(run), str(image)]) == 0
+    holder.release()
+    assert runfiles.in_use(run) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert predict_main(["--run", str(run), str(image)]) == 0
 
 
 # 2, 4. settings refused up front, naming the flag, writing nothing --------------------------
@@ -109,12 +134,23 @@ def test_an_unavailable_jax_backend_is_a_message(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_an_out_that_is_a_file_is_named_and_kept(small_dataset, tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("notes")
+    assert train_main(["--init", "random", "--data-dir", str(small_dataset), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} is a file, not a run folder; choose a folder (new, or "
+                                       "a run's to --resume)\n")
+    assert out.read_text() == "notes"
+
+
 def test_predict_and_evaluate_refuse_a_zero_batch(run_dir, capsys):
     for main in (predict_main, evaluate_main):
         with pytest.raises(SystemExit) as exit_info:
             main(["--run", str(run_dir), "--batch-size", "0", *(["a.png"] if main is predict_main else [])])
         assert exit_info.value.code == 2
-        assert "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+        command = "predict" if main is predict_main else "evaluate"
+        assert capsys.readouterr().err == (f"error: argument --batch-size: must be at least 1, got 0 (python -m "
+                                           f"xrayjax.{command} --help lists the flags)\n")  # one line, no usage
 
 
 def test_without_a_validation_split_the_result_says_so(tmp_path, capsys, monkeypatch):
@@ -124,7 +160,7 @@ def test_without_a_validation_split_the_result_says_so(tmp_path, capsys, monkeyp
     no_val = type(splits)(splits.train, splits.validation.take(np.arange(0)), splits.test, splits.class_names)
     monkeypatch.setattr(cli, "fit", lambda spec, fit=cli.fit: fit(spec, no_val))
     cli.run(resolve_run(tiny_config(tmp_path, "noval", epochs=1), no_val))
-    assert "(1 epochs, no validation split)" in capsys.readouterr().out
+    assert "(1 epoch, no validation split)" in capsys.readouterr().out
     assert "val_accuracy" not in json.loads((tmp_path / "noval" / "history.json").read_text())[0]
 
 
@@ -264,7 +300,7 @@ def test_prepare_cleans_an_interrupted_preparation_and_names_a_read_only_folder(
 
 # 7. SIGTERM ends a run as Ctrl-C does -------------------------------------------------------
 
-def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset, tmp_path):
+def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
     command = [sys.executable, "-m", "xrayjax.train", "--init", "random", "--image-size", "32", "--epochs",
@@ -282,10 +318,21 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
     finally:
         process.kill()
     assert process.returncode == 143, "".join(lines) + rest
-    assert rest.strip().splitlines()[-1] == (
-        f"interrupted: continue the run with the same flags and --resume (its checkpoint is in {out})")
+    assert rest.strip().splitlines()[-1] == f"interrupted: continue the run with --resume --out {out} (it takes the " \
+                                            "run's settings)"
     assert "Traceback" not in rest
-    assert runfiles.read_checkpoint(out).epoch >= 2 and (out / ".lock").read_text() == ""
+    done = runfiles.read_checkpoint(out).epoch
+    assert done >= 2 and (out / ".lock").read_text() == ""
+    # --resume takes the run's settings (data, size, batch, init...) left out; a flag given must match
+    assert train_main(["--resume", "--out", str(out), "--image-size", "64", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume: the run in {out} was trained with other settings: "
+                                       "image_size=32 (now 64); leave those flags out (--resume takes the run's) "
+                                       "or choose another --out\n")
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert train_main(["--resume", "--out", str(out), "--epochs", str(done + 1), "--quiet", "--no-eval"]) == 0
+    assert len(runfiles.read_history(out)) == done + 1
+    assert json.loads((out / "config.json").read_text())["config"] == {
+        **saved, "epochs": done + 1, "evaluate": False, "quiet": True, "resume": True}
 
 
 @contextlib.contextmanager
@@ -320,7 +367,6 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkey
     # SIGTERM lands inside epoch 2's second step (of 3): the run stops before the third, keeps
     # where it stopped, and --resume trains only the third, ending equal to the run never stopped.
     splits = tiny_splits("binary")
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     whole = fit(tiny_config(tmp_path, "whole", cache_features=False), splits)
     with _sigterm_in_call(monkeypatch, 5) as calls, pytest.raises(interrupts.Terminated):
         fit(tiny_config(tmp_path, "stopped", cache_features=False), splits)
@@ -329,7 +375,7 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_step_exactly(tmp_path, monkey
     calls.clear()
     resumed = fit(tiny_config(tmp_path, "stopped", cache_features=False, resume=True), splits)
     assert len(calls) == 1  # the epoch's third step only
-    assert strip(resumed.history) == strip(whole.history)
+    assert without_seconds(resumed.history) == without_seconds(whole.history)
     assert_close(resumed.state.params, whole.state.params, 0.0)
     assert_close(resumed.state.opt_state, whole.state.opt_state, 0.0)
     assert runfiles.read_checkpoint(tmp_path / "stopped").step == 0

@@ -179,8 +179,8 @@ def test_a_damaged_history_says_what_to_do(trained, tmp_path):
 
 
 def test_skip_bad_images_is_a_training_flag():
-    assert from_args(["--skip-bad-images"]).data_config().skip_bad_images
-    assert not from_args([]).data_config().skip_bad_images
+    assert from_args(["--skip-bad-images"])[0].data_config().skip_bad_images
+    assert not from_args([])[0].data_config().skip_bad_images
 
 
 def test_the_head_only_state_trains_exactly_as_the_whole_state():

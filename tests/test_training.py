@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import serialization, traverse_util
 
-from training_helpers import SIZE, assert_close, assert_history_close, flat, tiny_config, tiny_splits
+from training_helpers import (
+    SIZE, assert_close, assert_history_close, flat, tiny_config, tiny_splits, without_seconds,
+)
 from xrayjax import runfiles
 from xrayjax.data import DataConfig, Splits, load_splits
 from xrayjax.evaluate import evaluate_run
@@ -157,8 +159,7 @@ def test_resume_equals_uninterrupted_run(vgg_runs):
     first = fit(tiny_config(tmp, "resumed", num_devices=4, epochs=1), splits)
     assert len(first.history) == 1
     resumed = fit(tiny_config(tmp, "resumed", num_devices=4, epochs=2, resume=True), splits)
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
-    assert strip(resumed.history) == strip(vgg_runs["fast4"].history)
+    assert without_seconds(resumed.history) == without_seconds(vgg_runs["fast4"].history)
     assert_close(resumed.state.params, vgg_runs["fast4"].state.params, 0.0)
     assert_close(resumed.state.opt_state, vgg_runs["fast4"].state.opt_state, 0.0)
     with pytest.raises(ValueError, match="other settings: lr"):

@@ -61,3 +61,8 @@ def assert_history_close(h1, h2, tol: float) -> None:
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             if key in e1:
                 assert e1[key] == pytest.approx(e2[key], rel=tol, abs=tol), key
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    """A history's epochs without their wall-clock ``seconds``, the one entry that differs between equal runs."""
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]

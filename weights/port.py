@@ -20,6 +20,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xrayjax import porting  # noqa: E402
+from xrayjax.flags import ArgumentParser  # noqa: E402
 from xrayjax.atomic import write_atomic  # noqa: E402
 
 ARCHS = tuple(porting.PUBLISHED)
@@ -59,12 +60,9 @@ class PortError(Exception):
 
 
 def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks."""
-    digest = hashlib.new(algorithm)
+    """Hex digest of a file."""
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def download(url: str, target: Path, md5: str) -> None:
@@ -155,7 +153,7 @@ def port(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 error)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python weights/port.py",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -31,7 +31,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from xrayjax.flags import ArgumentParser
 from xrayjax.models import ARCHS
+from xrayjax.optim import LEARNING_RATE
 from xrayjax.steps import (
     batch_sharding,
     build_step_model,
@@ -111,7 +113,7 @@ def bench_one(cfg: BenchConfig, arch: str, task: str, dtype: str, batch: int) ->
     devices = _local_devices(batch)
     model = build_step_model(arch, task, bf16=dtype == "bf16")
     variables = init_variables(model, cfg.image_size, init="random", seed=cfg.seed)
-    state = replicate(create_train_state(model, variables, lr=1e-4), devices)
+    state = replicate(create_train_state(model, variables, lr=LEARNING_RATE), devices)
     inputs = _device_batches(cfg, max(2, model.head.outputs), batch, devices)  # binary: 1 logit
     rng = jax.random.key(cfg.seed)
 
@@ -266,7 +268,7 @@ def bench_fed(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, arch
     timed = len(train) * (len(epochs) - warm)
 
     def rate(stream: Iterator) -> float:
-        state = replicate(create_train_state(model, variables, lr=1e-4), devices)
+        state = replicate(create_train_state(model, variables, lr=LEARNING_RATE), devices)
 
         def train_step(b: dict) -> Any:
             nonlocal state
@@ -318,7 +320,7 @@ def _model(text: str) -> tuple[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m xrayjax.bench",
         description="Images per second of the real training step (frozen backbone forward on "
         "uint8 input, head forward/backward, Adam update), steady state. One JSON line per "
@@ -327,19 +329,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     d = BenchConfig()
     p.add_argument("--models", nargs="+", type=_model, default=list(d.models), metavar="ARCH[:TASK]",
-                   help="models to measure; TASK defaults to multiclass, four_class is read as it "
-                   "(default: the report's four and CheXNet's: vgg16:binary vgg16 vgg19 resnet50 densenet121)")
+                   help="models to measure; TASK defaults to multiclass, four_class is read as it (default: the "
+                   "report's four and CheXNet's: "
+                   + " ".join(arch if task == "multiclass" else f"{arch}:{task}" for arch, task in d.models) + ")")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=list(d.dtypes),
                    help="backbone compute dtype; the head and loss are always float32 (default: both)")
     p.add_argument("--batches", nargs="+", type=int, default=list(d.batches),
-                   help="global batch sizes (default: 32 256)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="input side (default 224)")
-    p.add_argument("--steps", type=int, default=d.steps, help="steps per timed window (default 10)")
+                   help="global batch sizes (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="input side (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="steps per timed window (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.repeats,
-                   help="timed windows; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default 3)")
+                   help="timed windows; the median is reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"JSON-lines file the records are appended to (default {DEFAULT_OUT})")
+                   help="JSON-lines file the records are appended to (default: %(default)s)")
     p.add_argument("--no-save", action="store_true", help="print only, append nothing")
     p.add_argument("--reference", metavar="FILE",
                    help="also time the plain-Flax reference step in FILE (experiments/plain_flax_step.py) "
@@ -354,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --input or --fed: also augment each batch on the devices, as --augment trains")
     p.add_argument("--workers", nargs="+", type=int, default=[0], metavar="N",
                    help="with --input or --fed: reader processes to measure, one record each (0: a reader thread; "
-                   "default 0)")
+                   "default: %(default)s)")
     mode.add_argument("--fed", action="store_true",
                       help="measure the train step fed by the input pipeline instead, beside the same step on "
                       "batches already on the devices (kind \"fed\", vs_step: the share kept end to end), over "
@@ -362,10 +365,10 @@ def _parser() -> argparse.ArgumentParser:
                       "--batches and --workers. Training feeds the step this way with --fine-tune, --augment or "
                       "--no-cache-features")
     p.add_argument("--stream-batches", type=int, default=d.stream_batches, metavar="N",
-                   help=f"with --input or --fed: timed batches, many more than the readers' buffers hold "
-                   f"(default {d.stream_batches})")
+                   help="with --input or --fed: timed batches, many more than the readers' buffers hold "
+                   "(default: %(default)s)")
     p.add_argument("--fine-tune", type=int, default=0, metavar="N",
-                   help="with --fed: also train the last N backbone blocks (default 0)")
+                   help="with --fed: also train the last N backbone blocks (default: %(default)s)")
     return p
 
 

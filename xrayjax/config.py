@@ -2,8 +2,9 @@
 :class:`RunSpec`, the settings resolved once against the data.
 
 Each field carries its help text (and, where the flag is not ``--field-name``, its flag) in
-its metadata, so defaults and help live in one place: ``python -m xrayjax.train --help`` is
-built from this class. :func:`resolve_run` lists the dataset and fills in every default once;
+its metadata (:mod:`xrayjax.flags`; the data settings are :class:`xrayjax.data.DataConfig`'s
+fields), so defaults and help live in one place: ``python -m xrayjax.train --help`` is built
+from this class. :func:`resolve_run` lists the dataset and fills in every default once;
 training, evaluation, cross-validation and the Ctrl-C hint all read the :class:`RunSpec` it makes.
 """
 
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from xrayjax.data import DataConfig, Dataset, Splits, open_dataset
-from xrayjax.data.csv_labels import UNCERTAIN
-from xrayjax.data.decode import MAX_IMAGE_SIZE, SIZE_COSTS
-from xrayjax.data.pipeline import GROUP_BY
-from xrayjax.models import ARCHS, BLOCKS, default_l2
+from xrayjax.distributed import DistributedConfig
+from xrayjax.flags import ArgumentParser, add_flags, field, same_field
+from xrayjax.models import ARCHS, BLOCKS, DROPOUT, default_l2
+from xrayjax.optim import LEARNING_RATE
 from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
 
 MULTI_HOST = "multi-host"
@@ -33,97 +34,79 @@ _MULTI_HOST_HELP = (
 )
 
 
-def _field(default: Any, help: str, **cli: Any) -> Any:
-    """A config field with its command-line help; ``cli`` may hold flag, choices, metavar, group."""
-    return dataclasses.field(default=default, metadata={"help": help, **cli})
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a run (recorded in ``<out>/config.json``); see each field's help."""
 
-    arch: str = _field("vgg16", "backbone", choices=ARCHS)
-    task: str | None = _field(None, "the head: binary (one sigmoid output, the report's Task 1), multiclass "
-                              "(a softmax over the N classes, the report's Task 2 head; four_class is its old "
-                              "name) or multilabel (one sigmoid per label of a --labels file) (default: from the "
-                              "data: multilabel with --labels, else binary for 2 classes, multiclass for more; on "
-                              "the challenge's data binary reads two/)", choices=(*TASKS, *TASK_ALIASES))
-    data_dir: str | None = _field(None, "dataset: a folder or zip of <split>/<class>/<images> or <class>/<images> "
-                                  "(default: ../shared/covid_xray next to the repo)")
-    labels: str | None = _field(None, "a labels CSV in place of class folders: ChestX-ray14's Data_Entry_2017.csv, "
-                                "CheXpert's train.csv, the COVID-19 image data collection's metadata.csv, or a "
-                                "generic CSV (path, then a labels column joined by | or one 0/1/blank column per "
-                                "label; optional patient); the images sit under --data-dir (default: the CSV's "
-                                "folder). Splits keep each patient on one side", metavar="CSV")
-    uncertain: str = _field("ignore", "with --labels, what CheXpert's -1 (uncertain) means: ignore (unknown, "
-                            "masked out of the loss), zeros or ones (the CheXpert paper's U-Ignore, U-Zeros, "
-                            "U-Ones)", choices=UNCERTAIN)
-    views: str | None = _field(None, "with --labels, keep only these views (comma-separated, e.g. PA,AP; CheXpert's "
-                               "lateral view is L); the rows left out are counted", metavar="LIST")
-    skip_missing: bool = _field(False, "with --labels, leave out the rows whose image is missing (a partial "
-                                "download) instead of stopping")
-    label_weights: str | None = _field(None, "balanced: weigh each label's loss by its positive count n as "
-                                       "TorchXRayVision does, max(n) - n + mean(n), scaled to a maximum of 1 "
-                                       "(default: every label 1)", choices=("balanced",))
-    tfds_dir: str | None = _field(None, "where the prepared TFDS data lives (default: TFDS' own data dir)")
-    color: str = _field("gray", "gray: every image to grayscale; keep: the original colour modes",
-                        choices=("gray", "keep"))
-    skip_bad_images: bool = _field(False, "leave corrupt or truncated images out (each named in a warning) "
-                                   "instead of stopping at the first one; recorded in the prepared data's key")
-    val_fraction: float = _field(0.2, "without a val/ folder: the fraction of train held out for validation, "
-                                 "stratified, seeded by --seed, in [0, 1) (0: no validation split)")
-    test_fraction: float = _field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
-                                  "stratified, always the same images, in [0, 1) (0: no test split)")
-    group_by: str | None = _field(None, "source: keep every source (a paper, a patient: the audit's grouping of "
-                                  "file names) on one side of each held-out split and fold", choices=GROUP_BY)
-    folds: int = _field(0, "cross-validate: K >= 2 stratified folds over train+validation, a fresh head each "
-                        "(features computed once), written to cv.json and cv.png; the final model then trains "
-                        "on train+validation (0: off)", metavar="K")
-    seeds: int = _field(1, "repeat the cross-validation over N seeds (--seed, --seed+1, ...), at least 1",
-                        metavar="N")
-    image_size: int = _field(224, f"input size in pixels, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
-    init: str = _field("imagenet", "backbone weights: ported ImageNet weights, or random "
-                       "(Keras' initialisers)", choices=("imagenet", "random"))
-    weights_dir: str | None = _field(None, "folder of <arch>_imagenet_notop.msgpack (default: the repo's weights/)")
-    epochs: int = _field(30, "epochs to train, at least 1 (with --resume: the total, not the ones to add)")
-    batch_size: int = _field(32, "global batch size, split over the devices: at least 1, a multiple of "
-                             "their number, at most the number of training images")
-    lr: float = _field(1e-4, "Adam learning rate, > 0 (Keras' Adam: beta_1 0.9, beta_2 0.999, epsilon 1e-7)")
-    l2: float | None = _field(None, "L2 factor on the head's Dense kernels, >= 0 (default: 1e-3, but 0 for "
-                              "vgg16 four_class, as in the report, and for densenet121, as in CheXNet)")
-    dropout: float = _field(0.5, "head dropout rate, in [0, 1)")
-    augment: bool = _field(False, "random rotation/shift/zoom of training images (disables feature caching)")
-    bf16: bool = _field(False, "backbone computes in bfloat16; head and loss stay float32")
-    fine_tune: int = _field(0, "also train the last N backbone blocks, 0 to the backbone's number of blocks "
-                            "(0: backbone frozen)", metavar="N")
-    seed: int = _field(0, "seed (>= 0) of the initialisation, data order, dropout and validation split")
-    out: str | None = _field(None, "run folder (default: runs/<arch>_<task>)")
-    resume: bool = _field(False, "continue the run in --out from its checkpoint")
-    quiet: bool = _field(False, "no progress bars or messages")
-    num_devices: int | None = _field(None, "use the first N (>= 1) local devices of each process (default: all)",
-                                     metavar="N")
-    cache_features: bool = _field(True, "with a frozen backbone and no --augment, compute its features once and "
-                                  "train only the head (--no-cache-features: run the backbone every step)",
-                                  flag="--no-cache-features")
-    workers: int = _field(0, "reader processes feeding the devices (grain's workers, each reading a slice of the "
-                          "steps, the order unchanged; 0: one reader thread in this process). Reading a prepared "
-                          "image is a record parse and a copy, so workers pay only where the host has cores to "
-                          "spare: on 2 cores they are slower than the thread (experiments/bench.md)", metavar="N")
-    evaluate: bool = _field(True, "skip the test-set evaluation at the end", flag="--no-eval")
-    eval_train: bool = _field(False, "the evaluation at the end also scores the train split (its accuracy, and "
-                              "train points in tsne.png): free with cached features; with --augment or "
-                              "--fine-tune, one more backbone pass over every training image, about an epoch's "
-                              "forward time")
-    coordinator: str | None = _field(None, "address of process 0's host and a free port that every "
-                                     "host can reach", metavar="HOST:PORT", group=MULTI_HOST)
-    num_processes: int | None = _field(None, "how many processes (hosts) take part", metavar="N",
-                                       group=MULTI_HOST)
-    process_id: int | None = _field(None, "this process's id, 0..N-1 (0 writes the run)", metavar="I",
-                                    group=MULTI_HOST)
-    coordinator_timeout: int = _field(300, "give up when not every process has joined within S seconds",
-                                      metavar="S", group=MULTI_HOST)
-    heartbeat_timeout: int = _field(100, "stop every process about S seconds after one of them died",
-                                    metavar="S", group=MULTI_HOST)
+    arch: str = field("vgg16", "backbone", choices=ARCHS)
+    task: str | None = field(None, "the head: binary (one sigmoid output, the report's Task 1), multiclass "
+                             "(a softmax over the N classes, the report's Task 2 head; four_class is its old "
+                             "name) or multilabel (one sigmoid per label of a --labels file) (default: from the "
+                             "data: multilabel with --labels, else binary for 2 classes, multiclass for more; on "
+                             "the challenge's data binary reads two/)", choices=(*TASKS, *TASK_ALIASES))
+    data_dir: str | None = same_field(DataConfig, "data_dir")
+    labels: str | None = same_field(DataConfig, "labels")
+    uncertain: str = same_field(DataConfig, "uncertain")
+    views: str | None = same_field(DataConfig, "views")
+    skip_missing: bool = same_field(DataConfig, "skip_missing")
+    label_weights: str | None = field(None, "balanced: weigh each label's loss by its positive count n as "
+                                      "TorchXRayVision does, max(n) - n + mean(n), scaled to a maximum of 1 "
+                                      "(default: every label 1)", choices=("balanced",))
+    tfds_dir: str | None = same_field(DataConfig, "tfds_dir")
+    color: str = same_field(DataConfig, "color")
+    skip_bad_images: bool = same_field(DataConfig, "skip_bad_images")
+    val_fraction: float = same_field(DataConfig, "val_fraction")
+    test_fraction: float = same_field(DataConfig, "test_fraction")
+    group_by: str | None = same_field(DataConfig, "group_by")
+    folds: int = field(0, "cross-validate: K >= 2 folds over train+validation (stratified; with --labels, "
+                       "of whole patients), a fresh head each "
+                       "(features computed once), written to cv.json and cv.png; the final model then trains "
+                       "on train+validation (0: off)", metavar="K")
+    seeds: int = field(1, "repeat the cross-validation over N seeds (--seed, --seed+1, ...), at least 1",
+                       metavar="N")
+    image_size: int = same_field(DataConfig, "image_size")
+    init: str = field("imagenet", "backbone weights: ported ImageNet weights, or random "
+                      "(Keras' initialisers)", choices=("imagenet", "random"))
+    weights_dir: str | None = field(None, "folder of <arch>_imagenet_notop.msgpack (default: the repo's weights/)")
+    epochs: int = field(30, "epochs to train, at least 1 (with --resume: the total, not the ones to add)")
+    batch_size: int = field(32, "global batch size, split over the devices: at least 1, a multiple of "
+                            "their number, at most the number of training images")
+    lr: float = field(LEARNING_RATE, "Adam learning rate, > 0 (Keras' Adam: beta_1 0.9, beta_2 0.999, epsilon 1e-7)")
+    l2: float | None = field(None, "L2 factor on the head's Dense kernels, >= 0 (default: 1e-3, but 0 for "
+                             "vgg16 multiclass, as in the report, and for densenet121, as in CheXNet)")
+    dropout: float = field(DROPOUT, "head dropout rate, in [0, 1)")
+    augment: bool = field(False, "random rotation/shift/zoom of training images (disables feature caching)")
+    bf16: bool = field(False, "backbone computes in bfloat16; head and loss stay float32")
+    fine_tune: int = field(0, "also train the last N backbone blocks, 0 to the backbone's number of blocks "
+                           "(0: backbone frozen)", metavar="N")
+    seed: int = field(0, "seed (>= 0) of the initialisation, data order, dropout and validation split")
+    out: str | None = field(None, "run folder (default: runs/<arch>_<task>)")
+    resume: bool = field(False, "continue the run in --out from its checkpoint")
+    quiet: bool = field(False, "no progress bars or messages")
+    num_devices: int | None = field(None, "use the first N (>= 1) local devices of each process (default: all)",
+                                    metavar="N")
+    cache_features: bool = field(True, "run the backbone every step, instead of computing "
+                                 "a frozen backbone's features once and training only the head (the default with a "
+                                 "frozen backbone and no --augment)", flag="--no-cache-features")
+    workers: int = field(0, "reader processes feeding the devices (grain's workers, each reading a slice of the "
+                         "steps, the order unchanged; 0: one reader thread in this process). Reading a prepared "
+                         "image is a record parse and a copy, so workers pay only where the host has cores to "
+                         "spare: on 2 cores they are slower than the thread (experiments/bench.md)", metavar="N")
+    evaluate: bool = field(True, "skip the test-set evaluation at the end", flag="--no-eval")
+    eval_train: bool = field(False, "the evaluation at the end also scores the train split (its accuracy, and "
+                             "train points in tsne.png): free with cached features; with --augment or "
+                             "--fine-tune, one more backbone pass over every training image, about an epoch's "
+                             "forward time")
+    coordinator: str | None = field(None, "address of process 0's host and a free port that every "
+                                    "host can reach", metavar="HOST:PORT", group=MULTI_HOST)
+    num_processes: int | None = field(None, "how many processes (hosts) take part", metavar="N",
+                                      group=MULTI_HOST)
+    process_id: int | None = field(None, "this process's id, 0..N-1 (0 writes the run)", metavar="I",
+                                   group=MULTI_HOST)
+    coordinator_timeout: int = field(DistributedConfig.initialization_timeout, "give up when not every process "
+                                     "has joined within S seconds", metavar="S", group=MULTI_HOST)
+    heartbeat_timeout: int = field(DistributedConfig.heartbeat_timeout, "stop every process about S seconds after "
+                                   "one of them died", metavar="S", group=MULTI_HOST)
 
     @property
     def fast_path(self) -> bool:
@@ -134,11 +117,8 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         """The data settings of this run (DataConfig checks them, naming the flag)."""
         # With --folds the final model trains on train+validation: nothing is held out for validation.
-        return DataConfig(task=self.task, data_dir=self.data_dir, tfds_dir=self.tfds_dir, color=self.color,
-                          val_fraction=0.0 if self.folds else self.val_fraction, test_fraction=self.test_fraction,
-                          seed=self.seed, skip_bad_images=self.skip_bad_images, image_size=self.image_size,
-                          group_by=self.group_by, labels=self.labels, uncertain=self.uncertain, views=self.views,
-                          skip_missing=self.skip_missing)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
+        return DataConfig(**{**shared, "val_fraction": 0.0 if self.folds else self.val_fraction})
 
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
         """A copy with ``task`` (from ``class_names`` when unset; ``four_class`` read as
@@ -215,15 +195,23 @@ def resolve_run(config: TrainConfig, splits: Splits | None = None) -> RunSpec:
     ``xrayjax.data.DataError`` when the data cannot be found or listed.
     """
     if splits is not None:
-        return RunSpec(config.resolved(splits.class_names), None, tuple(splits.class_names))
+        resolved = config.resolved(splits.class_names)
+        _check_folder(Path(resolved.out))
+        return RunSpec(resolved, None, tuple(splits.class_names))
     config.data_config()  # bad data settings stop before the data is listed
     if config.out is not None:  # before listing: a run folder inside the data would list as a class
         _check_outside(Path(config.out).expanduser().resolve(), config.data_dir)
     dataset = open_dataset(config.data_config())
     resolved = config.resolved(dataset.class_names)
     _check_outside(Path(resolved.out), dataset.location)
+    _check_folder(Path(resolved.out))
     data_dir = resolved.data_dir or dataset.location  # the default dataset, recorded where it was found
     return RunSpec(dataclasses.replace(resolved, data_dir=data_dir), dataset, tuple(dataset.class_names))
+
+
+def _check_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder; choose a folder (new, or a run's to --resume)")
 
 
 def _check_outside(out: Path, data_dir: str | None) -> None:
@@ -233,41 +221,15 @@ def _check_outside(out: Path, data_dir: str | None) -> None:
                          "choose a run folder outside the dataset")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _flag(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
-
-
 def parser(prog: str = "python -m xrayjax.train", description: str | None = None) -> argparse.ArgumentParser:
     """The command line of :class:`TrainConfig`: one flag per field, its default and help."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    groups = {MULTI_HOST: p.add_argument_group(MULTI_HOST, _MULTI_HOST_HELP)}
-    for field in dataclasses.fields(TrainConfig):
-        meta = field.metadata
-        target = groups.get(meta.get("group"), p)
-        kwargs: dict[str, Any] = {"dest": field.name, "default": field.default}
-        if isinstance(field.default, bool):
-            kwargs["action"] = "store_false" if field.default else "store_true"
-            help = meta["help"]
-        else:
-            kwargs["type"] = {"str": str, "int": int, "float": float}[str(field.type).split(" |")[0]]
-            kwargs.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
-            shown = "" if field.default is None or "(default" in meta["help"] else f" (default: {field.default})"
-            help = meta["help"] + shown
-        target.add_argument(_flag(field), help=help.replace("%", "%%"), **kwargs)
+    p = ArgumentParser(prog=prog, description=description)
+    add_flags(p, TrainConfig, groups={MULTI_HOST: p.add_argument_group(MULTI_HOST, _MULTI_HOST_HELP)})
     return p
 
 
-def from_args(argv: Sequence[str] | None = None, **parser_kw: Any) -> TrainConfig:
-    """Parse the command line into a :class:`TrainConfig` (argparse exits on unknown flags)."""
-    return TrainConfig(**vars(parser(**parser_kw).parse_args(argv)))
+def from_args(argv: Sequence[str] | None = None, **parser_kw: Any) -> tuple[TrainConfig, frozenset[str]]:
+    """Parse the command line into a :class:`TrainConfig` and the names of the fields whose flags
+    were given (argparse exits on unknown flags)."""
+    given = vars(parser(**parser_kw).parse_args(argv))
+    return TrainConfig(**given), frozenset(given)

@@ -23,10 +23,11 @@ import numpy as np
 from xrayjax import figures, runfiles
 from xrayjax.data.pipeline import Split, split_folds
 from xrayjax.inference import infer_features, probabilities
-from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index
-from xrayjax.multilabel_metrics import label_weights
+from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index, unstack
 from xrayjax.stats import macro_f1, roc_auc, roc_auc_known, summarise
-from xrayjax.steps import build_step_model, create_train_state, epoch_key, init_head, make_head_steps
+from xrayjax.steps import (
+    balanced_label_weights, build_step_model, create_train_state, epoch_key, init_head, make_head_steps,
+)
 
 CV_FILE = "cv.json"
 CV_FIGURE = "cv.png"
@@ -65,7 +66,7 @@ def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, A
     device = next(iter(features.devices()))
     on_device = jax.device_put(labels, device)
     # --label-weights: from the positive counts of train+validation, the same for every fold (one compiled step)
-    weights = label_weights(labels) if config.label_weights else None
+    weights = balanced_label_weights(labels) if config.label_weights else None
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16, l2=config.l2,
                              num_classes=len(splits.class_names), label_weights=weights)
     train_fn, eval_fn = make_head_steps(model)
@@ -84,8 +85,7 @@ def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, A
                 state, train_sums = train_fn(state, features, on_device, *index, epoch_key(seed, epoch))
                 train_sums = jax.device_get(train_sums)
                 try:
-                    check_finite([{m: v[s] for m, v in train_sums.items()} for s in range(len(train_sums["count"]))],
-                                 epoch)
+                    check_finite(unstack(train_sums), epoch)
                 except TrainingDiverged as e:
                     diverged = str(e)
                     break

@@ -51,7 +51,6 @@ class DistributedConfig:
     process_id: int | None = None
     initialization_timeout: int = 300
     heartbeat_timeout: int = 100
-    shutdown_timeout: int = 300
     launcher: str | None = None
 
     @property
@@ -126,9 +125,8 @@ def from_args_and_env(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    initialization_timeout: int = 300,
-    heartbeat_timeout: int = 100,
-    shutdown_timeout: int = 300,
+    initialization_timeout: int = DistributedConfig.initialization_timeout,
+    heartbeat_timeout: int = DistributedConfig.heartbeat_timeout,
 ) -> DistributedConfig:
     """The run's :class:`DistributedConfig`: flags win, else what JAX detects from the environment.
 
@@ -139,7 +137,6 @@ def from_args_and_env(
     for name, value in (
         ("initialization_timeout", initialization_timeout),
         ("heartbeat_timeout", heartbeat_timeout),
-        ("shutdown_timeout", shutdown_timeout),
     ):
         if value < 1:
             raise DistributedError(f"{name} must be at least 1 second, got {value}")
@@ -166,8 +163,7 @@ def from_args_and_env(
     elif detected is not None:
         launcher = detected[0]
     else:
-        return DistributedConfig(initialization_timeout=initialization_timeout,
-                                 heartbeat_timeout=heartbeat_timeout, shutdown_timeout=shutdown_timeout)
+        return DistributedConfig(initialization_timeout=initialization_timeout, heartbeat_timeout=heartbeat_timeout)
     bootstrapped = detected is not None and LAUNCHERS[detected[0]].jax_detects
     if detected is not None and not bootstrapped:  # JAX finds nothing here: take the launcher's count and id
         num_processes = detected[1] if num_processes is None else num_processes
@@ -203,7 +199,6 @@ def from_args_and_env(
         process_id=process_id,
         initialization_timeout=initialization_timeout,
         heartbeat_timeout=heartbeat_timeout,
-        shutdown_timeout=shutdown_timeout,
         launcher=launcher,
     )
 
@@ -242,7 +237,6 @@ def initialize(cfg: DistributedConfig) -> None:
             process_id=cfg.process_id,
             initialization_timeout=cfg.initialization_timeout,
             heartbeat_timeout_seconds=cfg.heartbeat_timeout,
-            shutdown_timeout_seconds=cfg.shutdown_timeout,
         )
     except (RuntimeError, ValueError, TypeError) as e:
         raise DistributedError(

@@ -12,7 +12,6 @@ from xrayjax.cli import quiet_interrupts, run_command
 if __name__ == "__main__":
     quiet_interrupts()  # the imports below take seconds
 
-import argparse
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -24,23 +23,26 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
-from xrayjax.config import positive_int
+from xrayjax.config import TrainConfig
 from xrayjax.data import Split, Splits
+from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, positive_labels, probabilities
 from xrayjax.multilabel_metrics import multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
 from xrayjax.tasks import SPLITS
-from xrayjax.runfiles import CONFIG_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
+from xrayjax.runfiles import (
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, RunFolderLock, load_run, load_run_splits, write_json,
+)
 
 GRADCAM_IMAGES = 8
 TSNE_POINTS = 2000  # at most this many points (a seeded random subset): t-SNE's time grows faster than N
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], seed: int = 0) -> dict:
     """Accuracy, per-class precision/recall/F1, confusion matrix (scikit-learn), macro F1 and
     ROC-AUC (:mod:`xrayjax.stats`, the code its intervals and cross-validation use too), and
-    their 95% intervals in ``ci95`` (:func:`xrayjax.stats.intervals`).
+    their 95% intervals in ``ci95`` (:func:`xrayjax.stats.intervals`, seeded with ``seed``).
 
     ``probs`` is (N, K) with K = len(class_names); the prediction is its argmax. ROC-AUC is
     on the class-1 probability for two classes and one-vs-rest macro for more; a class absent
@@ -59,6 +61,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
     missing = [class_names[c] for c in range(k) if not (labels == c).any()]
     if missing:
         notes.append(f"no test example of {', '.join(missing)}: its recall and AUC are undefined")
+    unpredicted = [class_names[c] for c in range(k) if not (preds == c).any()]
+    if unpredicted:
+        notes.append(f"never predicted: {', '.join(unpredicted)}; precision is undefined there and shown as 0")
     result = {
         "n": int(len(labels)),
         "accuracy": float(accuracy_score(labels, preds)),
@@ -85,7 +90,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence
             for name, auc in zip(class_names, roc_auc_per_class(labels, probs))
         }
         result["roc_auc_average"] = "one-vs-rest, macro over the classes present"
-    result["ci95"] = intervals(labels, probs, class_names)
+    result["ci95"] = intervals(labels, probs, class_names, seed)
     result["notes"] = notes
     return result
 
@@ -99,8 +104,7 @@ def tsne_points(features: np.ndarray, seed: int = 0) -> np.ndarray:
     tsne = TSNE(
         n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed
     )
-    # A few hundred points take about a second on one thread; OpenMP threads only contend
-    # (100x slower on a busy 2-core machine).
+    # One thread: at a few hundred points OpenMP's threads only contend.
     with threadpool_limits(limits=1):
         return tsne.fit_transform(np.asarray(features, np.float32))
 
@@ -219,10 +223,22 @@ def evaluate_run(
     Otherwise the backbone runs in batches of ``batch_size``, by default the per-device batch
     training used, so the features (and a bf16 run's rounding) equal training's.
     Validation and test are scored; train only with ``score_train`` or when ``features`` hold it
-    (without them it costs a backbone pass over every training image).
+    (without them it costs a backbone pass over every training image). The run folder is locked
+    meanwhile: a run still training in it is a RunFolderError.
     """
     run = load_run(run_dir)
     run_dir = pathlib.Path(run_dir)
+    had_lock_file = (run_dir / LOCK_FILE).exists()
+    lock = RunFolderLock(run_dir, busy="wait for that run to end, then evaluate it")
+    try:
+        return _evaluate(run, run_dir, splits, batch_size, quiet, features, score_train, data_dir, tfds_dir)
+    finally:
+        lock.release(remove=not had_lock_file)
+
+
+def _evaluate(run: Run, run_dir: pathlib.Path, splits: Splits | None, batch_size: int | None, quiet: bool,
+              features: Mapping[str, Any] | None, score_train: bool, data_dir: str | None,
+              tfds_dir: str | None) -> dict:
     cfg = run.config
     if splits is None:
         splits = load_run_splits(run_dir, data_dir, tfds_dir, quiet=quiet)
@@ -256,7 +272,7 @@ def evaluate_run(
         write_json(run_dir / METRICS_FILE, metrics)
         return metrics
     probs = {name: probabilities(logits) for name, (logits, _) in outputs.items()}
-    metrics = compute_metrics(splits.test.labels, probs["test"], class_names)
+    metrics = compute_metrics(splits.test.labels, probs["test"], class_names, cfg.seed)
     metrics["class_names"] = list(class_names)
     metrics["probabilities"] = (
         f"sigmoid of the single logit = P({class_names[1]}); "
@@ -268,15 +284,18 @@ def evaluate_run(
         name: float((p.argmax(1) == getattr(splits, name).labels).mean())
         for name, p in probs.items()
     }
-    metrics["run"] = {
-        key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")
-    }
+    metrics["run"] = _run_record(cfg)
     metrics["test_predictions"] = _test_predictions(splits.test, probs["test"], class_names)
     metrics["figures"] = _write_figures(
         run, splits, outputs, metrics, run_dir, features["test"] if cached else None
     )
     write_json(run_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _run_record(cfg: TrainConfig) -> dict:
+    """The settings metrics.json names its run by."""
+    return {key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")}
 
 
 def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib.Path,
@@ -291,7 +310,7 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
                                  splits.validation.labels if validated else None,
                                  probs.get("validation"), seed=cfg.seed)
     metrics["probabilities"] = "sigmoid of each label's logit: P(label present)"
-    metrics["run"] = {key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")}
+    metrics["run"] = _run_record(cfg)
     thresholds = np.array([metrics["per_label"][n]["threshold"] for n in names])
     metrics["test_predictions"] = [
         {"name": name, "labels": {n: None if np.isnan(v) else int(v) for n, v in zip(names, row)},
@@ -320,7 +339,8 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
     truth = [", ".join(n for n, v in zip(names, row) if v == 1.0) or "none" for row in splits.test.labels[chosen]]
     figures.plot_gradcam(splits.test.images[chosen], heat, truth, [names[i] for i in top],
                          probs["test"][chosen, top], paths["gradcam"],
-                         title=f"{title}: Grad-CAM of each image's top label on the last conv block")
+                         title=f"{title}: Grad-CAM of each image's top label on the last conv block",
+                         correct=splits.test.labels[chosen, top] == 1.0, pred_label="top label")
     metrics["figures"] = {name: path.name for name, path in paths.items()}
     return metrics
 
@@ -358,11 +378,12 @@ def summary(metrics: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: evaluate a run folder, print a summary; errors as one-line messages."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m xrayjax.evaluate",
         description="Evaluate a training run on its test split. Writes metrics.json (accuracy, "
-        "per-class precision/recall/F1, confusion matrix, ROC-AUC, per-image predictions) and "
-        "curves.png, confusion.png, tsne.png, gradcam.png into the run folder.",
+        "per-class precision/recall/F1, confusion matrix, ROC-AUC, per-image predictions; multilabel: per-label "
+        "ROC-AUC, AP and thresholds) and curves.png, confusion.png (multilabel: roc.png), tsne.png, gradcam.png "
+        "into the run folder.",
     )
     parser.add_argument("--run", required=True,
                         help="run folder written by `python -m xrayjax.train --out DIR`")

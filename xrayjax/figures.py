@@ -200,8 +200,12 @@ def plot_gradcam(
     confidences: Sequence[float],
     path: str | os.PathLike,
     title: str = "",
+    correct: Sequence[bool] | None = None,
+    pred_label: str = "pred",
 ) -> None:
-    """Grad-CAM heatmaps over the grayscale X-rays, one panel per image, shared colorbar."""
+    """Grad-CAM heatmaps over the grayscale X-rays, one panel per image, shared colorbar. A panel's
+    title is green where ``correct`` (default: the true name is the predicted one), else red;
+    ``pred_label`` names what ``pred_names`` are (a multilabel run's top label is not a prediction)."""
     n = len(images)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -209,18 +213,19 @@ def plot_gradcam(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, heat, true, pred, conf in zip(
-        axes.flat, images, heatmaps, true_names, pred_names, confidences
+    correct = [t == p for t, p in zip(true_names, pred_names)] if correct is None else correct
+    for ax, image, heat, true, pred, conf, right in zip(
+        axes.flat, images, heatmaps, true_names, pred_names, confidences, correct
     ):
         gray = np.asarray(image, np.float32).mean(axis=-1)
         ax.imshow(gray, cmap="gray")
         ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-        colour = "darkgreen" if true == pred else "firebrick"
-        ax.set_title(f"true: {true}\npred: {pred} ({conf:.0%})", color=colour, fontsize=10)
+        colour = "darkgreen" if right else "firebrick"
+        ax.set_title(f"true: {true}\n{pred_label}: {pred} ({conf:.0%})", color=colour, fontsize=10)
     title = title or "Grad-CAM on the last convolutional block (test images)"
-    fig.suptitle(f"{title}\ntitle in green: correct prediction; in red: wrong")
+    fig.suptitle(f"{title}\ntitle in green: {pred_label} correct; in red: wrong")
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     cax = fig.add_axes((0.93, 0.15, 0.015, 0.7))
     scale = ScalarMappable(Normalize(0.0, 1.0), cmap="jet")
-    fig.colorbar(scale, cax=cax, label="importance for the predicted class (max = 1)")
-    fig.savefig(path, dpi=DPI)
+    fig.colorbar(scale, cax=cax, label="importance for the class in the title (max = 1)")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # the colorbar's label sits past the panels

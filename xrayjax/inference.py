@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -19,8 +20,7 @@ from scipy.special import expit, softmax
 from tqdm.auto import tqdm
 
 from xrayjax.data import Split, batches
-from xrayjax.models import frozen_features, submodule_variables
-from xrayjax.preprocessing import preprocess_input
+from xrayjax.models import image_features, submodule_variables
 
 BATCH_SIZE = 32
 
@@ -50,9 +50,8 @@ def positive_labels(names: Sequence[str], probs: Sequence[float], thresholds: Se
 @functools.partial(jax.jit, static_argnums=0)
 def backbone_features(model: nn.Module, variables: Mapping, images: jax.Array) -> jax.Array:
     """The backbone's output feature maps of uint8 images, given a Classifier's variables, computed
-    as training computes them (the backbone's preprocessing, :func:`xrayjax.models.frozen_features`)."""
-    x = preprocess_input(images, mode=model.backbone.preprocessing)
-    return frozen_features(model.backbone, submodule_variables(variables, "backbone"), x)
+    as training computes them (:func:`xrayjax.models.image_features`)."""
+    return image_features(model.backbone, submodule_variables(variables, "backbone"), images)
 
 
 def _head_outputs(model: nn.Module, variables: Mapping, features: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,11 +86,15 @@ def infer(
     """Logits and the head's penultimate activations ("embedding") for every image of a split.
 
     Every batch is padded to ``batch_size`` (one compiled shape; the backbone's rounding can
-    depend on it), padding dropped; ``desc`` shows a progress bar under that name.
+    depend on it), padding dropped; ``desc`` shows a progress bar under that name on a terminal,
+    else one line as the work starts (a log gets no bar redraws).
     """
+    bar = desc is not None and sys.stderr.isatty()
+    if desc is not None and not bar:
+        print(f"{desc}: {len(split)} images", file=sys.stderr, flush=True)
     logits, embeddings = [], []
     with contextlib.closing(batches(split, batch_size, 1, shuffle=False)) as stream:
-        for batch in tqdm(stream, desc=desc, disable=desc is None, total=-(-len(split) // batch_size), unit="batch"):
+        for batch in tqdm(stream, desc=desc, disable=not bar, total=-(-len(split) // batch_size), unit="batch"):
             keep = batch["mask"][0] > 0
             out_logits, out_embeddings = _forward(model, variables, batch["image"][0])
             logits.append(np.asarray(out_logits)[keep])

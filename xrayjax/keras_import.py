@@ -24,11 +24,11 @@ import numpy as np
 
 from xrayjax.porting import (
     WeightMismatchError,
-    _backbone_shapes,
-    _backbone_template,
-    _layer_names,
-    _strings,
+    backbone_shapes,
+    backbone_template,
+    h5_strings,
     merge_keras_weights,
+    template_layer_names,
 )
 
 # The layer classes of keras.applications' VGG, ResNet and DenseNet (include_top=False).
@@ -61,7 +61,7 @@ class KerasModel:
     outputs: int
     image_size: int | None
     variables: dict[str, Any]  # {"params": {"backbone", "head"}, "batch_stats": {...}}
-    kind: str  # "keras" or "h5"
+    kind: str  # the file read: "keras" (.keras), "h5" (a whole model) or "weights" (weights only)
 
 
 def _snake(name: str) -> str:
@@ -87,7 +87,7 @@ def _name(layer: Mapping[str, Any]) -> str:
 def _which_arch(names: set[str]) -> str | None:
     from xrayjax.models import ARCHS
 
-    return next((a for a in ARCHS if _layer_names(_backbone_template(a)) == names), None)
+    return next((a for a in ARCHS if template_layer_names(backbone_template(a)) == names), None)
 
 
 def _weighted(layers: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -222,7 +222,7 @@ def legacy_weights(root: Any, layer_names: Sequence[str], names: Collection[str]
     weights: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name in layer_names:
         group = root[name]
-        for w in _strings(group.attrs, "weight_names"):
+        for w in h5_strings(group.attrs, "weight_names"):
             layer = layer_of(w, names) if "/" in w else name.replace("/", "_")
             weights.setdefault(layer, []).append((w, np.asarray(group[w])))
     return {layer: _sorted_vars(items) for layer, items in weights.items()}
@@ -282,7 +282,7 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
                 model = json.loads(config.decode() if isinstance(config, bytes) else config)
                 arch, bb_layers, nested, head_layers = _split(model, source)
                 root = f["model_weights"]
-                weights = legacy_weights(root, _strings(root.attrs, "layer_names"),
+                weights = legacy_weights(root, h5_strings(root.attrs, "layer_names"),
                                          {_name(layer) for layer in (*bb_layers, *head_layers)})
     except KerasImportError:
         raise
@@ -296,7 +296,7 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
         outer = _layers_of(model)
         _check_chain(model, outer[outer.index(next(x for x in outer if _name(x) == nested)):], source)
     specs, task, outputs = _head_specs(head_layers, source)
-    variables = _variables(arch, specs, weights, source)
+    variables = fill_variables(arch, specs, weights, source)
     return KerasModel(arch, specs, task, outputs, _input_size(model, bb_layers), variables, kind)
 
 
@@ -311,15 +311,16 @@ def _input_size(model: Mapping[str, Any], backbone: Sequence[Mapping[str, Any]])
     return None
 
 
-def _variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]],
-               source: str) -> dict[str, Any]:
-    """Fill the Flax model's template strictly from the file's weights."""
+def fill_variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]],
+                   source: str) -> dict[str, Any]:
+    """The variables of ``arch``'s backbone and the head of ``specs``, filled strictly from the file's
+    per-layer ``weights`` (``source`` names the file in errors)."""
     import jax
     import jax.numpy as jnp
 
     from xrayjax.models.heads import KerasHead
 
-    features, backbone = _backbone_shapes(arch)
+    features, backbone = backbone_shapes(arch)
     head = jax.eval_shape(KerasHead(tuple(tuple(sorted(s.items())) for s in specs)).init, jax.random.key(0),
                           jax.ShapeDtypeStruct(features.shape, jnp.float32))
     if any(s["kind"] == "flatten" for s in specs):

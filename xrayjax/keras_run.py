@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,13 +13,8 @@ from xrayjax.keras_weights import read_keras_weights
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
@@ -62,8 +58,8 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
                          f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
     mode = preprocess or ARCH_PREPROCESSING[model.arch]
     config = dataclasses.replace(
-        TrainConfig(), arch=model.arch, task=model.task, image_size=model.image_size or 224, init="keras",
-        epochs=0, l2=0.0, color="keep", out=str(out))
+        TrainConfig(), arch=model.arch, task=model.task, image_size=model.image_size or TrainConfig.image_size,
+        init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
     record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
               "preprocess": mode, "head": model.head}
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from xrayjax.keras_import import KerasImportError, KerasModel, _variables, legacy_weights
-from xrayjax.porting import _backbone_template, _layer_names, _strings
+from xrayjax.keras_import import KerasImportError, KerasModel, fill_variables, legacy_weights
+from xrayjax.porting import backbone_template, h5_strings, template_layer_names
 
 # Keras' snake-case class keys of the top's weighted layers in a .weights.h5, by spec kind.
 _CLASS_KEYS = {"dense": "dense", "batch_normalization": "batch_norm"}
@@ -97,10 +97,10 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     if not path.is_file():
         raise FileNotFoundError(f"Keras weights file {path} does not exist")
     specs = report_head_specs(arch, task, outputs)
-    backbone = _layer_names(_backbone_template(arch))
+    backbone = template_layer_names(backbone_template(arch))
     try:
         with h5py.File(path, "r") as f:
-            if layers := _strings(f.attrs, "layer_names"):  # maybe chunked, as Keras writes long lists
+            if layers := h5_strings(f.attrs, "layer_names"):  # maybe chunked, as Keras writes long lists
                 weights = legacy_weights(f, layers, backbone | {s["name"] for s in specs})
             elif "layers" in f:
                 weights = _v3_weights(f, backbone, specs, source)
@@ -114,5 +114,5 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise KerasImportError(f"cannot read Keras weights from {source}: not an HDF5 file, or truncated or "
                                f"corrupt ({type(e).__name__}: {e}); save the weights again") from e
-    variables = _variables(arch, specs, weights, f"{source} (read as --arch {arch} --task {task})")
+    variables = fill_variables(arch, specs, weights, f"{source} (read as --arch {arch} --task {task})")
     return KerasModel(arch, specs, task, outputs, None, variables, "weights")

@@ -17,7 +17,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from xrayjax.tasks import SPLITS
 from xrayjax.steps import (
     StepModel,
     TrainState,
+    balanced_label_weights,
     batch_sharding,
     build_step_model,
     create_train_state,
@@ -63,6 +64,11 @@ def check_finite(per_step: Sequence[Mapping[str, Any]], epoch: int, first: int =
         loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+
+
+def unstack(stacked: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-step metrics from a scanned epoch's stacked ones (each value: one entry per step)."""
+    return [{k: v[s] for k, v in stacked.items()} for s in range(len(stacked["count"]))]
 
 
 @dataclasses.dataclass
@@ -236,6 +242,8 @@ class Trainer:
                               "batch_stats": self.whole.batch_stats["backbone"]}, self.devices)
         step = make_feature_step(self.model, self.devices)
         began, chunks = time.perf_counter(), []
+        if not log.bars:  # a log gets this line as the pass starts, a terminal the bar
+            log(f"computing the backbone features of {len(stream)} images ({' + '.join(self.cached)}) once")
         _, masks = batch_rows(len(stream), self.config.batch_size, shuffle=False)  # every process's rows
         with contextlib.closing(self._batches(stream, False)) as read:
             for batch, mask in zip(tqdm(read, total=len(masks), desc="backbone features", disable=not log.bars,
@@ -259,7 +267,7 @@ class Trainer:
         if self.fast:
             state, metrics = self.head_train(state, *self.features["train"], *self._epoch_index("train", True, epoch),
                                              key)
-            per_step = [{k: v[s] for k, v in metrics.items()} for s in range(len(metrics["count"]))]
+            per_step = unstack(metrics)
         else:
             per_step = []
             for step in range(first, self.steps):
@@ -334,9 +342,7 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
                          f"images; pass at most {len(splits.train)}")
     weights = None
     if config.label_weights == "balanced":
-        from xrayjax.multilabel_metrics import label_weights
-
-        weights = label_weights(splits.train.labels)
+        weights = balanced_label_weights(splits.train.labels)
     imported = None if spec.keras_import is None else runfiles.imported_model(config, spec.keras_import)
     model = build_step_model(config.arch, config.task, dropout=config.dropout, bf16=config.bf16,
                              l2=config.l2, fine_tune=config.fine_tune, num_classes=len(splits.class_names),
@@ -359,10 +365,13 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
     return model, state, splits, checkpoint, history
 
 
-def resolve_training(config: TrainConfig, splits: Splits | None = None) -> RunSpec:
-    """The RunSpec of ``config`` (:func:`xrayjax.config.resolve_run`), after resuming a Keras
-    model imported whole has taken its model settings (:func:`xrayjax.runfiles.imported_settings`)."""
-    config, record = runfiles.imported_settings(config)
+def resolve_training(config: TrainConfig, splits: Splits | None = None,
+                     given: Collection[str] | None = None) -> RunSpec:
+    """The RunSpec of ``config`` (:func:`xrayjax.config.resolve_run`), after ``--resume`` has taken
+    the run's settings left out of ``given`` (:func:`xrayjax.runfiles.resumed_settings`) and a
+    Keras model imported whole its model settings (:func:`xrayjax.runfiles.imported_settings`)."""
+    config = runfiles.resumed_settings(config, given)
+    config, record = runfiles.imported_settings(config, given)
     return dataclasses.replace(resolve_run(config, splits), keras_import=record)
 
 

@@ -158,19 +158,6 @@ def multilabel_metrics(
     }
 
 
-def label_weights(train_labels: np.ndarray) -> np.ndarray:
-    """Per-label loss weights of ``--label-weights balanced``, TorchXRayVision's task weights
-    (mlmed/torchxrayvision, ``scripts/train_utils.py``, ``train_epoch`` with ``cfg.taskweights``):
-    with n the positive count of each label in train (``np.nansum(labels, axis=0)``), the weight
-    is ``max(n) - n + mean(n)``, divided by its maximum. Rarer labels weigh more; the rarest
-    weighs 1. (L,) float64."""
-    counts = np.nansum(np.asarray(train_labels, np.float64), axis=0)
-    if not counts.any():
-        raise ValueError("label weights need at least one positive in train")
-    weights = counts.max() - counts + counts.mean()
-    return weights / weights.max()
-
-
 def _ci(interval: list[float] | None) -> str:
     return "" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]"
 

@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from xrayjax.models import BLOCKS
 
+LEARNING_RATE = 1e-4  # the report's Adam learning rate (Keras' default is 1e-3)
 KERAS_ADAM_EPSILON = 1e-7
 
 

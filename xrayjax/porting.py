@@ -263,7 +263,7 @@ def pretrained_path(arch: str, weights_dir: str | os.PathLike | None = None) -> 
     return folder / f"{arch}_imagenet_notop.msgpack"
 
 
-def _strings(attrs: Any, name: str) -> list[str]:
+def h5_strings(attrs: Any, name: str) -> list[str]:
     """A list-of-strings attribute, maybe chunked as ``name0, name1, ...``; values may be bytes."""
     if name in attrs:
         chunks = [attrs[name]]
@@ -298,7 +298,7 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
         with h5py.File(path, "r") as f:
             full_model = "layer_names" not in f.attrs and "model_weights" in f
             root = f["model_weights"] if full_model else f
-            layer_names = _strings(root.attrs, "layer_names")
+            layer_names = h5_strings(root.attrs, "layer_names")
             if not layer_names:
                 raise WeightFileError(
                     f"{path} is an HDF5 file but not Keras' legacy weights layout (no "
@@ -313,7 +313,7 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
                         "the file is truncated or corrupt; download it again"
                     )
                 group = root[name]
-                names = _strings(group.attrs, "weight_names")
+                names = h5_strings(group.attrs, "weight_names")
                 weights[name.replace("/", "_")] = [np.asarray(group[w]) for w in names]
     except WeightFileError:
         raise
@@ -326,7 +326,7 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 
 @functools.cache
-def _backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
+def backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
     """Shapes and dtypes of ``create_backbone(arch)``'s features and variables at 224x224 (no
     compute; traced once per arch: a strict merge's error compares the file with every arch's,
     and an imported head is shaped by the features)."""
@@ -339,12 +339,13 @@ def _backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
     return jax.eval_shape(lambda x: create_backbone(arch).init_with_output(jax.random.key(0), x), x)
 
 
-def _backbone_template(arch: str) -> dict[str, Any]:
+def backbone_template(arch: str) -> dict[str, Any]:
     """Shapes and dtypes of ``create_backbone(arch)``'s variables at 224x224."""
-    return _backbone_shapes(arch)[1]
+    return backbone_shapes(arch)[1]
 
 
-def _layer_names(template: Mapping[str, Any]) -> set[str]:
+def template_layer_names(template: Mapping[str, Any]) -> set[str]:
+    """The Keras layer names a variable template holds."""
     return {path[-1] for c in _COLLECTIONS for path in _layers(template.get(c, {}))}
 
 
@@ -365,11 +366,11 @@ def port_keras_weights(arch: str, h5_path: str | os.PathLike) -> dict[str, Any]:
     layer_weights = read_keras_h5(h5_path)
     try:
         return merge_keras_weights(
-            _backbone_template(arch), layer_weights, source=f"{h5_path} (read as --arch {arch})"
+            backbone_template(arch), layer_weights, source=f"{h5_path} (read as --arch {arch})"
         )
     except WeightMismatchError as e:
         in_file = {name for name, values in layer_weights.items() if len(values)} - _TOP_LAYERS
-        fits = [a for a in ARCHS if a != arch and _layer_names(_backbone_template(a)) == in_file]
+        fits = [a for a in ARCHS if a != arch and template_layer_names(backbone_template(a)) == in_file]
         if not fits:
             raise
         hint = (
@@ -432,4 +433,4 @@ def load_pretrained(arch: str, weights_dir: str | os.PathLike | None = None) -> 
             "Or train from scratch with `--init random`."
         )
     layer_weights = _keras_order(load_variables(path))
-    return merge_keras_weights(_backbone_template(arch), layer_weights, source=str(path))
+    return merge_keras_weights(backbone_template(arch), layer_weights, source=str(path))

@@ -20,20 +20,22 @@ from xrayjax.cli import quiet_interrupts, run_command
 if __name__ == "__main__":
     quiet_interrupts()  # the imports below take seconds
 
-import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from xrayjax.config import positive_int
 from xrayjax.data import DataError, Split
 from xrayjax.data.decode import BadImage, NotAnImage, decode, prepared_size
+from xrayjax.data.source import IMAGE_SUFFIXES
 from xrayjax.data.pipeline import resize_nearest
+from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
-from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json
+from xrayjax.runfiles import METRICS_FILE, Run, in_use, load_run, read_json
 
 
 def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarray:
@@ -46,10 +48,24 @@ def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarr
             pixels = decode(f.read(), color, prepared_size(image_size))
     except FileNotFoundError as e:
         raise DataError(f"cannot read the image {os.fspath(path)!r}: no such file") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{os.fspath(path)!r} is a folder without image files "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})") from e
     except (OSError, NotAnImage, BadImage) as e:
         raise DataError(f"cannot read the image {os.fspath(path)!r}: {e}") from e
     rgb = np.broadcast_to(pixels, (*pixels.shape[:2], 3))
     return resize_nearest(rgb[None], image_size)[0]
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+    """``paths`` with each folder replaced by the image files under it (by suffix, hidden files
+    left out, sorted); a folder without any stays, to be named as unreadable."""
+    files = []
+    for path in paths:
+        found = sorted(str(f) for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                       and not f.name.startswith(".") and f.is_file()) if os.path.isdir(path) else []
+        files += found or [path]
+    return files
 
 
 def predict(
@@ -109,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: print class probabilities per image (a table, or JSON with --json). Every readable
     image is predicted; each unreadable one is named with its reason (on stderr, and in the JSON),
     and the exit status is 1."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m xrayjax.predict",
         description="Class probabilities of chest X-ray images under a trained run. Any JPEG or "
         "PNG (grayscale, RGB, RGBA, palette, 16-bit, CMYK) is decoded as the training data were.",
@@ -117,16 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True,
                         help="run folder written by `python -m xrayjax.train --out DIR`")
     parser.add_argument("--json", action="store_true", help="print JSON: one object per image, in "
-                        "order, with its probabilities per class and the predicted class, or its error")
+                        "order, with its probabilities per class and the predicted class (multilabel: each "
+                        "label's threshold and the positive labels), or its error")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help=f"inference batch, at least 1 (default {BATCH_SIZE})")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders: the image files "
+                        "under them (by suffix), sorted")
     args = parser.parse_args(argv)
 
     def body() -> int:
         run = load_run(args.run)
-        pixels, failures = {}, {}  # keyed by position in args.images
-        for i, path in enumerate(args.images):
+        holder = in_use(Path(args.run))
+        if holder is not None:
+            warnings.warn(f"the run in {args.run} is still training ({holder}): predicting with its checkpoint "
+                          f"after epoch {len(run.history)}")
+        images = image_files(args.images)
+        pixels, failures = {}, {}  # keyed by position in images
+        for i, path in enumerate(images):
             try:
                 pixels[i] = load_image(path, run.config.color, run.config.image_size)
             except DataError as e:
@@ -144,15 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.json:
             print(json.dumps([{"image": path, "error": failures[i]} if i in failures else {"image": path, **result(i)}
-                              for i, path in enumerate(args.images)], indent=2))
+                              for i, path in enumerate(images)], indent=2))
         elif probs:
-            print(_table([args.images[i] for i in probs], np.stack(list(probs.values())), names, cut))
+            print(_table([images[i] for i in probs], np.stack(list(probs.values())), names, cut))
             if cut is not None:
                 print(f"positive: a probability at or above its label's threshold, {source}")
         for failure in failures.values():
             print(f"error: {failure}", file=sys.stderr)
         if failures:
-            print(f"{len(failures)} of {len(args.images)} images could not be read"
+            print(f"{len(failures)} of {len(images)} images could not be read"
                   + ("; the others were predicted" if probs else ""), file=sys.stderr)
         return 1 if failures else 0
 

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from flax import linen as nn
 
 from xrayjax.config import TrainConfig
 from xrayjax.data import Splits, load_splits
-from xrayjax.models import Classifier, create_model
+from xrayjax.models import Classifier, create_backbone, create_model
 from xrayjax.tasks import canonical_task
 from xrayjax.atomic import write_atomic
 from xrayjax.steps import StepModel, TrainState, split_trainable
@@ -57,6 +58,8 @@ RESUMABLE_CHANGES = frozenset(
      "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
      "heartbeat_timeout"}
 )
+# The settings among RESUMABLE_CHANGES that --resume takes from the run when they are left out.
+RUN_DATA = frozenset({"epochs", "data_dir", "tfds_dir"})
 # What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
 IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")
 
@@ -74,7 +77,7 @@ class RunFolderLock:
     writes of its own files left behind (``note`` counts them).
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, busy: str = "wait for that run to end or choose another --out"):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK_FILE
         while True:
@@ -86,8 +89,7 @@ class RunFolderLock:
                 holder = self._file.read().strip() or "another process"
                 self._file.close()
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise RunFolderError(f"run folder {run_dir} is in use by {holder}; wait for that run to "
-                                         "end or choose another --out") from None
+                    raise RunFolderError(f"run folder {run_dir} is in use by {holder}; {busy}") from None
                 raise RunFolderError(f"cannot lock {self.path} ({e.strerror}): the filesystem of {run_dir} "
                                      "does not support file locks; choose an --out on a local disk") from e
             if self.path.exists() and os.fstat(self._file.fileno()).st_ino == self.path.stat().st_ino:
@@ -120,6 +122,20 @@ class RunFolderLock:
         finally:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+
+def in_use(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s :class:`RunFolderLock` (a run training, or an evaluation), or None."""
+    try:
+        with open(run_dir / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                return (f.read().strip() or "another process") if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def discard_new_run(run_dir: Path, lock: RunFolderLock, before: set[str], created: bool) -> None:
@@ -227,7 +243,6 @@ def write_imported_checkpoint(run_dir: Path, variables: dict[str, Any]) -> None:
 def imported_model(config: TrainConfig, record: dict[str, Any]) -> Classifier:
     """The Classifier of an imported Keras model: the zoo backbone with the recorded
     preprocessing, then :class:`~xrayjax.models.heads.KerasHead` of the recorded layers."""
-    from xrayjax.models import create_backbone
     from xrayjax.models.heads import KerasHead
 
     dtype = jnp.bfloat16 if config.bf16 else jnp.float32
@@ -402,12 +417,42 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
                       {k: float(v) for k, v in position.get("sums", {}).items()})
 
 
-def imported_settings(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+def given_settings(config: TrainConfig, given: Collection[str] | None) -> Collection[str]:
+    """``given`` (the settings the user set: the command line's flags), or when None, every setting
+    whose value is not TrainConfig's default (the Python API cannot tell a default passed from one
+    left out)."""
+    if given is not None:
+        return given
+    defaults = TrainConfig()
+    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def resumed_settings(config: TrainConfig, given: Collection[str] | None = None) -> TrainConfig:
+    """For ``--resume`` of the run in ``--out``: ``config`` with the run's recorded value of each
+    of its settings left out (``given``: :func:`given_settings`), so ``--resume --out DIR``
+    continues the run as it was started. The run's settings are those outside RESUMABLE_CHANGES,
+    and ``epochs``, ``data_dir`` and ``tfds_dir``; the others are this command's. A Keras model
+    imported whole records none until it trains (:func:`imported_settings`)."""
+    run_dir = Path(config.out).expanduser().resolve() if config.out else None
+    if not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+        return config
+    saved = read_config(run_dir)[0]
+    if read_keras_import(run_dir) is not None and saved.epochs == 0:  # imported, never trained
+        return config
+    given = given_settings(config, given)
+    kept = {f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in given and (f.name not in RESUMABLE_CHANGES or f.name in RUN_DATA)}
+    return dataclasses.replace(config, **kept)
+
+
+def imported_settings(config: TrainConfig, given: Collection[str] | None = None
+                      ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """For ``--resume`` of a Keras model imported whole into ``--out``: ``config`` with the model's
     IMPORTED_SETTINGS (and its ``l2`` unless ``--l2`` is given) and its ``keras_import`` record;
-    ``(config, None)`` for any other run.
+    ``(config, None)`` for any other run. ``given``: the settings the user set (the command line's
+    flags); None reads every value other than TrainConfig's default as set.
 
-    Raises ValueError for a flag the imported model fixes set to another value, ``--dropout``
+    Raises ValueError for a setting the imported model fixes given another value, ``--dropout``
     (its head keeps its own rates) and ``--folds`` (cross-validation trains the report's heads).
     """
     run_dir = Path(config.out).expanduser().resolve() if config.out else None
@@ -416,14 +461,14 @@ def imported_settings(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] 
     record = read_keras_import(run_dir)
     if record is None:
         return config, None
-    saved, defaults = read_config(run_dir)[0], TrainConfig()
+    saved, given = read_config(run_dir)[0], given_settings(config, given)
     what = f"the run in {run_dir} is a Keras model imported by weights/port.py --keras-model"
     for name in IMPORTED_SETTINGS:
         value = canonical_task(config.task) if name == "task" else getattr(config, name)
-        if value not in (getattr(defaults, name), getattr(saved, name)):
+        if name in given and value != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {value}: {what}, whose {flag} is {getattr(saved, name)}; leave {flag} out")
-    if config.dropout != defaults.dropout:
+    if "dropout" in given:
         raise ValueError(f"--dropout {config.dropout}: {what}; its head keeps the Dropout rates of its Keras "
                          "layers, so leave --dropout out")
     if config.folds:
@@ -458,7 +503,7 @@ def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...
         raise ValueError(
             f"--resume: the run in {run_dir} was trained with other settings: "
             + ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed)
-            + "; pass the same settings or choose another --out"
+            + "; leave those flags out (--resume takes the run's) or choose another --out"
         )
     history = read_history(run_dir)
     if len(history) < checkpoint.epoch:

@@ -30,11 +30,11 @@ BOOTSTRAP_RESAMPLES = 2000
 _BLOCK_VALUES = 1 << 20  # probabilities resampled at once (8 MiB of float64)
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> list[float] | None:
-    """Wilson score interval of a proportion; None when ``n`` is 0."""
+def wilson(successes: int, n: int) -> list[float] | None:
+    """Wilson score 95% interval of a proportion; None when ``n`` is 0."""
     if n == 0:
         return None
-    p = successes / n
+    p, z = successes / n, Z95
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
@@ -118,8 +118,7 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | float | None:
 
 
 def bootstrap(labels: np.ndarray, probs: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], np.ndarray],
-              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-              strata: np.ndarray | None = None) -> list[float] | None:
+              seed: int = 0, strata: np.ndarray | None = None) -> list[float] | None:
     """Percentile 95% interval of ``metric`` over stratified bootstrap resamples (each class
     resampled with replacement within itself), computed a block of resamples at a time so that
     memory stays flat whatever the test set's size. Resamples where ``metric`` is not finite are
@@ -133,9 +132,10 @@ def bootstrap(labels: np.ndarray, probs: np.ndarray, metric: Callable[[np.ndarra
     members = [np.flatnonzero(strata == c) for c in np.unique(strata)]
     block = max(1, _BLOCK_VALUES // probs.size)
     values = []
-    for b, start in enumerate(range(0, resamples, block)):
+    for b, start in enumerate(range(0, BOOTSTRAP_RESAMPLES, block)):
         rng = np.random.default_rng([seed, b])
-        rows = np.concatenate([rng.choice(m, (min(block, resamples - start), len(m))) for m in members], axis=1)
+        rows = np.concatenate([rng.choice(m, (min(block, BOOTSTRAP_RESAMPLES - start), len(m))) for m in members],
+                              axis=1)
         values.append(np.asarray(metric(labels[rows], probs[rows]), np.float64).reshape(-1))
     values = np.concatenate(values)
     values = values[np.isfinite(values)]

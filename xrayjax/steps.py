@@ -35,9 +35,8 @@ from flax.core import FrozenDict
 
 from xrayjax import distributed
 from xrayjax.augment import AugmentConfig, augment_images
-from xrayjax.models import Classifier, create_backbone, create_head, default_l2, frozen_features, keras_init
+from xrayjax.models import DROPOUT, Classifier, create_backbone, create_head, default_l2, image_features, keras_init
 from xrayjax.optim import make_optimizers, trainable_mask
-from xrayjax.preprocessing import preprocess_input
 
 AXIS = "batch"
 AUGMENT_STREAM = 1  # folded into a step's key for its augmentation
@@ -98,7 +97,7 @@ def build_step_model(
     arch: str,
     task: str,
     *,
-    dropout: float = 0.5,
+    dropout: float = DROPOUT,
     bf16: bool = False,
     l2: float | None = None,
     fine_tune: int = 0,
@@ -126,6 +125,19 @@ def build_step_model(
     )
 
 
+def balanced_label_weights(train_labels: np.ndarray) -> np.ndarray:
+    """Per-label loss weights of ``--label-weights balanced``, TorchXRayVision's task weights
+    (mlmed/torchxrayvision, ``scripts/train_utils.py``, ``train_epoch`` with ``cfg.taskweights``):
+    with n the positive count of each label in train (``np.nansum(labels, axis=0)``), the weight
+    is ``max(n) - n + mean(n)``, divided by its maximum. Rarer labels weigh more; the rarest
+    weighs 1. (L,) float64."""
+    counts = np.nansum(np.asarray(train_labels, np.float64), axis=0)
+    if not counts.any():
+        raise ValueError("label weights need at least one positive in train")
+    weights = counts.max() - counts + counts.mean()
+    return weights / weights.max()
+
+
 def init_backbone(arch: str, image_size: int, *, init: str = "imagenet", weights_dir: str | None = None,
                   seed: int = 0) -> dict[str, Any]:
     """The backbone's variables: ported ImageNet weights or Keras' initialisers drawn from ``seed``.
@@ -151,8 +163,8 @@ def init_variables(
     backbone: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``{"params", "batch_stats"}`` of the full model, each ``{"backbone", "head"}``: the
-    backbone from :func:`init_backbone` (or ``backbone``, already made), the head from
-    :func:`init_head`. Both use Keras' default initialisers."""
+    backbone from :func:`init_backbone` (ImageNet weights, or Keras' initialisers with
+    ``init="random"``; or ``backbone``, already made), the head from :func:`init_head` (Keras' initialisers)."""
     if backbone is None:
         backbone = init_backbone(model.arch, image_size, init=init, weights_dir=weights_dir, seed=seed)
     head = init_head(model, feature_shape(model, image_size), seed)
@@ -284,10 +296,7 @@ def split_trainable(model: StepModel, params: Any) -> tuple[dict, dict]:
 
 
 def _features(model: StepModel, params: Any, stats: Any, images: jax.Array) -> jax.Array:
-    """Backbone output of a uint8 batch, preprocessed on device as the backbone expects
-    (:func:`frozen_features`)."""
-    x = preprocess_input(images, mode=model.backbone.preprocessing)
-    return frozen_features(model.backbone, {"params": params, "batch_stats": stats or {}}, x)
+    return image_features(model.backbone, {"params": params, "batch_stats": stats or {}}, images)
 
 
 def _gather(x: jax.Array) -> jax.Array:

@@ -56,7 +56,8 @@ def run(spec: RunSpec) -> dict | None:
         last = result.history[-1] if result.history else {}
         validation = (f", val_accuracy {last['val_accuracy']:.3f}" if "val_accuracy" in last
                       else ", no validation split")
-        print(f"done: {result.run_dir} ({len(result.history)} epochs{validation})")
+        epochs = len(result.history)
+        print(f"done: {result.run_dir} ({epochs} epoch{'s' if epochs != 1 else ''}{validation})")
         if metrics is not None:
             print(summary(metrics))
         if cv is not None:
@@ -75,19 +76,19 @@ def _interrupted_hint(config: TrainConfig) -> str:
         return ""
     if done >= config.epochs:
         return f": training had finished; evaluate it with python -m xrayjax.evaluate --run {out}"
-    return f": continue the run with the same flags and --resume (its checkpoint is in {out})"
+    return f": continue the run with --resume --out {out} (it takes the run's settings)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: flags into a TrainConfig, resolved once into a RunSpec, then :func:`run`; errors as
     one-line messages, never tracebacks. SIGTERM ends the run as Ctrl-C does (the last
     checkpoint is kept)."""
-    config = from_args(argv, description=DESCRIPTION)
+    config, given = from_args(argv, description=DESCRIPTION)
     spec: RunSpec | None = None
 
     def body() -> int:
         nonlocal spec
-        spec = resolve_training(config)
+        spec = resolve_training(config, given=given)
         try:
             run(spec)
         except TrainingDiverged as e:

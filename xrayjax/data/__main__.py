@@ -9,27 +9,23 @@ import time
 
 from xrayjax.cli import quiet_interrupts, run_command
 
-quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
+if __name__ == "__main__":
+    quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
 
-from xrayjax.data.csv_labels import UNCERTAIN  # noqa: E402
-from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size  # noqa: E402
-from xrayjax.data.source import CHALLENGE_CLASSES, DataError, resolve_source  # noqa: E402
+from xrayjax.data.decode import prepared_size  # noqa: E402
+from xrayjax.data.pipeline import DataConfig  # noqa: E402
+from xrayjax.data.source import CHALLENGE_CLASSES, resolve_source  # noqa: E402
+from xrayjax.flags import ArgumentParser, add_flags  # noqa: E402
 
-DATA_DIR_HELP = (
-    "the dataset: a folder (or zip) of split folders <split>/<class>/<images> (train/ required, "
-    "val/ and test/ optional) or of class folders <class>/<images>; or the challenge's layout "
-    "(all/ and two/, Covid_Data_GradientCrescent/ or its zip) (default: ../shared/covid_xray next "
-    "to the repository); with --labels, the folder the images sit under (default: the CSV's folder)"
-)
-LABELS_HELP = ("a labels CSV in place of class folders: ChestX-ray14's Data_Entry_2017.csv, CheXpert's train.csv, "
-               "the COVID-19 image data collection's metadata.csv, or a generic CSV (path, then a labels column "
-               "joined by | or one 0/1/blank column per label; optional patient)")
-VIEWS_HELP = ("with --labels, keep only these views (comma-separated, e.g. PA,AP; CheXpert's lateral view is L); "
-              "the rows left out are counted")
+_PREPARE_NOTES = {
+    "image_size": "; prepare for the --image-size you will train at",
+    "uncertain": ". Here it only reads the printed counts: the prepared data keeps -1, so one preparation "
+                 "serves every --uncertain of train",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m xrayjax.data",
         description="Prepare an X-ray class-folder dataset for training, or audit it.",
     )
@@ -41,27 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                     "adding or removing an image prepares again), then print the number of images "
                     "per split and class. The challenge's layout prepares both of its tasks.",
     )
-    prep.add_argument("--data-dir", help=DATA_DIR_HELP)
-    prep.add_argument("--tfds-dir", help="where prepared data goes (default: TFDS' data dir, "
-                                         "~/tensorflow_datasets or $TFDS_DATA_DIR)")
-    prep.add_argument("--skip-bad-images", action="store_true",
-                      help="leave corrupt or truncated images out with a warning instead of "
-                           "stopping with an error naming the file")
-    prep.add_argument("--color", choices=COLORS, default="gray",
-                      help="gray (default): every image to grayscale, replicated to 3 channels, "
-                           "so colour mode cannot reveal the class; keep: RGB like the original "
-                           "Keras pipeline")
-    prep.add_argument("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
-                      help=f"the size to prepare for: the training --image-size, up to {MAX_IMAGE_SIZE}. {SIZE_COSTS}")
-    prep.add_argument("--labels", metavar="CSV", help=LABELS_HELP)
-    prep.add_argument("--uncertain", choices=UNCERTAIN, default="ignore",
-                      help="with --labels, what CheXpert's -1 (uncertain) means in the printed counts: ignore "
-                           "(unknown), zeros or ones; the prepared data keeps -1, so one preparation serves every "
-                           "--uncertain of train")
-    prep.add_argument("--views", metavar="LIST", help=VIEWS_HELP)
-    prep.add_argument("--skip-missing", action="store_true",
-                      help="with --labels, leave out the rows whose image is missing (a partial download) "
-                           "instead of stopping")
+    add_flags(prep, DataConfig, ("data_dir", "tfds_dir", "skip_bad_images", "color", "image_size", "labels",
+                                 "uncertain", "views", "skip_missing"), _PREPARE_NOTES)
     aud = sub.add_parser(
         "audit", help="counts, colour modes, sizes, junk, unreadable files, duplicates, leaks",
         description="Inspect every file: counts per split and class, colour modes and sizes per "
@@ -71,28 +48,30 @@ def _parser() -> argparse.ArgumentParser:
                     "out, patients, positives/negatives/uncertain/unknown per label, label pairs, patients in "
                     "more than one official split, duplicates, and shortcuts predicting the most frequent label.",
     )
-    aud.add_argument("--data-dir", help=DATA_DIR_HELP)
-    aud.add_argument("--labels", metavar="CSV", help=LABELS_HELP)
-    aud.add_argument("--views", metavar="LIST", help=VIEWS_HELP)
+    add_flags(aud, DataConfig, ("data_dir", "labels", "views"))
     aud.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    """The data settings of the flags given (the others: DataConfig's defaults), checked."""
+    return DataConfig(**{k: v for k, v in vars(args).items() if k in DataConfig.__dataclass_fields__})
 
 
 def _prepare(args: argparse.Namespace) -> None:
     """Prepare the dataset (the challenge's: both tasks); print each prepared folder (which
     ``--data-dir`` also takes, to read it as it is) and its counts."""
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
-    from xrayjax.data.pipeline import DataConfig
 
-    DataConfig(color=args.color, image_size=args.image_size)  # the settings' checks, in their one place
-    if args.labels is not None or args.views is not None:
-        _prepare_labels(args)
+    cfg = _data_config(args)
+    if cfg.labels is not None:
+        _prepare_labels(cfg)
         return
-    with resolve_source(args.data_dir) as source:
+    with resolve_source(cfg.data_dir) as source:
         for task in CHALLENGE_CLASSES if source.is_challenge else (None,):  # multilabel needs --labels
             start = time.perf_counter()
-            builder = prepare(source, source.listing(task), args.color, args.tfds_dir, args.skip_bad_images, task,
-                              image_size=prepared_size(args.image_size))
+            builder = prepare(source, source.listing(task), cfg.color, cfg.tfds_dir, cfg.skip_bad_images, task,
+                              image_size=prepared_size(cfg.image_size))
             splits = read_prepared(builder)
             meta = builder.info.metadata
             print(f"\n{builder.builder_config.name}: {builder.data_dir} "
@@ -114,23 +93,20 @@ def _print_skipped(meta: dict) -> None:
             print(f"  skipped {len(meta[key])} {title}: {', '.join(meta[key])}")
 
 
-def _prepare_labels(args: argparse.Namespace) -> None:
+def _prepare_labels(cfg: DataConfig) -> None:
     """Prepare a labels file's images; print the prepared folder, then per split its images and
     each label's positives, negatives and unknowns (-1 read as ``--uncertain`` says)."""
     import numpy as np
 
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
     from xrayjax.data.csv_labels import resolve_uncertain
-    from xrayjax.data.pipeline import DataConfig, open_dataset
+    from xrayjax.data.pipeline import open_dataset
 
-    cfg = DataConfig(data_dir=args.data_dir, tfds_dir=args.tfds_dir, color=args.color,
-                     skip_bad_images=args.skip_bad_images, labels=args.labels, uncertain=args.uncertain,
-                     views=args.views, skip_missing=args.skip_missing)
     start = time.perf_counter()
     dataset = open_dataset(cfg)
     try:
         builder = prepare(dataset.source, dataset.listing, cfg.color, cfg.tfds_dir, cfg.skip_bad_images,
-                          image_size=prepared_size(args.image_size))
+                          image_size=prepared_size(cfg.image_size))
     finally:
         dataset.close()
     meta = builder.info.metadata
@@ -150,18 +126,17 @@ def _prepare_labels(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    if args.labels is not None:
+    cfg = _data_config(args)
+    if cfg.labels is not None:
         from xrayjax.data.audit_labels import audit_labels, format_labels_report
         from xrayjax.data.csv_labels import parse_views
 
-        report = audit_labels(args.labels, args.data_dir, parse_views(args.views))
+        report = audit_labels(cfg.labels, cfg.data_dir, parse_views(cfg.views))
         print(json.dumps(report, indent=2) if args.json else format_labels_report(report))
         return
-    if args.views is not None:
-        raise DataError("--views applies to a labels file: pass --labels, or leave --views out")
     from xrayjax.data.audit import audit, format_report
 
-    report = audit(args.data_dir)
+    report = audit(cfg.data_dir)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 

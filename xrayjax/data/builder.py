@@ -42,7 +42,7 @@ NAME = "xray_folders"
 FILE_FORMAT = "array_record"
 READ_CHUNK = 256  # records per read when only labels and names are wanted
 # TFDS' own writer adds zstd:3 and takes no writer options (tensorflow/datasets#674): X-ray pixels
-# shrink 12-20% by it (224-512 px) and are read 2.5x slower (experiments/bench.md, fourteenth session).
+# shrink little by it and are read much slower (experiments/bench.md).
 RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
@@ -84,7 +84,7 @@ def config_for(source: Source, listing: Listing, color: str, task: str | None,
                skip_bad_images: bool = False, image_size: int = IMAGE_SIZE) -> FoldersConfig:
     """The builder config of a listing prepared with ``color`` at ``image_size`` pixels; data
     prepared skipping bad images, or at another size, has its own key, so it is never reused for
-    another preparation (224 px adds nothing to the key: data prepared before sizes existed keeps it)."""
+    another preparation (224 px, the default, adds nothing to the key, so data prepared at it keeps its key)."""
     size = "" if image_size == IMAGE_SIZE else f"\n{image_size}"
     key = hashlib.sha256(
         f"{listing.fingerprint}\n{color}\n{DECODER_VERSION}\n{skip_bad_images}{size}".encode()).hexdigest()[:16]
@@ -128,11 +128,10 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
     url_infos = None
 
     def __init__(self, *, source: Source | None = None, listing: Listing | None = None,
-                 skip_bad_images: bool = False, workers: int | None = None, quiet: bool = False, **kwargs):
+                 skip_bad_images: bool = False, quiet: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.source, self.listing = source, listing
         self.skip_bad_images = skip_bad_images
-        self.workers = workers or os.cpu_count() or 1
         self.quiet = quiet
 
     # TFDS prints (termcolor.cprint, no logger) "Downloading and preparing dataset Unknown size
@@ -147,8 +146,6 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
         pass
 
     def _example_writer(self) -> tfds.core.writer.ExampleWriter:  # TFDS' hook for a custom writer
-        if self.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-            return super()._example_writer()
         return _UncompressedRecords(self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -194,7 +191,7 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
 
         # PIL releases the GIL while decoding and resizing, so threads use every core.
         kept = 0
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for task_file, (status, value) in zip(files, pool.map(work, files)):
                 where = source.describe(task_file.file)
                 if status == "junk":

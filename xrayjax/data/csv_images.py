@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -105,11 +104,3 @@ def csv_listing(source: Source, table: LabelTable, skip_missing: bool = False) -
     return Listing("", table.label_names, tuple(s for s in SPLITS if any(t.split == s for t in files)),
                    tuple(files), (), (), digest.hexdigest(), "labels file", unsafe=source.unsafe,
                    label_matrix=labels, patients=patients)
-
-
-def describe_csv(table: LabelTable, location: str | Path) -> str:
-    """One line: the format, rows kept, labels, and what was left out."""
-    left = "; " + ", ".join(f"{n} left out by {why}" for why, n in table.left_out.items() if n) if any(
-        table.left_out.values()) else ""
-    return (f"{table.csv.name} ({table.format}) in {location}: {len(table.paths)} rows, "
-            f"{len(table.label_names)} labels{left}")

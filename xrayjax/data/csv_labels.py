@@ -78,10 +78,21 @@ def detect_format(header: Sequence[str], where: str) -> str:
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSV file; DataError for a missing header or a short row."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+            header = list(reader.fieldnames or [])
+            if not header:
+                raise DataError(f"--labels {path} is empty: a labels file starts with its header row")
+            rows = []
+            for row in reader:
+                if None in row.values():  # DictReader's filler for the fields a short row lacks
+                    given = sum(v is not None for v in row.values())
+                    raise DataError(f"--labels {path}, line {reader.line_num}: {given} fields, but the header "
+                                    f"has {len(header)}; complete or remove that row")
+                rows.append(row)
+            return header, rows
     except FileNotFoundError:
         raise DataError(f"--labels {path} does not exist") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -113,8 +124,9 @@ def _findings_matrix(findings: list[set[str]]) -> tuple[np.ndarray, tuple[str, .
 
 
 def parse_views(text: str | None) -> list[str] | None:
-    """``--views`` (comma-separated, e.g. ``PA,AP``) as a list; None when unset or empty."""
-    views = [v.strip() for v in text.split(",") if v.strip()] if text else []
+    """``--views`` (comma-separated, e.g. ``PA,AP``, any case) as an upper-case list; None when
+    unset or empty."""
+    views = [v.strip().upper() for v in text.split(",") if v.strip()] if text else []
     return views or None
 
 
@@ -127,7 +139,7 @@ def read_labels(csv_path: str | Path, views: Sequence[str] | None = None) -> Lab
         raise DataError(f"--views: {path} has no view column; leave --views out")
     reader = {"chestxray14": _chestxray14, "chexpert": _chexpert, "covid-chestxray": _covid,
               "generic": _generic}[fmt]
-    table = reader(path, header, rows, set(views) if views else None)
+    table = reader(path, header, rows, {v.upper() for v in views} if views else None)
     if not table.paths:
         raise DataError(f"{path}: no row is left to train on ({_left_out_text(table.left_out)})")
     return table
@@ -138,7 +150,8 @@ def _left_out_text(left_out: dict[str, int]) -> str:
 
 
 def _keep_view(view: str, views: set[str] | None, left_out: dict[str, int]) -> bool:
-    if views is None or view in views:
+    """Whether a row of ``view`` is kept (views compare in any case); counts the rows left out."""
+    if views is None or view.upper() in views:
         return True
     left_out["view"] = left_out.get("view", 0) + 1
     return False

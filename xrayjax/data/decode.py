@@ -21,12 +21,12 @@ COLORS = ("gray", "keep")
 IMAGE_SIZE = 224
 MAX_IMAGE_SIZE = 1024
 # What a size costs, for --help: pixels (disk per gray image, compute per image) grow with its square.
-SIZE_COSTS = ("224 px (the default) is prepared once for every size up to it; a larger size is prepared "
+SIZE_COSTS = ("224 px is prepared once for every size up to it; a larger size is prepared "
               "again at that size (once), and disk and compute grow with its square: 512 px is 5.2x "
               "224's (262 KB per gray image), 1024 px 21x (1 MB)")
 # Part of every prepared dataset's fingerprint: raise it whenever a change here changes pixels,
 # so data prepared by the old decoder is prepared again instead of reused.
-DECODER_VERSION = 1
+DECODER_VERSION = 2
 RESAMPLE = Image.Resampling.NEAREST
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -64,24 +64,33 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as Keras' load_img makes it; 16-bit data scaled by 1/257 first."""
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit data scaled by 1/257 and float data, each rounded and clipped, as 8-bit "L"; other
+    modes unchanged."""
     if image.mode in _SIXTEEN_BIT:
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L")
+        pixels = (np.asarray(image, np.int32).clip(0, 65535) + 128) // 257  # rint(x / 257): 257 is odd, no ties
+        return Image.fromarray(pixels.astype(np.uint8), "L")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as Keras' load_img makes it (16-bit and float data: :func:`eight_bit` first)."""
+    image = eight_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_pixels(image: Image.Image, color: str, size: int = IMAGE_SIZE) -> np.ndarray:
     """uint8 (size, size, 1) for gray, (size, size, 3) for keep, resized with PIL NEAREST.
 
-    The resize comes first: nearest sampling picks source pixels and every conversion after it
-    is per pixel, so the result equals converting the full image first (Keras' order), at a
-    fraction of the work. An 8-bit gray image skips the RGB round trip, which returns it
-    unchanged (PIL's luma weights sum to exactly 1).
+    The resize comes after :func:`eight_bit` (PIL's nearest resize of 16-bit modes samples other
+    pixels than of 8-bit ones) and before the colour conversion: nearest sampling picks source
+    pixels and the conversion is per pixel, so the result equals converting the full image first
+    (Keras' order), at a fraction of the work. An 8-bit gray image skips the RGB round trip, which
+    returns it unchanged (PIL's luma weights sum to exactly 1).
     """
+    image = eight_bit(image)
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)
     if color == "gray" and image.mode == "L":

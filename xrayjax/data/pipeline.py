@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
-from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, prepared_size
+from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
+from xrayjax.flags import field
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
 
 if TYPE_CHECKING:
@@ -51,19 +52,38 @@ class DataConfig:
     """
 
     task: str | None = None
-    data_dir: str | None = None
-    tfds_dir: str | None = None
-    color: str = "gray"
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
+    data_dir: str | None = field(
+        None, "the dataset: a folder (or zip) of split folders <split>/<class>/<images> (train/ required, val/ and "
+        "test/ optional) or of class folders <class>/<images>; or the challenge's layout (all/ and two/, "
+        "Covid_Data_GradientCrescent/ or its zip) (default: ../shared/covid_xray next to the repository); with "
+        "--labels, the folder the images sit under (default: the CSV's folder)")
+    tfds_dir: str | None = field(None, "where the prepared data lives (default: TFDS' data dir, "
+                                 "~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    color: str = field("gray", "gray: every image to grayscale (the backbone sees it on its 3 channels), so colour "
+                       "mode cannot reveal the class; keep: the original colour modes, like the original Keras "
+                       "pipeline", choices=COLORS)
+    val_fraction: float = field(0.2, "without a val/ folder: the fraction of train held out for validation, "
+                                "stratified, seeded by --seed, in [0, 1) (0: no validation split)")
+    test_fraction: float = field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
+                                 "stratified, always the same images, in [0, 1) (0: no test split)")
     seed: int = 0
-    skip_bad_images: bool = False
-    image_size: int = IMAGE_SIZE
-    group_by: str | None = None
-    labels: str | None = None
-    uncertain: str = "ignore"
-    views: str | None = None
-    skip_missing: bool = False
+    skip_bad_images: bool = field(False, "leave corrupt or truncated images out (each named in a warning) instead "
+                                  "of stopping at the first one; recorded in the prepared data's key")
+    image_size: int = field(IMAGE_SIZE, f"input size in pixels, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}", metavar="PX")
+    group_by: str | None = field(None, "source: keep every source (a paper, a patient: the audit's grouping of "
+                                 "file names) on one side of each held-out split and fold", choices=GROUP_BY)
+    labels: str | None = field(
+        None, "a labels CSV in place of class folders: ChestX-ray14's Data_Entry_2017.csv, CheXpert's train.csv, "
+        "the COVID-19 image data collection's metadata.csv, or a generic CSV (path, then a labels column joined "
+        "by | or one 0/1/blank column per label; optional patient); the images sit under --data-dir. Splits keep "
+        "each patient on one side", metavar="CSV")
+    uncertain: str = field("ignore", "with --labels, what CheXpert's -1 (uncertain) means: ignore (unknown, "
+                           "masked out of the loss), zeros or ones (the CheXpert paper's U-Ignore, U-Zeros, U-Ones)",
+                           choices=UNCERTAIN)
+    views: str | None = field(None, "with --labels, keep only these views (comma-separated, e.g. PA,AP; CheXpert's "
+                              "lateral view is L); the rows left out are counted", metavar="LIST")
+    skip_missing: bool = field(False, "with --labels, leave out the rows whose image is missing (a partial "
+                               "download) instead of stopping")
 
     def __post_init__(self):
         object.__setattr__(self, "task", canonical_task(self.task))
@@ -74,7 +94,8 @@ class DataConfig:
             (self.labels is not None or self.task != "multilabel", "task",
              "binary or multiclass for class folders (multilabel reads a --labels file)"),
             (self.uncertain in UNCERTAIN, "uncertain", f"one of {', '.join(UNCERTAIN)}"),
-            (self.views is None or self.labels is not None, "views", "unset without --labels"),
+            (self.views is None or self.labels is not None, "views",
+             "unset without --labels (a labels file's column of views)"),
             (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),

@@ -16,14 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from xrayjax.models.backbones import (
-    ARCHS, BLOCKS, DenseNet, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features,
+    ARCHS, BLOCKS, DenseNet, ResNet, VGG, create_backbone, fold_batchnorm, frozen_features, image_features,
 )
-from xrayjax.models.heads import Head, create_head, default_l2
+from xrayjax.models.heads import DROPOUT, Head, create_head, default_l2
 from xrayjax.tasks import TASKS
 
 __all__ = [
-    "ARCHS", "BLOCKS", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params", "num_params", "create_backbone",
-    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "keras_init",
+    "ARCHS", "BLOCKS", "DROPOUT", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params",
+    "num_params", "create_backbone",
+    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "image_features", "keras_init",
     "submodule_variables",
 ]
 
@@ -56,7 +57,7 @@ def submodule_variables(variables: Mapping[str, Any], name: str) -> dict[str, An
 
 
 def create_model(
-    arch: str, task: str = "multiclass", dropout: float = 0.5, dtype: Any = jnp.float32,
+    arch: str, task: str = "multiclass", dropout: float = DROPOUT, dtype: Any = jnp.float32,
     num_classes: int | None = None,
 ) -> Classifier:
     """Full classifier; variables sit under ``backbone`` and ``head``. ``dtype`` is the

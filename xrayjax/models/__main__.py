@@ -1,6 +1,5 @@
 """``python -m xrayjax.models ARCH TASK``: a Keras-style summary of a model."""
 
-import argparse
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -9,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xrayjax.flags import ArgumentParser
 from xrayjax.models import ARCHS, TASKS, count_params, create_model, num_params
 from xrayjax.tasks import canonical_task
 
@@ -101,7 +101,7 @@ def summary(arch: str, task: str, expand: bool = False, image_size: int = 224) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: print the Keras-style summary of one (arch, task) model."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m xrayjax.models",
         description="Print a Keras-style summary (layers, output shapes, parameter counts) "
         "of an xrayjax model. Parameter counts follow Keras: the frozen backbone and every "

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from xrayjax.models.layers import (
     BACKBONE_BN_EPSILON, BACKBONE_BN_MOMENTUM, KerasLayers, batch_norm, check_name, conv2d, keras_name,
 )
-from xrayjax.preprocessing import ARCH_PREPROCESSING, MODES
+from xrayjax.preprocessing import ARCH_PREPROCESSING, MODES, preprocess_input
 
 
 VGG_DEPTHS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -243,3 +243,9 @@ def frozen_features(
     if isinstance(backbone, ResNet):
         return backbone.clone(fold_bn=True).apply(fold_batchnorm(variables), x, mutable=mutable)
     return backbone.apply(variables, x, train=False, mutable=mutable)
+
+
+def image_features(backbone: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    """:func:`frozen_features` of raw (uint8) images, preprocessed on the device as the backbone
+    expects: the one route from pixels to features of training, evaluation and prediction."""
+    return frozen_features(backbone, variables, preprocess_input(images, mode=backbone.preprocessing))

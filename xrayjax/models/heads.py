@@ -14,6 +14,8 @@ from xrayjax.models.layers import (
 )
 from xrayjax.tasks import TASKS, canonical_task
 
+DROPOUT = 0.5  # the report's rate, every Dropout of its heads
+
 
 class Head(KerasLayers):
     """Classifier top of the report, returning logits.
@@ -28,7 +30,7 @@ class Head(KerasLayers):
     outputs: int
     input_bn: bool = False
     dropout_first: bool = False
-    dropout: float = 0.5
+    dropout: float = DROPOUT
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -93,7 +95,7 @@ def default_l2(arch: str, task: str) -> float:
 
 
 def create_head(
-    arch: str, task: str, dropout: float = 0.5, dtype: Any = jnp.float32, num_classes: int | None = None
+    arch: str, task: str, dropout: float = DROPOUT, dtype: Any = jnp.float32, num_classes: int | None = None
 ) -> nn.Module:
     """The report's head for (``arch``, ``task``); returns logits (N, 1) for binary, (N, K) for
     multiclass (``four_class``, the report's name, is read as multiclass) and multilabel (the
