@@ -102,6 +102,9 @@ def test_an_empty_csv_or_a_short_row_is_one_line_naming_the_file_and_line(nih, t
     with pytest.raises(DataError, match=f"^--labels {short}, line 4: 2 fields, but the header has 7; complete or "
                                         "remove that row$"):
         read_labels(short)
+    trailing = tmp_path / "trailing.csv"  # a header ending in a comma names an empty column the rows lack
+    trailing.write_text("\n".join([lines[0] + ",", *lines[1:]]) + "\n")
+    assert read_labels(trailing).paths == read_labels(nih).paths
 
 
 def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):

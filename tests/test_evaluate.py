@@ -372,7 +372,10 @@ def test_predict_cli_takes_a_folder_as_the_images_under_it(tiny_run, data_root, 
     image = data_root / "two" / "test" / "normal" / splits.test.names[-1]
     folder = tmp_path / "scans"
     (folder / "b").mkdir(parents=True)
-    for name in ("z.jpeg", "b/a.JPG", ".hidden.jpeg"):
+    for sub in (".ipynb_checkpoints", "__MACOSX"):
+        (folder / sub).mkdir()
+    for name in ("z.jpeg", "b/a.JPG", ".hidden.jpeg", "._z.jpeg", ".ipynb_checkpoints/z-checkpoint.jpeg",
+                 "__MACOSX/z.jpeg"):
         shutil.copy(image, folder / name)
     (folder / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()

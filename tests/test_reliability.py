@@ -76,8 +76,8 @@ def test_evaluate_refuses_and_predict_warns_while_a_run_trains_in_the_folder(run
                                        f"{os.uname().nodename}); wait for that run to end, then evaluate it\n")
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"} == before  # nothing written
     with pytest.warns(UserWarning, match=re.escape(
-            f"the run in {run} is still training (process {os.getpid()} (host {os.uname().nodename})): "
-            "predicting with its checkpoint after epoch 2")):
+            f"the run in {run} is in use by process {os.getpid()} (host {os.uname().nodename}) (training or "
+            "evaluating it): predicting with its checkpoint after epoch 2")):
         assert predict_main(["--run", str(run), str(image)]) == 0
     holder.release()
     assert runfiles.in_use(run) is None

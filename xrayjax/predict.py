@@ -31,7 +31,7 @@ import numpy as np
 
 from xrayjax.data import DataError, Split
 from xrayjax.data.decode import BadImage, NotAnImage, decode, prepared_size
-from xrayjax.data.source import IMAGE_SUFFIXES
+from xrayjax.data.source import IMAGE_SUFFIXES, SourceFile
 from xrayjax.data.pipeline import resize_nearest
 from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
@@ -58,12 +58,18 @@ def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarr
 
 
 def image_files(paths: Sequence[str]) -> list[str]:
-    """``paths`` with each folder replaced by the image files under it (by suffix, hidden files
-    left out, sorted); a folder without any stays, to be named as unreadable."""
+    """``paths`` with each folder replaced by the image files under it, sorted, as the data lister
+    reads a folder: by suffix, without junk, hidden files and folders, or ``__MACOSX``; a folder
+    without any stays, to be named as unreadable."""
     files = []
     for path in paths:
-        found = sorted(str(f) for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                       and not f.name.startswith(".") and f.is_file()) if os.path.isdir(path) else []
+        found = []
+        if os.path.isdir(path):
+            for file in sorted(Path(path).rglob("*")):
+                parts = file.relative_to(path).parts
+                if (file.is_file() and SourceFile("/".join(parts), 0).is_image_name
+                        and not any(p.startswith(".") or p == "__MACOSX" for p in parts)):
+                    found.append(str(file))
         files += found or [path]
     return files
 
@@ -145,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = load_run(args.run)
         holder = in_use(Path(args.run))
         if holder is not None:
-            warnings.warn(f"the run in {args.run} is still training ({holder}): predicting with its checkpoint "
-                          f"after epoch {len(run.history)}")
+            warnings.warn(f"the run in {args.run} is in use by {holder} (training or evaluating it): predicting "
+                          f"with its checkpoint after epoch {len(run.history)}")
         images = image_files(args.images)
         pixels, failures = {}, {}  # keyed by position in images
         for i, path in enumerate(images):

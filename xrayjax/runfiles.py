@@ -58,8 +58,12 @@ RESUMABLE_CHANGES = frozenset(
      "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
      "heartbeat_timeout"}
 )
-# The settings among RESUMABLE_CHANGES that --resume takes from the run when they are left out.
-RUN_DATA = frozenset({"epochs", "data_dir", "tfds_dir"})
+# A command's own settings, which --resume never takes from the run: where it writes and logs,
+# whether it evaluates at the end, and this host's part (readers, weights folder, multi-host flags).
+COMMAND_SETTINGS = frozenset(
+    {"resume", "out", "quiet", "evaluate", "workers", "weights_dir", "coordinator", "num_processes", "process_id",
+     "coordinator_timeout", "heartbeat_timeout"}
+)
 # What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
 IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")
 
@@ -417,31 +421,20 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
                       {k: float(v) for k, v in position.get("sums", {}).items()})
 
 
-def given_settings(config: TrainConfig, given: Collection[str] | None) -> Collection[str]:
-    """``given`` (the settings the user set: the command line's flags), or when None, every setting
-    whose value is not TrainConfig's default (the Python API cannot tell a default passed from one
-    left out)."""
-    if given is not None:
-        return given
-    defaults = TrainConfig()
-    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
-
-
 def resumed_settings(config: TrainConfig, given: Collection[str] | None = None) -> TrainConfig:
     """For ``--resume`` of the run in ``--out``: ``config`` with the run's recorded value of each
-    of its settings left out (``given``: :func:`given_settings`), so ``--resume --out DIR``
-    continues the run as it was started. The run's settings are those outside RESUMABLE_CHANGES,
-    and ``epochs``, ``data_dir`` and ``tfds_dir``; the others are this command's. A Keras model
-    imported whole records none until it trains (:func:`imported_settings`)."""
+    setting left out of ``given`` (the command line's flags), except this command's own
+    (COMMAND_SETTINGS), so ``--resume --out DIR`` continues the run as it was started. From Python
+    (``given`` None) nothing is taken: every value is compared with the run's. A Keras model
+    imported whole records no settings until it trains (:func:`imported_settings`)."""
     run_dir = Path(config.out).expanduser().resolve() if config.out else None
-    if not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
+    if given is None or not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         return config
     saved = read_config(run_dir)[0]
     if read_keras_import(run_dir) is not None and saved.epochs == 0:  # imported, never trained
         return config
-    given = given_settings(config, given)
     kept = {f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
-            if f.name not in given and (f.name not in RESUMABLE_CHANGES or f.name in RUN_DATA)}
+            if f.name not in given and f.name not in COMMAND_SETTINGS}
     return dataclasses.replace(config, **kept)
 
 
@@ -461,7 +454,9 @@ def imported_settings(config: TrainConfig, given: Collection[str] | None = None
     record = read_keras_import(run_dir)
     if record is None:
         return config, None
-    saved, given = read_config(run_dir)[0], given_settings(config, given)
+    saved, defaults = read_config(run_dir)[0], TrainConfig()
+    if given is None:  # from Python: a value other than the default reads as given
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
     what = f"the run in {run_dir} is a Keras model imported by weights/port.py --keras-model"
     for name in IMPORTED_SETTINGS:
         value = canonical_task(config.task) if name == "task" else getattr(config, name)

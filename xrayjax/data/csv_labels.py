@@ -86,12 +86,12 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             if not header:
                 raise DataError(f"--labels {path} is empty: a labels file starts with its header row")
             rows = []
-            for row in reader:
-                if None in row.values():  # DictReader's filler for the fields a short row lacks
-                    given = sum(v is not None for v in row.values())
-                    raise DataError(f"--labels {path}, line {reader.line_num}: {given} fields, but the header "
-                                    f"has {len(header)}; complete or remove that row")
-                rows.append(row)
+            for row in reader:  # DictReader fills the fields a short row lacks with None
+                if any(v is None and k.strip() for k, v in row.items() if k is not None):
+                    given = sum(v is not None for k, v in row.items() if k is not None)
+                    raise DataError(f"--labels {path}, line {reader.line_num}: {given} field{'s' * (given != 1)}, "
+                                    f"but the header has {len(header)}; complete or remove that row")
+                rows.append(row)  # a header's trailing comma names an empty column a row may lack
             return header, rows
     except FileNotFoundError:
         raise DataError(f"--labels {path} does not exist") from None
