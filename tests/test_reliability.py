@@ -27,7 +27,8 @@ from xrayjax.evaluate import main as evaluate_main
 from xrayjax import loop
 from xrayjax.loop import fit
 from xrayjax.predict import main as predict_main
-from xrayjax.runfiles import RunFolderError, RunFolderLock, load_run
+from xrayjax.runfiles import RunFolderError, load_run
+from xrayjax.runlock import RunFolderLock, in_use
 from xrayjax.train import main as train_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_evaluate_refuses_and_predict_warns_while_a_run_trains_in_the_folder(run
             "evaluating it): predicting with its checkpoint after epoch 2")):
         assert predict_main(["--run", str(run), str(image)]) == 0
     holder.release()
-    assert runfiles.in_use(run) is None
+    assert in_use(run) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert predict_main(["--run", str(run), str(image)]) == 0

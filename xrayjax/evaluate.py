@@ -30,10 +30,9 @@ from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, positive_labels, probabilities
 from xrayjax.multilabel_metrics import multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
+from xrayjax.runfiles import CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
+from xrayjax.runlock import RunFolderLock
 from xrayjax.tasks import SPLITS
-from xrayjax.runfiles import (
-    CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, RunFolderLock, load_run, load_run_splits, write_json,
-)
 
 GRADCAM_IMAGES = 8
 TSNE_POINTS = 2000  # at most this many points (a seeded random subset): t-SNE's time grows faster than N

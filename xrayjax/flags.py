@@ -2,7 +2,8 @@
 
 A setting's default and help live once, on its field (:class:`xrayjax.data.DataConfig`'s data
 settings, :class:`xrayjax.config.TrainConfig`'s run settings); every command that takes the
-setting builds its flag with :func:`add_flags`, on an :class:`ArgumentParser`. Imports nothing of xrayjax, so any layer may use it.
+setting builds its flag with :func:`add_flags`, on an :class:`ArgumentParser`. Imports nothing
+of xrayjax, so any layer may use it.
 """
 
 from __future__ import annotations

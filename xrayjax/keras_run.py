@@ -28,7 +28,6 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         FileNotFoundError, KerasImportError: the file cannot be read or its model does not import.
         ValueError: bad class names, preprocessing, or an ``out`` that is not empty.
     """
-    import dataclasses
     import shutil
 
     import jax
@@ -57,9 +56,8 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
                          f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
     mode = preprocess or ARCH_PREPROCESSING[model.arch]
-    config = dataclasses.replace(
-        TrainConfig(), arch=model.arch, task=model.task, image_size=model.image_size or TrainConfig.image_size,
-        init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
+    config = TrainConfig(arch=model.arch, task=model.task, image_size=model.image_size or TrainConfig.image_size,
+                         init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
     record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
               "preprocess": mode, "head": model.head}
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"

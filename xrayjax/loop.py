@@ -33,6 +33,8 @@ from xrayjax.config import RunSpec, TrainConfig, resolve_run
 from xrayjax.data import Split, Splits, batches, load_splits
 from xrayjax.data.loader import StepBatches, batch_rows
 from xrayjax.data.pipeline import split_folds
+from xrayjax.resume import check_resume, resume_settings
+from xrayjax.runlock import RunFolderLock, discard_new_run
 from xrayjax.tasks import SPLITS
 from xrayjax.steps import (
     StepModel,
@@ -312,7 +314,7 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
     if not config.resume and (run_dir / runfiles.CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run (checkpoint.msgpack); pass --resume to continue "
                          "it or choose another --out")
-    checkpoint, history = (runfiles.check_resume(config, run_dir, spec.class_names) if config.resume
+    checkpoint, history = (check_resume(config, run_dir, spec.class_names) if config.resume
                            else (None, []))
     if checkpoint is not None and checkpoint.epoch >= config.epochs:
         raise ValueError(f"--resume: the run in {run_dir} has already trained {checkpoint.epoch} epochs; "
@@ -368,10 +370,9 @@ def _start(spec: RunSpec, log: Log, timings: Timings, splits: Splits | None, qui
 def resolve_training(config: TrainConfig, splits: Splits | None = None,
                      given: Collection[str] | None = None) -> RunSpec:
     """The RunSpec of ``config`` (:func:`xrayjax.config.resolve_run`), after ``--resume`` has taken
-    the run's settings left out of ``given`` (:func:`xrayjax.runfiles.resumed_settings`) and a
-    Keras model imported whole its model settings (:func:`xrayjax.runfiles.imported_settings`)."""
-    config = runfiles.resumed_settings(config, given)
-    config, record = runfiles.imported_settings(config, given)
+    the run's settings left out of ``given`` and a Keras model imported whole its model settings
+    (:func:`xrayjax.resume.resume_settings`)."""
+    config, record = resume_settings(config, given)
     return dataclasses.replace(resolve_run(config, splits), keras_import=record)
 
 
@@ -412,7 +413,7 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
     run_dir = spec.run_dir
     created = not run_dir.exists()
     before = set() if created else {p.name for p in run_dir.iterdir()}
-    lock = runfiles.RunFolderLock(run_dir) if writer else None
+    lock = RunFolderLock(run_dir) if writer else None
     if lock is not None and lock.note:
         log(lock.note)
     try:
@@ -434,7 +435,7 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
             trainer.close()
     except BaseException:
         if lock is not None and not (run_dir / runfiles.CHECKPOINT_FILE).exists():
-            runfiles.discard_new_run(run_dir, lock, before, created)
+            discard_new_run(run_dir, lock, before, created)
             lock = None
         raise
     finally:

@@ -35,7 +35,8 @@ from xrayjax.data.source import IMAGE_SUFFIXES, SourceFile
 from xrayjax.data.pipeline import resize_nearest
 from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
-from xrayjax.runfiles import METRICS_FILE, Run, in_use, load_run, read_json
+from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json
+from xrayjax.runlock import in_use
 
 
 def load_image(path: str | os.PathLike, color: str, image_size: int) -> np.ndarray:

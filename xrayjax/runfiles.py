@@ -8,21 +8,17 @@ never change, written once) and ``timings.json`` (the phases of every command th
 Each file has one writer here. Every file is written
 atomically; ``history.json`` is written before the checkpoint, so it never holds fewer
 epochs than the checkpoint. The checkpoint records the sha256 of its state and of
-``frozen.msgpack``, checked on every load. Training holds ``.lock`` (:class:`RunFolderLock`)
+``frozen.msgpack``, checked on every load. Training holds ``.lock`` (:class:`xrayjax.runlock.RunFolderLock`)
 from its start to its end, so no two trainings ever write one folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import platform
-import socket
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -58,99 +54,10 @@ RESUMABLE_CHANGES = frozenset(
      "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
      "heartbeat_timeout"}
 )
-# A command's own settings, which --resume never takes from the run: where it writes and logs,
-# whether it evaluates at the end, and this host's part (readers, weights folder, multi-host flags).
-COMMAND_SETTINGS = frozenset(
-    {"resume", "out", "quiet", "evaluate", "workers", "weights_dir", "coordinator", "num_processes", "process_id",
-     "coordinator_timeout", "heartbeat_timeout"}
-)
-# What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
-IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")
 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be read, continued or used now; the message names the file."""
-
-
-class RunFolderLock:
-    """An exclusive lock on a run folder while a run trains: ``flock`` on ``<run>/.lock``.
-
-    A second process is refused, naming the holder. The OS drops the lock of a process that
-    dies, however it dies; the holder it names is then taken over, and ``note`` says so.
-    Creating it creates the folder, and removes the temporary files that a killed run's
-    writes of its own files left behind (``note`` counts them).
-    """
-
-    def __init__(self, run_dir: Path, busy: str = "wait for that run to end or choose another --out"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / LOCK_FILE
-        while True:
-            self._file = open(self.path, "a+")
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                self._file.seek(0)
-                holder = self._file.read().strip() or "another process"
-                self._file.close()
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise RunFolderError(f"run folder {run_dir} is in use by {holder}; {busy}") from None
-                raise RunFolderError(f"cannot lock {self.path} ({e.strerror}): the filesystem of {run_dir} "
-                                     "does not support file locks; choose an --out on a local disk") from e
-            if self.path.exists() and os.fstat(self._file.fileno()).st_ino == self.path.stat().st_ino:
-                break
-            self._file.close()  # the lock file was replaced while it was opened: lock the new one
-        self._file.seek(0)
-        previous = self._file.read().strip()
-        notes = [f"took over the lock of {run_dir} left by {previous}, which is no longer running"] if previous else []
-        stale = [tmp for name in RUN_FILES for tmp in run_dir.glob(f".{name}.*.tmp")]
-        for tmp in stale:
-            tmp.unlink(missing_ok=True)
-        if stale:
-            notes.append(f"removed {len(stale)} temporary file(s) of an interrupted write from {run_dir}")
-        self.note = "; ".join(notes) or None
-        self._write(f"process {os.getpid()} (host {socket.gethostname()})")
-
-    def _write(self, text: str) -> None:
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(text)
-        self._file.flush()
-
-    def release(self, remove: bool = False) -> None:
-        """Unlock; ``remove`` deletes the lock file first (a run that leaves nothing behind)."""
-        try:
-            if remove:
-                self.path.unlink(missing_ok=True)
-            else:
-                self._write("")  # a clean end leaves no holder to report
-        finally:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-
-
-def in_use(run_dir: Path) -> str | None:
-    """Who holds ``run_dir``'s :class:`RunFolderLock` (a run training, or an evaluation), or None."""
-    try:
-        with open(run_dir / LOCK_FILE) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as e:
-                return (f.read().strip() or "another process") if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def discard_new_run(run_dir: Path, lock: RunFolderLock, before: set[str], created: bool) -> None:
-    """Undo a run that stopped before its first checkpoint, holding its lock: remove the files it
-    wrote (never one that was there before), then the lock, then the folder if it made it."""
-    for name in (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, TIMINGS_FILE, FROZEN_FILE):
-        if name not in before:
-            (run_dir / name).unlink(missing_ok=True)
-    lock.release(remove=LOCK_FILE not in before)
-    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
 
 
 @dataclasses.dataclass
@@ -419,92 +326,6 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     position = payload.get("position") or {}  # absent: written before mid-epoch checkpoints
     return Checkpoint(state, epoch, recorded[frozen_path], int(position.get("step", 0)),
                       {k: float(v) for k, v in position.get("sums", {}).items()})
-
-
-def resumed_settings(config: TrainConfig, given: Collection[str] | None = None) -> TrainConfig:
-    """For ``--resume`` of the run in ``--out``: ``config`` with the run's recorded value of each
-    setting left out of ``given`` (the command line's flags), except this command's own
-    (COMMAND_SETTINGS), so ``--resume --out DIR`` continues the run as it was started. From Python
-    (``given`` None) nothing is taken: every value is compared with the run's. A Keras model
-    imported whole records no settings until it trains (:func:`imported_settings`)."""
-    run_dir = Path(config.out).expanduser().resolve() if config.out else None
-    if given is None or not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
-        return config
-    saved = read_config(run_dir)[0]
-    if read_keras_import(run_dir) is not None and saved.epochs == 0:  # imported, never trained
-        return config
-    kept = {f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainConfig)
-            if f.name not in given and f.name not in COMMAND_SETTINGS}
-    return dataclasses.replace(config, **kept)
-
-
-def imported_settings(config: TrainConfig, given: Collection[str] | None = None
-                      ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """For ``--resume`` of a Keras model imported whole into ``--out``: ``config`` with the model's
-    IMPORTED_SETTINGS (and its ``l2`` unless ``--l2`` is given) and its ``keras_import`` record;
-    ``(config, None)`` for any other run. ``given``: the settings the user set (the command line's
-    flags); None reads every value other than TrainConfig's default as set.
-
-    Raises ValueError for a setting the imported model fixes given another value, ``--dropout``
-    (its head keeps its own rates) and ``--folds`` (cross-validation trains the report's heads).
-    """
-    run_dir = Path(config.out).expanduser().resolve() if config.out else None
-    if not config.resume or run_dir is None or not (run_dir / CONFIG_FILE).is_file():
-        return config, None
-    record = read_keras_import(run_dir)
-    if record is None:
-        return config, None
-    saved, defaults = read_config(run_dir)[0], TrainConfig()
-    if given is None:  # from Python: a value other than the default reads as given
-        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
-    what = f"the run in {run_dir} is a Keras model imported by weights/port.py --keras-model"
-    for name in IMPORTED_SETTINGS:
-        value = canonical_task(config.task) if name == "task" else getattr(config, name)
-        if name in given and value != getattr(saved, name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value}: {what}, whose {flag} is {getattr(saved, name)}; leave {flag} out")
-    if "dropout" in given:
-        raise ValueError(f"--dropout {config.dropout}: {what}; its head keeps the Dropout rates of its Keras "
-                         "layers, so leave --dropout out")
-    if config.folds:
-        raise ValueError(f"--folds {config.folds}: {what}; cross-validation trains fresh report heads, not its "
-                         "Keras head, so leave --folds out")
-    kept = {name: getattr(saved, name) for name in IMPORTED_SETTINGS}
-    return dataclasses.replace(config, **kept, l2=saved.l2 if config.l2 is None else config.l2), record
-
-
-def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...]) -> tuple[Checkpoint, list]:
-    """(checkpoint, history) of ``run_dir`` after checking ``config`` and the data's
-    ``class_names`` continue its run: every setting outside RESUMABLE_CHANGES must equal the run's,
-    but a Keras model imported whole that has trained no step has no training settings of its
-    own, so only its IMPORTED_SETTINGS are compared."""
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / CHECKPOINT_FILE}; start the run "
-                                "without --resume")
-    imported = read_keras_import(run_dir) is not None
-    saved, saved_classes, _ = read_config(run_dir)
-    if tuple(saved_classes) != tuple(class_names):
-        fix = (f"; an imported Keras model's classes are named at import: import it again with weights/port.py "
-               f"--keras-model FILE --class-names {','.join(class_names)} --out NEW" if imported else
-               "; pass its data or choose another --out")
-        raise ValueError(f"--resume: the run in {run_dir} was trained on the classes {', '.join(saved_classes)}, "
-                         f"but the data now has {', '.join(class_names)}{fix}")
-    checkpoint = read_checkpoint(run_dir)
-    saved, current = dataclasses.asdict(saved), dataclasses.asdict(config)
-    compared = IMPORTED_SETTINGS if imported and not checkpoint.trained else [
-        k for k in current if k not in RESUMABLE_CHANGES]
-    changed = sorted(k for k in compared if saved[k] != current[k])
-    if changed:
-        raise ValueError(
-            f"--resume: the run in {run_dir} was trained with other settings: "
-            + ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed)
-            + "; leave those flags out (--resume takes the run's) or choose another --out"
-        )
-    history = read_history(run_dir)
-    if len(history) < checkpoint.epoch:
-        raise RunFolderError(f"{run_dir / HISTORY_FILE} has {len(history)} epochs but the checkpoint "
-                             f"{checkpoint.epoch}: the run folder is damaged")
-    return checkpoint, history[:checkpoint.epoch]
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

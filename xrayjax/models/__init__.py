@@ -23,9 +23,8 @@ from xrayjax.tasks import TASKS
 
 __all__ = [
     "ARCHS", "BLOCKS", "DROPOUT", "TASKS", "Classifier", "DenseNet", "Head", "ResNet", "VGG", "count_params",
-    "num_params", "create_backbone",
-    "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features", "image_features", "keras_init",
-    "submodule_variables",
+    "num_params", "create_backbone", "create_head", "create_model", "default_l2", "fold_batchnorm", "frozen_features",
+    "image_features", "keras_init", "submodule_variables",
 ]
 
 
