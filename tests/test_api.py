@@ -227,7 +227,7 @@ def _imports() -> dict[str, set[str]]:
     ("xrayjax.loop", {"xrayjax.evaluate", "xrayjax.predict", "xrayjax.gradcam", "xrayjax.train", "xrayjax.crossval"}),
     ("xrayjax.crossval", {"xrayjax.train", "xrayjax.evaluate"}),
     ("xrayjax.stats", {"xrayjax.data", "xrayjax.models", "xrayjax.steps", "xrayjax.loop", "xrayjax.evaluate"}),
-    ("xrayjax.data.pipeline", {"xrayjax.steps", "xrayjax.loop", "xrayjax.runfiles", "xrayjax.evaluate"}),
+    ("xrayjax.data.splits", {"xrayjax.steps", "xrayjax.loop", "xrayjax.runfiles", "xrayjax.evaluate"}),
     ("xrayjax.evaluate", {"xrayjax.loop", "xrayjax.train"}),
     ("xrayjax.predict", {"xrayjax.loop", "xrayjax.train"}),
 ])

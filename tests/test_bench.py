@@ -7,7 +7,7 @@ import math
 import pytest
 
 from xrayjax.bench import REPORT_MODELS, BenchConfig, _parser, main, run
-from xrayjax.data.pipeline import SplitWarning
+from xrayjax.data.splits import SplitWarning
 from xrayjax.tasks import TASKS
 
 KEYS = {"arch", "task", "dtype", "batch", "image_size", "images_per_s", "compile_s", "peak_mem_gb",

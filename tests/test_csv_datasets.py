@@ -15,7 +15,7 @@ from csv_datasets import chestxray14, chexpert, covid_chestxray, generic
 from xrayjax.data import DataConfig, DataError, load_splits
 from xrayjax.data.csv_images import MissingImagesWarning
 from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
-from xrayjax.data.pipeline import Split, SplitWarning, split_folds
+from xrayjax.data.splits import Split, SplitWarning, split_folds
 from xrayjax.steps import build_step_model, head_loss
 
 
@@ -165,7 +165,7 @@ def test_labels_without_a_training_positive_are_left_out_with_a_note(data_root, 
                    "negative: 'B' (3 known), 'D' (2 known); no known value: 'C'"),
     ([0, 2], "1 label left out of training (no positive image in the training split): no known value: 'C'")])
 def test_left_out_labels_are_named_in_one_warning_by_reason(columns, message):
-    from xrayjax.data.pipeline import _patient_splits
+    from xrayjax.data.splits import _patient_splits
 
     nan = np.nan
     labels = np.array([[1, 0, nan, 0], [0, 0, nan, nan], [1, 0, nan, 0]], np.float32)[:, columns]

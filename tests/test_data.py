@@ -25,7 +25,7 @@ from xrayjax.data.audit import audit
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
 from xrayjax.data.decode import DECODER_VERSION, BadImage, NotAnImage, decode
 from xrayjax.data.groups import group_key, source_groups
-from xrayjax.data.pipeline import open_dataset
+from xrayjax.data.splits import open_dataset
 from xrayjax.data.source import resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def real_tfds(tmp_path_factory, data_root):
     assert "269" in proc.stdout and "129" in proc.stdout
     assert "preparing 305 images" in proc.stderr and "Generating" not in proc.stderr  # no bars into a pipe
     # the challenge's two tasks; no multilabel copy (training refuses multilabel on class folders)
-    assert sorted(p.name.split("-")[1] for p in (tfds_dir / "xray_folders").iterdir()) == ["binary", "multiclass"]
+    assert sorted(p.name.split("-")[1] for p in (tfds_dir / "xray_folders").glob("[!.]*")) == ["binary", "multiclass"]
     return tfds_dir
 
 
@@ -408,7 +408,7 @@ def test_a_prepared_folder_is_read_without_the_dataset(real_tfds, tmp_path, monk
 
 
 def test_group_by_source_warns_about_the_given_test_split_and_never_moves_it(real_splits, real_tfds, data_root):
-    from xrayjax.data.pipeline import SourceLeakWarning
+    from xrayjax.data.splits import SourceLeakWarning
 
     with pytest.warns(SourceLeakWarning, match=r"test split given as a folder shares 1 source group\(s\) with "
                                                r"train: nejmoa2001191\."):

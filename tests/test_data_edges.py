@@ -4,6 +4,7 @@ in case, symlinked folders, a quiet prepare, the task alias, source groups and t
 Tiny PNGs in tmp_path; no training."""
 
 import os
+import pathlib
 import shutil
 import warnings
 import zipfile
@@ -78,6 +79,8 @@ def test_data_prepared_skipping_bad_images_is_never_reused_by_a_strict_prepare(t
     assert skipped.info.metadata["bad_images"] == ["b/broken.png"]
     with pytest.raises(DataError, match=r"b/broken\.png: unreadable, corrupt or truncated image"):
         prepare_dir(root, tfds_dir=tfds_dir)
+    folders = sorted(p.name for p in (tmp_path / "t" / "xray_folders").glob("[!.]*"))
+    assert folders == [pathlib.Path(skipped.data_dir).parent.name]  # the failed prepare left no folder
 
 
 # 3. nothing guessed: a prepared folder is given explicitly -----------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 from xrayjax.config import TrainConfig
 from xrayjax.data import DataConfig, DataError, RecordImages, Split, load_splits, open_dataset
 from xrayjax.data.audit import audit
-from xrayjax.data.pipeline import resize_nearest
+from xrayjax.data.splits import resize_nearest
 from xrayjax.predict import load_image
 from xrayjax.data.source import resolve_source
 from xrayjax.models import create_head
@@ -130,7 +130,7 @@ def test_sizes_above_224_are_prepared_at_that_size(tmp_path):
         _write(root / folder / f"{i}.png", i, size=(400, 360))
     large = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=320))
     small = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=32))
-    prepared = sorted(p.name for p in (tmp_path / "t" / "xray_folders").iterdir())
+    prepared = sorted(p.name for p in (tmp_path / "t" / "xray_folders").glob("[!.]*"))  # not the locks
     assert len(prepared) == 2 and sum("-320px-" in name for name in prepared) == 1, prepared
     for row, name in enumerate(large.test.names):
         path = next(root.glob(f"test/*/{name}"))
@@ -146,7 +146,7 @@ def test_sizes_above_224_are_prepared_at_that_size(tmp_path):
     again = load_splits(DataConfig(data_dir=str(root), tfds_dir=str(tmp_path / "t"), val_fraction=0, image_size=320),
                         recorded=small.record())
     assert again.data_key == small.data_key
-    folder = next(p for p in (tmp_path / "t" / "xray_folders").iterdir() if "px-" not in p.name)
+    folder = next(p for p in (tmp_path / "t" / "xray_folders").glob("[!.]*") if "px-" not in p.name)
     with pytest.raises(DataError, match="holds 224-px images; --image-size 320 needs them prepared at 320 px"):
         load_splits(DataConfig(data_dir=str(folder), image_size=320))  # would enlarge: refused
 

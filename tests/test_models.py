@@ -422,6 +422,11 @@ def test_summary_cli(capsys):
     out = capsys.readouterr().out
     assert "conv5_block3_out (Activation)" in out and "batch_normalization (BatchNormalization)" in out
     assert out.count("(Conv2D)") == 53
-    with pytest.raises(SystemExit) as exc:
-        main(["resnet18", "binary"])
-    assert exc.value.code == 2
+    main(["vgg16", "multilabel", "--classes", "14", "--image-size", "32"])  # ChestX-ray14's labels
+    out = capsys.readouterr().out
+    assert "dense_2 (Dense)" in out and "(None, 14)" in out and "7,182" in out  # 512 * 14 + 14
+    for argv in (["resnet18", "binary"], ["vgg16", "binary", "--classes", "3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "use multiclass" in capsys.readouterr().err

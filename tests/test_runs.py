@@ -20,7 +20,7 @@ from xrayjax import runfiles
 from xrayjax.config import TrainConfig, from_args, resolve_run
 from xrayjax.crossval import cross_validate
 from xrayjax.data import DataConfig, DataError, load_splits
-from xrayjax.data.pipeline import SplitWarning
+from xrayjax.data.splits import SplitWarning
 from xrayjax.evaluate import evaluate_run
 from xrayjax.loop import fit
 from xrayjax.steps import build_step_model, create_train_state, head_train_step, init_variables

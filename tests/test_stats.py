@@ -9,7 +9,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from xrayjax import fit
 from xrayjax.crossval import cross_validate
-from xrayjax.data.pipeline import Split, stratified_split
+from xrayjax.data.splits import Split, stratified_split
 from xrayjax.evaluate import compute_metrics
 from xrayjax.stats import bootstrap, folds, hold_out, macro_f1, roc_auc, roc_auc_per_class, summarise, wilson
 

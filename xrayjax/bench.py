@@ -185,7 +185,7 @@ def bench_input(cfg: BenchConfig, data_dir: str | None, tfds_dir: str | None, au
     from xrayjax.augment import AugmentConfig
     from xrayjax.data import DataConfig, batches, load_splits  # the data stack, for this mode only
     from xrayjax.data.loader import batch_rows
-    from xrayjax.data.pipeline import resize_nearest
+    from xrayjax.data.splits import resize_nearest
     from xrayjax.steps import AXIS, augment_step_images
 
     devices = _local_devices(batch)

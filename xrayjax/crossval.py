@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xrayjax import figures, runfiles
-from xrayjax.data.pipeline import Split, split_folds
+from xrayjax.data.splits import Split, split_folds
 from xrayjax.inference import infer_features, probabilities
 from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index, unstack
 from xrayjax.stats import macro_f1, roc_auc, roc_auc_known, summarise

@@ -32,7 +32,7 @@ from xrayjax.augment import AugmentConfig
 from xrayjax.config import RunSpec, TrainConfig, resolve_run
 from xrayjax.data import Split, Splits, batches, load_splits
 from xrayjax.data.loader import StepBatches, batch_rows
-from xrayjax.data.pipeline import split_folds
+from xrayjax.data.splits import split_folds
 from xrayjax.resume import check_resume, resume_settings
 from xrayjax.runlock import RunFolderLock, discard_new_run
 from xrayjax.tasks import SPLITS

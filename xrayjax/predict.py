@@ -32,7 +32,7 @@ import numpy as np
 from xrayjax.data import DataError, Split
 from xrayjax.data.decode import BadImage, NotAnImage, decode, prepared_size
 from xrayjax.data.source import IMAGE_SUFFIXES, SourceFile
-from xrayjax.data.pipeline import resize_nearest
+from xrayjax.data.splits import resize_nearest
 from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.inference import BATCH_SIZE, infer, positive_labels, probabilities
 from xrayjax.runfiles import METRICS_FILE, Run, load_run, read_json

@@ -13,7 +13,7 @@ if __name__ == "__main__":
     quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
 
 from xrayjax.data.decode import prepared_size  # noqa: E402
-from xrayjax.data.pipeline import DataConfig  # noqa: E402
+from xrayjax.data.splits import DataConfig  # noqa: E402
 from xrayjax.data.source import CHALLENGE_CLASSES, resolve_source  # noqa: E402
 from xrayjax.flags import ArgumentParser, add_flags  # noqa: E402
 
@@ -90,7 +90,7 @@ def _print_skipped(meta: dict) -> None:
     for key, title in (("junk", "junk files"), ("not_images", "not images"),
                        ("bad_images", "bad images"), ("ignored", "ignored folders")):
         if meta.get(key):
-            print(f"  skipped {len(meta[key])} {title}: {', '.join(meta[key])}")
+            print(f"  skipped {title} ({len(meta[key])}): {', '.join(meta[key])}")
 
 
 def _prepare_labels(cfg: DataConfig) -> None:
@@ -100,7 +100,7 @@ def _prepare_labels(cfg: DataConfig) -> None:
 
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
     from xrayjax.data.csv_labels import resolve_uncertain
-    from xrayjax.data.pipeline import open_dataset
+    from xrayjax.data.splits import open_dataset
 
     start = time.perf_counter()
     dataset = open_dataset(cfg)

@@ -253,6 +253,15 @@ def _progress_bars_off(off: bool) -> Iterator[None]:
         tfds.display_progress_bar(before)
 
 
+def _remove_incomplete(config_dir: Path) -> None:
+    """Remove a config's unfinished preparations (TFDS' ``incomplete.*`` folders), and its folder
+    when nothing else is in it."""
+    for stale in config_dir.glob("incomplete.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with contextlib.suppress(OSError):  # absent, or holding prepared data
+        config_dir.rmdir()
+
+
 def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str | None = None,
             skip_bad_images: bool = False, task: str | None = None, quiet: bool = False,
             image_size: int = IMAGE_SIZE) -> XrayFolders:
@@ -270,16 +279,20 @@ def prepare(source: Source, listing: Listing, color: str = "gray", tfds_dir: str
         return builder
     config_dir = Path(builder.data_dir).parent
     try:
-        config_dir.mkdir(parents=True, exist_ok=True)
-        with open(config_dir / ".prepare.lock", "a") as lock:
+        config_dir.parent.mkdir(parents=True, exist_ok=True)
+        # the lock lies beside the config's folder, so a failed prepare leaves no folder behind
+        with open(config_dir.parent / f".{config_dir.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing this config: wait for it
             waited = _builder(config, tfds_dir, **made)
             if waited.is_prepared():  # the other process prepared it meanwhile
                 return waited
-            for stale in config_dir.glob("incomplete.*"):  # left by an interrupted prepare
-                shutil.rmtree(stale, ignore_errors=True)
-            with _progress_bars_off(quiet or not sys.stderr.isatty()):  # a log file gets no bar redraws
-                builder.download_and_prepare()
+            _remove_incomplete(config_dir)  # left by an interrupted prepare
+            try:
+                with _progress_bars_off(quiet or not sys.stderr.isatty()):  # a log file gets no bar redraws
+                    builder.download_and_prepare()
+            except BaseException:
+                _remove_incomplete(config_dir)
+                raise
     except PermissionError as err:
         raise DataError(f"cannot write the prepared data into {builder.data_dir_root} ({err.strerror}): "
                         "pass a writable --tfds-dir") from err

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from xrayjax.data.pipeline import Split
+from xrayjax.data.splits import Split
 
 DEVICE_BUFFER = 2  # batches placed on the devices ahead of the step that takes them
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xrayjax.flags import ArgumentParser
+from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.models import ARCHS, TASKS, count_params, create_model, num_params
 from xrayjax.tasks import canonical_task
 
@@ -66,11 +66,12 @@ def _subtree(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def summary(arch: str, task: str, expand: bool = False, image_size: int = 224) -> str:
-    """Keras-style summary of ``create_model(arch, task)``: layer (type), output shape,
-    parameter count, then total / trainable / non-trainable. ``expand`` lists the backbone's
-    own layers under its row (Keras' ``expand_nested``)."""
-    rows, variables = _layer_rows(create_model(arch, task), image_size)
+def summary(arch: str, task: str, expand: bool = False, image_size: int = 224,
+            num_classes: int | None = None) -> str:
+    """Keras-style summary of ``create_model(arch, task, num_classes=num_classes)``: layer (type),
+    output shape, parameter count, then total / trainable / non-trainable. ``expand`` lists the
+    backbone's own layers under its row (Keras' ``expand_nested``)."""
+    rows, variables = _layer_rows(create_model(arch, task, num_classes=num_classes), image_size)
     lines = []
     for path, cls, shape in rows:
         if path == ("head",) or (path[0] == "backbone" and len(path) > 1 and not expand):
@@ -111,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("task", choices=(*TASKS, "four_class"), help="binary: one sigmoid output (Task 1); "
                         "multiclass (the report's four_class): a softmax over covid/normal/bacterial/viral "
                         "pneumonia (Task 2)")
+    parser.add_argument("--classes", type=positive_int, metavar="N",
+                        help="outputs of a multiclass head (classes) or a multilabel head (labels, e.g. 14 "
+                        "for ChestX-ray14); default 4, the report's classes. A binary head has one output")
     parser.add_argument("--expand", action="store_true",
                         help="also list every backbone layer (Keras layer names)")
     parser.add_argument("--image-size", type=int, default=224,
@@ -118,7 +122,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (five stride-2 stages), got {args.image_size}")
-    print(summary(args.arch, canonical_task(args.task), expand=args.expand, image_size=args.image_size))
+    try:
+        text = summary(args.arch, canonical_task(args.task), expand=args.expand, image_size=args.image_size,
+                       num_classes=args.classes)
+    except ValueError as err:  # a class count the head cannot have
+        parser.error(f"--classes: {err}")
+    print(text)
 
 
 if __name__ == "__main__":
