@@ -96,6 +96,9 @@ def test_the_folder_prepare_prints_is_a_prepared_folder(tmp_path, capsys):
         assert class_names(builder) == ("x", "y", "z") and len(read_prepared(builder)["train"].labels) == 6
     assert prepared_builder(tfds_dir) is None and prepared_builder(tfds_dir / "xray_folders") is None
     assert prepared_builder(root) is None and prepared_builder(tmp_path / "missing") is None
+    for command in ("prepare", "audit"):  # they read raw images: a prepared folder is named as such
+        assert data_cli.main([command, "--data-dir", version]) == 2
+        assert "is data `python -m xrayjax.data prepare` wrote" in capsys.readouterr().err
     shutil.copytree(version, os.path.join(os.path.dirname(version), "1.0.1"))
     assert prepared_builder(os.path.dirname(version)) is None  # two versions: which one is not guessed
 

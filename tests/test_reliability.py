@@ -330,10 +330,12 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
                                        "image_size=32 (now 64); leave those flags out (--resume takes the run's) "
                                        "or choose another --out\n")
     saved = json.loads((out / "config.json").read_text())["config"]
-    assert train_main(["--resume", "--out", str(out), "--epochs", str(done + 1), "--quiet", "--no-eval"]) == 0
+    # --eval-train, like --no-eval, is the command's own: it changes what the end scores, not the run
+    assert train_main(["--resume", "--out", str(out), "--epochs", str(done + 1), "--quiet", "--no-eval",
+                       "--eval-train"]) == 0
     assert len(runfiles.read_history(out)) == done + 1
     assert json.loads((out / "config.json").read_text())["config"] == {
-        **saved, "epochs": done + 1, "evaluate": False, "quiet": True, "resume": True}
+        **saved, "epochs": done + 1, "evaluate": False, "eval_train": True, "quiet": True, "resume": True}
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xrayjax import porting  # noqa: E402
 from xrayjax.flags import ArgumentParser  # noqa: E402
+from xrayjax.tasks import TASKS, canonical_task  # noqa: E402
 from xrayjax.atomic import write_atomic  # noqa: E402
 
 ARCHS = tuple(porting.PUBLISHED)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--class-names", help="with --keras-model: the output names, comma-separated "
                         "(default: class_0, class_1, ...)")
-    parser.add_argument("--task", choices=("binary", "multiclass", "multilabel"),
+    parser.add_argument("--task", type=canonical_task, choices=TASKS,
                         help="with --keras-model and --arch: a weights-only file (legacy .h5 or .weights.h5) "
                         "of the report's model for this task (its head)")
     parser.add_argument("--image-size", type=int, help="with --keras-model: the input size in pixels "

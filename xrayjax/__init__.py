@@ -1,7 +1,7 @@
 """xrayjax: chest X-ray classification with frozen ImageNet backbones in JAX/Flax.
 
 The public API is exported lazily, so ``import xrayjax`` is cheap and only the parts a
-caller touches are imported (the data module, for one, imports tensorflow-datasets).
+caller touches are imported (tensorflow-datasets, for one, loads when data is first read).
 ``xrayjax.fit(TrainConfig(...))`` trains (:mod:`xrayjax.loop`); ``xrayjax.train`` is the
 command-line module (``python -m xrayjax.train``), never a function, so no import can shadow
 the API.

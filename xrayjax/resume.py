@@ -18,8 +18,8 @@ from xrayjax.tasks import canonical_task
 # A command's own settings, which --resume never takes from the run: where it writes and logs,
 # whether it evaluates at the end, and this host's part (readers, weights folder, multi-host flags).
 COMMAND_SETTINGS = frozenset(
-    {"resume", "out", "quiet", "evaluate", "workers", "weights_dir", "coordinator", "num_processes", "process_id",
-     "coordinator_timeout", "heartbeat_timeout"}
+    {"resume", "out", "quiet", "evaluate", "eval_train", "workers", "weights_dir", "coordinator", "num_processes",
+     "process_id", "coordinator_timeout", "heartbeat_timeout"}
 )
 # What a Keras model imported whole (weights/port.py --keras-model) fixes: the model and its input.
 IMPORTED_SETTINGS = ("arch", "task", "image_size", "color", "init")

@@ -50,8 +50,8 @@ RUN_FILES = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FIL
 # results only by float rounding, the reader count not at all; where the data lives is checked
 # image by image against splits.json); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "quiet", "evaluate", "out", "num_devices", "cache_features", "workers", "weights_dir",
-     "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
+    {"epochs", "resume", "quiet", "evaluate", "eval_train", "out", "num_devices", "cache_features", "workers",
+     "weights_dir", "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
      "heartbeat_timeout"}
 )
 

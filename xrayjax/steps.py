@@ -5,14 +5,14 @@ flax examples/imagenet style: a :class:`TrainState` with ``batch_stats``, a stat
 reuse. Nothing here writes files or loops over epochs.
 
 - The backbone runs data parallel (``jax.pmap`` over the devices, uint8 batches
-  preprocessed on device), in inference mode with its BatchNorms folded into the convs, under
+  preprocessed on device), in inference mode (a ResNet's BatchNorms folded into the convs), under
   ``stop_gradient`` when frozen. Its features are all-gathered, so the head (cheap) sees the
   whole global batch on every device: loss and accuracy are mask-weighted means over the
   global batch, the head's BatchNorm uses the statistics of the real (unpadded) samples, and
   D devices give the 1-device result.
 - ``--augment`` (``StepModel.augment``): the train step rotates, shifts and zooms its uint8
   images before preprocessing (:mod:`xrayjax.augment`), per image from the step's key.
-- Freezing: optax masking (:func:`xrayjax.optim.make_optimizer`) and only the trainable leaves
+- Freezing: optax masking (:func:`xrayjax.optim.make_optimizers`) and only the trainable leaves
   differentiated, so frozen weights and statistics stay bit-identical.
 - The fast path trains the head on cached backbone features, one ``lax.scan`` per epoch,
   with the batches, loss and dropout keys of the full path.

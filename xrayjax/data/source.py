@@ -416,4 +416,13 @@ def resolve_source(data_dir: str | os.PathLike | None) -> Source:
         return Source((path / DATASET_DIRNAME).resolve())
     if not (path / "all").is_dir() and (path / ZIP_NAME).is_file():
         return resolve_source(path / ZIP_NAME)
+    if looks_prepared(path):
+        raise DataError(f"--data-dir {path} is data `python -m xrayjax.data prepare` wrote: training and "
+                        "evaluation read it as it is, but this command reads the raw images; pass the folder "
+                        "or zip it was prepared from")
     return Source(path.resolve())
+
+
+def looks_prepared(path: pathlib.Path) -> bool:
+    """A folder written by ``prepare``: a version folder, or a config folder holding one."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or any(path.glob("*/dataset_info.json")))

@@ -20,7 +20,7 @@ import numpy as np
 from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
 from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size
 from xrayjax.data.groups import source_groups
-from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, resolve_source
+from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, looks_prepared, resolve_source
 from xrayjax.flags import field
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
 
@@ -136,7 +136,7 @@ def open_dataset(cfg: DataConfig) -> Dataset:
         source = resolve_source(cfg.data_dir if cfg.data_dir is not None else Path(table.csv).parent)
         listing = csv_listing(source, table, cfg.skip_missing)
         return Dataset(str(source.location), listing.class_names, source=source, listing=listing)
-    if cfg.data_dir is not None and _looks_prepared(Path(cfg.data_dir).expanduser()):
+    if cfg.data_dir is not None and looks_prepared(Path(cfg.data_dir).expanduser()):
         from xrayjax.data.builder import class_names, prepared_builder  # imports tensorflow-datasets
 
         builder = prepared_builder(Path(cfg.data_dir).expanduser())
@@ -146,11 +146,6 @@ def open_dataset(cfg: DataConfig) -> Dataset:
     listing = source.listing(cfg.task)
     location = Path(cfg.data_dir).expanduser().resolve() if cfg.data_dir is not None else REPO_DATA_DIR
     return Dataset(str(location), listing.class_names, source=source, listing=listing)
-
-
-def _looks_prepared(path: Path) -> bool:
-    """A folder written by ``prepare``: a version folder, or a config folder holding one."""
-    return path.is_dir() and ((path / "dataset_info.json").is_file() or any(path.glob("*/dataset_info.json")))
 
 
 def resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
