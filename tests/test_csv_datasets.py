@@ -6,13 +6,14 @@ import contextlib
 import io
 import json
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from csv_datasets import chestxray14, chexpert, covid_chestxray, generic
-from xrayjax.data import DataConfig, DataError, load_splits
+from xrayjax.data import DataConfig, DataError, load_splits, open_dataset
 from xrayjax.data.csv_images import MissingImagesWarning
 from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
 from xrayjax.data.splits import Split, SplitWarning, split_folds
@@ -140,6 +141,20 @@ def test_splits_keep_each_patient_on_one_side_and_official_test_is_exact(data_ro
     assert not set(official.train.groups) & set(official.test.groups)
 
 
+def test_an_official_test_split_sharing_patients_with_train_is_named(data_root, tmp_path):
+    csv = chestxray14(tmp_path / "nih", data_root, per_class=2)  # patients 0 and 3 in test
+    lists = {name: (csv.parent / name).read_text().split() for name in ("test_list.txt", "train_val_list.txt")}
+    moved = "00000002_000.png"  # one of patient 1's two images, the other stays in train
+    lists["train_val_list.txt"].remove(moved)
+    lists["test_list.txt"].append(moved)
+    for name, images in lists.items():
+        (csv.parent / name).write_text("\n".join(images) + "\n")
+    with pytest.warns(SplitWarning, match=r"^the official test split shares 1 patient\(s\) with train: 1\. "):
+        splits = load_splits(DataConfig(labels=str(csv), image_size=32, tfds_dir=str(tmp_path / "tfds"),
+                                        val_fraction=0), quiet=True)
+    assert sorted(k.split("/")[-1] for k in splits.test.keys) == sorted(lists["test_list.txt"])  # kept as given
+
+
 def test_labels_without_a_training_positive_are_left_out_with_a_note(data_root, tmp_path):
     cfg = DataConfig(labels=str(chexpert(tmp_path, data_root)), image_size=32, tfds_dir=str(tmp_path / "tfds"))
     with pytest.warns(SplitWarning) as caught:
@@ -172,10 +187,24 @@ def test_left_out_labels_are_named_in_one_warning_by_reason(columns, message):
     train = Split(np.zeros((3, 1, 1, 1), np.uint8), labels, ("a", "b", "c"), groups=("p1", "p2", "p3"))
     names = tuple("ABCD"[i] for i in columns)
     with pytest.warns(SplitWarning) as caught:
-        splits = _patient_splits({"train": train, "test": train.take(np.arange(1))}, DataConfig(val_fraction=0.0),
-                                 names, "key")
+        test = Split(train.images[:1], labels[:1], ("t",), groups=("p4",))  # a patient of its own
+        splits = _patient_splits({"train": train, "test": test}, DataConfig(val_fraction=0.0), names, "key")
     assert [str(w.message) for w in caught] == [message]
     assert splits.class_names == ("A",) and splits.train.labels.shape == (3, 1)
+
+
+def test_a_patient_with_many_images_never_takes_the_held_out_split():
+    from xrayjax.data.splits import patient_split
+
+    groups = ("big",) * 36 + tuple(f"p{i}" for i in range(12))  # one patient holds 36 of 48 images
+    split = Split(np.zeros((48, 1, 1, 1), np.uint8), np.zeros((48, 2), np.float32),
+                  tuple(f"{i}.png" for i in range(48)), groups=groups)
+    for seed in range(8):
+        rest, held = patient_split(split, 0.2, seed)
+        assert len(held) == 10 and len(rest) == 38 and "big" in rest.groups  # round(0.2 * 48) = 10
+        assert not set(rest.groups) & set(held.groups)
+    lone = Split(split.images[:40], split.labels[:40], split.names[:40], groups=("a",) * 30 + ("b",) * 10)
+    assert patient_split(lone, 0.1, 0)[1].groups == ("b",) * 10  # none fits 4: the smallest patient
 
 
 def test_masked_loss_equals_a_hand_computation():
@@ -216,6 +245,9 @@ def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
     assert metrics["task"] == "multilabel" and metrics["label_names"] == ["Consolidation", "Infiltration", "Pneumonia"]
     assert metrics["count"] == len((nih.parent / "test_list.txt").read_text().split())
     assert set(metrics["per_label"]["Pneumonia"]) >= {"roc_auc", "average_precision", "threshold", "sensitivity"}
+    by_split = metrics["mean_roc_auc_by_split"]  # train's is free at the end of a cached-feature run
+    assert list(by_split) == ["train", "validation", "test"] and by_split["test"] == metrics["mean_roc_auc"]
+    assert "mean ROC-AUC by split: train " in printed.getvalue()
     assert {p.name for p in out.glob("*.png")} == {"curves.png", "roc.png", "tsne.png", "gradcam.png"}
     log = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
@@ -233,3 +265,13 @@ def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
     assert list(row["probabilities"]) == metrics["label_names"]
     assert row["thresholds"] == {n: again[n]["threshold"] for n in metrics["label_names"]}
     assert row["positive"] == [n for n in metrics["label_names"] if row["probabilities"][n] >= row["thresholds"][n]]
+    moved = shutil.copytree(nih.parent, tmp_path / "moved")  # the data and its labels file, copied together
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert evaluate.main(["--run", str(out), "--data-dir", str(moved)]) == 0
+        assert train.main(["--resume", "--out", str(out), "--data-dir", str(moved), "--epochs", "3", "--no-eval"]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["labels"] == str(moved / nih.name)
+    prepared = next((tmp_path / "tfds" / "xray_folders").glob("*multilabel*/1.0.0"))
+    with pytest.raises(DataError, match="is a labels file's prepared data: pass that --labels CSV"):
+        open_dataset(DataConfig(data_dir=str(prepared)))  # not read as class folders (it crashed the step)
+    with pytest.raises(DataError, match="--group-by must be unset with --labels"):
+        DataConfig(labels=str(nih), group_by="source")

@@ -18,11 +18,12 @@ import pytest
 from training_helpers import flat, tiny_config, tiny_splits
 from xrayjax import runfiles
 from xrayjax.config import TrainConfig, from_args, resolve_run
-from xrayjax.crossval import cross_validate
+from xrayjax.crossval import cross_validate, cv_summary
 from xrayjax.data import DataConfig, DataError, load_splits
 from xrayjax.data.splits import SplitWarning
 from xrayjax.evaluate import evaluate_run
 from xrayjax.loop import fit
+from xrayjax.stats import summarise
 from xrayjax.steps import build_step_model, create_train_state, head_train_step, init_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -211,6 +212,14 @@ def test_a_diverged_fold_is_reported_as_diverged(tmp_path):
         assert fold["diverged"].startswith("the training loss became") and fold["accuracy"] is None
     assert cv["summary"]["accuracy"] == {"mean": None, "std": None, "ci95": None, "n": 0}
     assert json.loads((result.run_dir / "cv.json").read_text())["diverged"] == 2
+
+
+def test_the_cv_summary_says_how_many_folds_scored_each_metric():
+    cv = {"folds": 3, "seeds": [0], "images": 48, "diverged": 0, "per_fold": [{}] * 3,
+          "summary": {"accuracy": summarise([0.5, 0.6, 0.7]), "mean_roc_auc": summarise([None, 0.433, None])}}
+    lines = cv_summary(cv).splitlines()
+    assert lines[1] == "  accuracy      0.600 ± 0.100 [0.352, 0.848]"
+    assert lines[2] == "  mean_roc_auc  0.433 (no interval from one fold) (1 of 3 folds scored it)"
 
 
 @pytest.mark.parametrize("command", ["xrayjax.train", "xrayjax.predict"])

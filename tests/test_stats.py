@@ -133,7 +133,9 @@ def test_summarise_clips_the_interval_to_the_metric_range():
     assert low["mean"] == pytest.approx(0.1) and low["ci95"] == pytest.approx([0.0, 0.1 + half], abs=1e-6)
     high = summarise([1.0, 0.7, 1.0])
     assert high["ci95"] == pytest.approx([0.9 - half, 1.0], abs=1e-6)
-    assert summarise([0.0, 0.0])["ci95"] == [0.0, 0.0] and summarise([1.0])["ci95"] == [1.0, 1.0]
+    assert summarise([0.0, 0.0])["ci95"] == [0.0, 0.0]
+    # one fold scored (the others None): a mean without a spread, never a zero-width interval
+    assert summarise([None, 1.0, None]) == {"mean": 1.0, "std": None, "ci95": None, "n": 1}
 
 
 def test_cross_validation_on_cached_features(tmp_path):

@@ -120,6 +120,15 @@ class TrainConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
         return DataConfig(**{**shared, "val_fraction": 0.0 if self.folds else self.val_fraction})
 
+    def data_moved(self, data_dir: str, tfds_dir: str | None = None) -> TrainConfig:
+        """This run's settings with its data read from ``data_dir`` (and ``tfds_dir``) instead: a
+        labels file that lay in the old data folder is read from its place in the new one, if there."""
+        labels = self.labels
+        if labels is not None and self.data_dir is not None and Path(labels).is_relative_to(self.data_dir):
+            there = Path(data_dir) / Path(labels).relative_to(self.data_dir)
+            labels = str(there) if there.is_file() else labels
+        return dataclasses.replace(self, data_dir=data_dir, tfds_dir=tfds_dir or self.tfds_dir, labels=labels)
+
     def resolved(self, class_names: Sequence[str] | None = None) -> TrainConfig:
         """A copy with ``task`` (from ``class_names`` when unset; ``four_class`` read as
         ``multiclass``), ``l2`` and ``out`` filled in and every path absolute, after checking every

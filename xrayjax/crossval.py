@@ -24,7 +24,8 @@ from xrayjax import figures, runfiles
 from xrayjax.data.splits import Split, split_folds
 from xrayjax.inference import infer_features, probabilities
 from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index, unstack
-from xrayjax.stats import macro_f1, roc_auc, roc_auc_known, summarise
+from xrayjax.multilabel_metrics import mean_roc_auc
+from xrayjax.stats import macro_f1, roc_auc, summarise
 from xrayjax.steps import (
     balanced_label_weights, build_step_model, create_train_state, epoch_key, init_head, make_head_steps,
 )
@@ -42,10 +43,8 @@ def _fold_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float | N
         return {"accuracy": float(np.mean(probs.argmax(1) == labels)), "macro_f1": macro_f1(labels, probs),
                 "roc_auc": roc_auc(labels, probs)}
     probs, known = probabilities(logits, multilabel=True), ~np.isnan(labels)
-    aucs = [float(roc_auc_known(labels[:, j], probs[:, j])) for j in range(labels.shape[1])]
-    aucs = [a for a in aucs if not np.isnan(a)]
     return {"accuracy": float(np.sum(known & ((probs >= 0.5) == (labels == 1))) / max(int(known.sum()), 1)),
-            "mean_roc_auc": float(np.mean(aucs)) if aucs else None}
+            "mean_roc_auc": mean_roc_auc(labels, probs)}
 
 
 def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, Any]:
@@ -109,7 +108,7 @@ def cross_validate(result: TrainResult, folds: int | None = None) -> dict[str, A
                 + " K-fold over train+validation (the test split untouched); per fold a fresh head "
                 f"with the run's settings; {', '.join(metrics)} of the held-out fold after the last "
                 "epoch; mean, std (ddof 1) and a Student-t 95% interval of the mean, clipped to [0, 1], over "
-                "every fold and seed that did not diverge",
+                "every fold and seed that did not diverge and scored the metric (n)",
         "diverged": sum("diverged" in r for r in records),
         "summary": {m: summarise([r[m] for r in records]) for m in metrics},
         "per_fold": records,
@@ -132,10 +131,14 @@ def cv_summary(cv: dict[str, Any]) -> str:
     if cv["diverged"]:
         lines.append(f"  {cv['diverged']} of {len(cv['per_fold'])} folds diverged (their loss became NaN or "
                      "infinite; see per_fold in cv.json) and are left out of the summary: try a lower --lr")
+    scored = len(cv["per_fold"]) - cv["diverged"]
     for metric, s in cv["summary"].items():
         if s["mean"] is None or not math.isfinite(s["mean"]):
             lines.append(f"  {metric:<13} n/a")
             continue
-        lines.append(f"  {metric:<13} {s['mean']:.3f} ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+        spread = (f" ± {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["std"] is not None
+                  else " (no interval from one fold)")
+        lines.append(f"  {metric:<13} {s['mean']:.3f}{spread}"
+                     + (f" ({s['n']} of {scored} folds scored it)" if s["n"] < scored else ""))
     lines.append(f"written: {CV_FILE}" + (f", {CV_FIGURE}" if cv["diverged"] < len(cv["per_fold"]) else ""))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from xrayjax.data import Split, Splits
 from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, positive_labels, probabilities
-from xrayjax.multilabel_metrics import multilabel_metrics, multilabel_summary
+from xrayjax.multilabel_metrics import mean_roc_auc, multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
 from xrayjax.runfiles import CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
 from xrayjax.runlock import RunFolderLock
@@ -309,6 +309,8 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
                                  splits.validation.labels if validated else None,
                                  probs.get("validation"), seed=cfg.seed)
     metrics["probabilities"] = "sigmoid of each label's logit: P(label present)"
+    metrics["mean_roc_auc_by_split"] = {name: mean_roc_auc(getattr(splits, name).labels, p)
+                                        for name, p in probs.items()}
     metrics["run"] = _run_record(cfg)
     thresholds = np.array([metrics["per_label"][n]["threshold"] for n in names])
     metrics["test_predictions"] = [

@@ -89,6 +89,14 @@ def _mean_auc(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.mean([roc_auc_known(labels[..., j], probs[..., j]) for j in range(labels.shape[-1])], axis=0)
 
 
+def mean_roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """The unweighted mean of the per-label ROC-AUCs of (N, L) ``labels`` (NaN: unknown) and
+    ``probs``, over the labels with both classes among their known rows; None when none has."""
+    aucs = roc_auc_known(np.asarray(labels).T, np.asarray(probs).T)
+    aucs = aucs[~np.isnan(aucs)]
+    return float(aucs.mean()) if len(aucs) else None
+
+
 def multilabel_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -134,7 +142,7 @@ def multilabel_metrics(
             "sensitivity": wilson(tp, pos),
             "specificity": wilson(tn, neg),
         }
-    mean = float(np.mean([per_label[names[j]]["roc_auc"] for j in averaged])) if averaged else None
+    mean = mean_roc_auc(labels, probs)
     mean_ci = (bootstrap(labels[:, averaged], probs[:, averaged], _mean_auc, seed=seed,
                          strata=np.zeros(len(labels))) if averaged else None)
     return {
@@ -196,4 +204,7 @@ def multilabel_summary(metrics: dict) -> str:
         if default:
             defaults.setdefault(row["threshold_from"], []).append(name)
     notes += [f"note: * threshold {source} ({', '.join(names)})" for source, names in defaults.items()]
+    if "mean_roc_auc_by_split" in metrics:
+        lines.append("mean ROC-AUC by split: " + ", ".join(f"{name} {_value(value)}" for name, value in
+                                                           metrics["mean_roc_auc_by_split"].items()))
     return "\n".join(lines + notes)

@@ -49,6 +49,9 @@ def resume_settings(config: TrainConfig, given: Collection[str] | None = None
     if given is not None and (record is None or saved.epochs > 0):
         config = dataclasses.replace(config, **{name: getattr(saved, name) for name in names
                                                 if name not in given and name not in COMMAND_SETTINGS})
+        if "data_dir" in given and "labels" not in given and config.data_dir is not None:  # the data moved
+            moved = saved.data_moved(str(Path(config.data_dir).expanduser().resolve()))
+            config = dataclasses.replace(config, labels=moved.labels)
     if record is None:
         return config, None
     if given is None:

@@ -51,8 +51,8 @@ RUN_FILES = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE, CHECKPOINT_FILE, FROZEN_FIL
 # image by image against splits.json); every other one must equal the checkpoint's run.
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "quiet", "evaluate", "eval_train", "out", "num_devices", "cache_features", "workers",
-     "weights_dir", "tfds_dir", "data_dir", "coordinator", "num_processes", "process_id", "coordinator_timeout",
-     "heartbeat_timeout"}
+     "weights_dir", "tfds_dir", "data_dir", "labels", "coordinator", "num_processes", "process_id",
+     "coordinator_timeout", "heartbeat_timeout"}
 )
 
 
@@ -203,7 +203,7 @@ def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | 
     if data_dir is None or not Path(data_dir).exists():
         raise FileNotFoundError(f"{where} ({data_dir}) does not exist: pass --data-dir with the data the run was "
                                 "trained on")
-    moved = dataclasses.replace(config, data_dir=data_dir, tfds_dir=tfds_dir or config.tfds_dir)
+    moved = config.data_moved(str(Path(data_dir).expanduser().resolve()), tfds_dir)
     return load_splits(moved.data_config(), recorded=recorded, quiet=quiet)
 
 

@@ -165,14 +165,14 @@ def intervals(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
 
 
 def summarise(values: Sequence[float]) -> dict:
-    """Mean, sample std and the 95% interval over folds of a metric in [0, 1]: Student-t interval
-    of the mean, clipped to [0, 1] (a few folds' interval can leave the metric's range)."""
+    """Mean, sample std and the 95% interval over the folds that have a metric in [0, 1] (``n``):
+    Student-t interval of the mean, clipped to [0, 1] (a few folds' interval can leave the
+    metric's range). One value has no spread: its std and interval are None."""
     x = np.asarray([v for v in values if v is not None], np.float64)
-    if len(x) == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    mean = float(x.mean())
-    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-    half = float(scipy_stats.t.ppf(0.975, len(x) - 1) * std / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    if len(x) < 2:
+        return {"mean": float(x[0]) if len(x) else None, "std": None, "ci95": None, "n": int(len(x))}
+    mean, std = float(x.mean()), float(x.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.975, len(x) - 1) * std / np.sqrt(len(x)))
     return {"mean": mean, "std": std, "ci95": np.clip([mean - half, mean + half], 0.0, 1.0).tolist(), "n": int(len(x))}
 
 

@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser(
         "prepare", help="decode, resize to 224x224 and write the TFDS dataset (array_record)",
-        description="Decode every image on all cores, resize it to 224x224 (or a larger --image-size) and write the TFDS "
-                    "dataset xray_folders (once per set of files: later calls reuse it; changing, "
+        description="Decode every image on all cores, resize it to 224x224 (or a larger --image-size) and write "
+                    "the TFDS dataset xray_folders (once per set of files: later calls reuse it; changing, "
                     "adding or removing an image prepares again), then print the number of images "
                     "per split and class. The challenge's layout prepares both of its tasks.",
     )

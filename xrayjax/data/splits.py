@@ -63,9 +63,11 @@ class DataConfig:
                        "mode cannot reveal the class; keep: the original colour modes, like the original Keras "
                        "pipeline", choices=COLORS)
     val_fraction: float = field(0.2, "without a val/ folder: the fraction of train held out for validation, "
-                                "stratified, seeded by --seed, in [0, 1) (0: no validation split)")
-    test_fraction: float = field(0.2, "without a test/ folder: the fraction of the data held out for testing, "
-                                 "stratified, always the same images, in [0, 1) (0: no test split)")
+                                "stratified (with --labels: whole patients), seeded by --seed, in [0, 1) (0: no "
+                                "validation split)")
+    test_fraction: float = field(0.2, "without a test/ folder (or a labels file's official test split): the "
+                                 "fraction of the data held out for testing, stratified (with --labels: whole "
+                                 "patients), always the same images, in [0, 1) (0: no test split)")
     seed: int = 0
     skip_bad_images: bool = field(False, "leave corrupt or truncated images out (each named in a warning) instead "
                                   "of stopping at the first one; recorded in the prepared data's key")
@@ -96,6 +98,8 @@ class DataConfig:
             (self.uncertain in UNCERTAIN, "uncertain", f"one of {', '.join(UNCERTAIN)}"),
             (self.views is None or self.labels is not None, "views",
              "unset without --labels (a labels file's column of views)"),
+            (self.group_by is None or self.labels is None, "group_by",
+             "unset with --labels (a labels file's splits keep each patient on one side)"),
             (self.color in COLORS, "color", f"one of {', '.join(COLORS)}"),
             (0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)"),
             (0 <= self.test_fraction < 1, "test_fraction", "in [0, 1)"),
@@ -137,9 +141,12 @@ def open_dataset(cfg: DataConfig) -> Dataset:
         listing = csv_listing(source, table, cfg.skip_missing)
         return Dataset(str(source.location), listing.class_names, source=source, listing=listing)
     if cfg.data_dir is not None and looks_prepared(Path(cfg.data_dir).expanduser()):
-        from xrayjax.data.builder import class_names, prepared_builder  # imports tensorflow-datasets
+        from xrayjax.data.builder import class_names, is_multilabel, prepared_builder  # imports tensorflow-datasets
 
         builder = prepared_builder(Path(cfg.data_dir).expanduser())
+        if builder is not None and is_multilabel(builder):
+            raise DataError(f"--data-dir {cfg.data_dir} is a labels file's prepared data: pass that --labels CSV "
+                            "(and --data-dir the folder its images sit under); its prepared data is reused")
         if builder is not None:
             return Dataset(str(Path(builder.data_dir).resolve()), class_names(builder), prepared=builder)
     source = resolve_source(cfg.data_dir)
@@ -422,15 +429,20 @@ def patient_groups(split: Split) -> list[str]:
 
 
 def patient_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """(rest, held_out): whole patients, seeded, until round(fraction * n) images are held out (a
-    row whose patient is unknown is a patient of its own); at least one patient stays."""
+    """(rest, held_out): whole patients in a seeded order, each held out while the held-out images
+    stay within round(fraction * n), so one patient with many images cannot take most of the data
+    (a row whose patient is unknown is a patient of its own). When no patient fits, the smallest
+    is held out; at least one patient stays."""
     unique, inverse, counts = np.unique(patient_groups(split), return_inverse=True, return_counts=True)
     target = round(fraction * len(split))
     if target == 0 or len(unique) < 2:
         return split, split.take(np.zeros(0, np.int64))
-    order = np.random.default_rng(seed).permutation(len(unique))
-    taken = min(int(np.searchsorted(np.cumsum(counts[order]), target)) + 1, len(unique) - 1)
-    held = np.isin(inverse, order[:taken])
+    taken, total = [], 0
+    for patient in np.random.default_rng(seed).permutation(len(unique)):
+        if total + counts[patient] <= target and len(taken) < len(unique) - 1:
+            taken.append(patient)
+            total += counts[patient]
+    held = np.isin(inverse, taken or [np.argmin(counts)])
     return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
 
 
@@ -442,6 +454,10 @@ def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple
     test = prepared.get("test")
     if test is None:
         train, test = patient_split(train, cfg.test_fraction, TEST_SPLIT_SEED)
+    elif shared := sorted(set(train.groups) & set(test.groups) - {""}):
+        warnings.warn(f"the official test split shares {len(shared)} patient(s) with train: "
+                      f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}. They stay where the split puts "
+                      "them; the test score may be optimistic", SplitWarning, stacklevel=3)
     train, validation = patient_split(train, cfg.val_fraction, cfg.seed)
     positives = np.nansum(train.labels == 1.0, axis=0)
     known = np.sum(~np.isnan(train.labels), axis=0)
