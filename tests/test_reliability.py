@@ -106,6 +106,18 @@ def test_bad_settings_are_named_and_nothing_is_written(flags, message, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"epochs": "3"}, "--epochs must be an integer, got '3'"),
+    ({"views": ["PA"]}, "--views must be a string or None, got ['PA']"),
+    ({"augment": 1}, "--augment must be True or False, got 1"),
+    ({"task": "multi-label"}, "--task must be one of binary, multiclass, multilabel, got 'multi-label'"),
+])
+def test_python_settings_of_the_wrong_type_or_value_are_value_errors_naming_the_flag(settings, message, tmp_path):
+    with pytest.raises(ValueError) as raised:  # a DataError (a bad data setting) is a ValueError too
+        fit(tiny_config(tmp_path, "never", **settings), tiny_splits("binary"))
+    assert str(raised.value) == message and not (tmp_path / "never").exists()
+
+
 def test_batch_larger_than_the_data_is_refused_and_a_failed_start_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="--batch-size 100 is larger than the 10 training images"):
         fit(tiny_config(tmp_path, "big", batch_size=100), tiny_splits("binary"))

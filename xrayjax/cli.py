@@ -45,14 +45,12 @@ def run_command(body: Callable[[], int], *, start_backend: bool = True,
                 known: tuple[type[BaseException], ...] = ()) -> int:
     """``body()``'s exit status, every failure as one line on stderr.
 
-    Bad input (OSError, ValueError, ``DataError``, and the ``known`` error types) exits 2, an
+    Bad input (OSError, ValueError (``DataError`` among them), and the ``known`` error types) exits 2, an
     accelerator failure 1, Ctrl-C 130 and SIGTERM 143, each followed by ``interrupted()``'s
     hint. ``start_backend`` starts JAX's backend first, so a bad ``JAX_PLATFORMS`` is a message.
     """
     interrupts.install()
     one_line_warnings()
-    from xrayjax.data.source import DataError  # after the imports: loads the data package, not JAX
-
     try:
         if start_backend:
             from xrayjax.distributed import check_backend
@@ -62,7 +60,7 @@ def run_command(body: Callable[[], int], *, start_backend: bool = True,
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{interrupted()}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(e, interrupts.Terminated) else EXIT_INTERRUPTED
-    except (OSError, ValueError, DataError, *known) as e:
+    except (OSError, ValueError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:

@@ -58,6 +58,21 @@ def add_flags(p: argparse.ArgumentParser, config: type, names: Sequence[str] | N
         (groups or {}).get(meta.get("group"), p).add_argument(_flag(f), help=help.replace("%", "%%"), **kwargs)
 
 
+_KINDS = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "True or False")}
+
+
+def check_types(config: Any) -> None:
+    """Raise ValueError naming the flag of the first field of the dataclass instance ``config``
+    whose value is not of its type (from Python; the command line converts its flags)."""
+    for f in dataclasses.fields(config):
+        kind, _, optional = str(f.type).partition(" |")
+        value, (types, word) = getattr(config, f.name), _KINDS[kind]
+        if (value is None and optional) or (isinstance(value, types) and (kind == "bool") == isinstance(value, bool)):
+            continue
+        raise ValueError(f"{_flag(f)} must be {word}{' or None' if optional else ''}, got {value!r}")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:

@@ -388,8 +388,8 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
 
     Raises:
         FileNotFoundError: missing ImageNet weights (the message says how to port them).
-        xrayjax.data.DataError: the data cannot be found, read or prepared, or no longer holds
-            the images a resumed run recorded.
+        xrayjax.data.DataError (a ValueError): the data cannot be found, read or prepared, or no
+            longer holds the images a resumed run recorded.
         TrainingDiverged: NaN/inf loss; the last good checkpoint is kept.
         ValueError: a bad setting, ``resume`` with settings other than the run's, or a run
             folder in use by another process (``xrayjax.runfiles.RunFolderError``).

@@ -50,8 +50,9 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class DataError(Exception):
-    """Bad input data or a bad data option; the message names the file and says how to fix it."""
+class DataError(ValueError):
+    """Bad input data or a bad data option; the message names the file and says how to fix it.
+    A ValueError, as every bad setting is."""
 
 
 class LayoutWarning(UserWarning):

@@ -21,7 +21,7 @@ from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
 from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, looks_prepared, resolve_source
-from xrayjax.flags import field
+from xrayjax.flags import check_types, field
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class DataConfig:
                                "download) instead of stopping")
 
     def __post_init__(self):
+        check_types(self)
         object.__setattr__(self, "task", canonical_task(self.task))
         checks = (
             (self.task in (None, *TASKS), "task", f"one of {', '.join(TASKS)}"),
