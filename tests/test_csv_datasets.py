@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csv_datasets import chestxray14, chexpert, covid_chestxray, generic
+from csv_datasets import chestxray14, chexpert, covid_chestxray, generic, write_csv
 from xrayjax.data import DataConfig, DataError, load_splits, open_dataset
 from xrayjax.data.csv_images import MissingImagesWarning
 from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
@@ -47,7 +47,9 @@ def test_chexpert_blanks_uncertain_no_finding_valid_and_views(data_root, tmp_pat
     covid = rows["CheXpert-v1.0-small/train/patient00000/study1/view1_frontal.jpg"]
     assert covid[col["Consolidation"]] == 1 and covid[col["Pneumonia"]] == 1 and np.isnan(covid[col["Edema"]])
     normal = rows["CheXpert-v1.0-small/train/patient00006/study1/view1_frontal.jpg"]
-    assert np.all(normal == 0)  # No Finding = 1 makes every other observation 0, blanks included
+    devices = col["Support Devices"]
+    assert np.all(np.delete(normal, devices) == 0)  # No Finding = 1 makes the others 0, blanks included,
+    assert np.isnan(normal[devices])  # but not Support Devices: its blank stays unknown
     viral = rows["CheXpert-v1.0-small/train/patient00018/study1/view1_frontal.jpg"]
     assert viral[col["Pneumonia"]] == -1  # uncertain, until --uncertain resolves it
     assert [resolve_uncertain(viral[None], m)[0, col["Pneumonia"]] for m in ("zeros", "ones")] == [0, 1]
@@ -57,6 +59,16 @@ def test_chexpert_blanks_uncertain_no_finding_valid_and_views(data_root, tmp_pat
         "CheXpert-v1.0-small/valid/patient00003/study1/view1_lateral.jpg"] == "patient00003"
     frontal = read_labels(table.csv, views=["AP"])
     assert frontal.left_out == {"view": 12} and all("frontal" in p for p in frontal.paths)
+
+
+def test_chexpert_no_finding_keeps_a_support_device(tmp_path):
+    """TorchXRayVision's CheX_Dataset: a healthy patient may carry a device."""
+    header = ["Path", "Frontal/Lateral", "AP/PA", "No Finding", "Edema", "Support Devices"]
+    rows = [["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal", "PA", "1.0", "1.0", "1.0"],
+            ["CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg", "Frontal", "PA", "1.0", "", "0.0"]]
+    table = read_labels(write_csv(tmp_path / "train.csv", header, rows))
+    assert table.label_names == ("Edema", "Support Devices")
+    assert table.labels.tolist() == [[0.0, 1.0], [0.0, 0.0]]
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["today", "early-2020"])
@@ -163,7 +175,7 @@ def test_labels_without_a_training_positive_are_left_out_with_a_note(data_root, 
     message = str(caught[0].message)
     assert message.startswith("11 labels left out of training (no positive image in the training split): every "
                               "known value negative: 'Atelectasis' (4 known), 'Cardiomegaly' (4 known), ")
-    assert message.endswith(", 'Support Devices' (4 known)")
+    assert message.endswith(", 'Pneumothorax' (4 known); no known value: 'Support Devices'")  # blank, even if healthy
     assert splits.class_names == ("Consolidation", "Pneumonia")
     table = read_labels(cfg.labels)
     uncertain = {p.removeprefix("CheXpert-v1.0-small/") for p, v in

@@ -10,7 +10,8 @@ read it:
 - ``chexpert`` (``train.csv``): ``Path`` (starting with the dataset's own folder), ``Frontal/Lateral``
   and ``AP/PA`` (the view: AP/PA of a frontal image, ``L`` for a lateral one), then one column per
   observation: ``1.0``, ``0.0``, ``-1.0`` (uncertain, kept as -1 until :func:`resolve_uncertain`), or
-  blank (unknown), except that ``No Finding = 1`` makes every other observation 0. The patient is
+  blank (unknown), except that ``No Finding = 1`` makes every other observation but ``Support
+  Devices`` 0 (a healthy patient may carry a device, as TorchXRayVision reads it). The patient is
   the ``patientNNNNN`` part of the path; ``valid.csv`` beside ``train.csv`` is the test split.
 - ``covid-chestxray`` (``metadata.csv`` of the COVID-19 image data collection): ``finding`` is
   hierarchical (``Pneumonia/Viral/COVID-19``) or, in early-2020 copies, comma-separated
@@ -36,6 +37,7 @@ import numpy as np
 from xrayjax.data.source import DataError
 
 NO_FINDING = "No Finding"
+SUPPORT_DEVICES = "Support Devices"  # the CheXpert observation No Finding = 1 leaves as it is
 UNCERTAIN = ("ignore", "zeros", "ones")
 FORMATS: dict[str, tuple[str, ...]] = {
     "chestxray14": ("Image Index", "Finding Labels", "Patient ID", "View Position"),
@@ -196,7 +198,8 @@ def _chexpert(path: Path, header: list[str], rows: list[dict], views: set[str] |
             if not _keep_view(row["AP/PA"].strip() if frontal else "L", views, left_out):
                 continue
             where = f"{path if split != 'test' else path.parent / 'valid.csv'}, row {i + 2}"
-            values = [0.0 if _value(row[NO_FINDING], where) == 1.0 else _value(row[n], where) for n in names]
+            healthy = _value(row[NO_FINDING], where) == 1.0
+            values = [0.0 if healthy and n != SUPPORT_DEVICES else _value(row[n], where) for n in names]
             patient = _PATIENT.search(row["Path"])
             paths.append(row["Path"].strip())
             patients.append(patient.group(1) if patient else "")
