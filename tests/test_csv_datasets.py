@@ -14,6 +14,7 @@ import pytest
 
 from csv_datasets import chestxray14, chexpert, covid_chestxray, generic, write_csv
 from xrayjax.data import DataConfig, DataError, load_splits, open_dataset
+from xrayjax.data.builder import BadImageWarning
 from xrayjax.data.csv_images import MissingImagesWarning
 from xrayjax.data.csv_labels import FORMATS, read_labels, resolve_uncertain
 from xrayjax.data.splits import Split, SplitWarning, split_folds
@@ -133,6 +134,21 @@ def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
     with pytest.warns(MissingImagesWarning, match="left out 2 of the 24 rows"):
         splits = load_splits(DataConfig(**{**cfg.__dict__, "skip_missing": True}), quiet=True)
     assert len(splits.train) + len(splits.validation) + len(splits.test) == 22
+
+
+def test_a_file_a_row_names_that_is_not_an_image_stops_or_is_skipped(data_root, tmp_path):
+    """Not junk as beside class folders: a labelled row would vanish silently."""
+    csv_path = generic(tmp_path, data_root)
+    (tmp_path / "pictures" / "scan.dcm").write_bytes(bytes(128) + b"DICM" + bytes(64))  # DICOM's preamble, magic
+    with open(csv_path, "a", newline="") as f:
+        f.write("pictures/scan.dcm,1,0,p99\n")
+    cfg = DataConfig(labels=str(csv_path), tfds_dir=str(tmp_path / "tfds"), image_size=32)
+    with pytest.raises(DataError, match=r"scan\.dcm: named in the labels file, but not an image \(a DICOM file, which "
+                                        r"is not read: convert it to PNG\)\. .* pass --skip-bad-images"):
+        load_splits(cfg, quiet=True)
+    with pytest.warns(BadImageWarning, match=r"skipping .*scan\.dcm: a DICOM file"):
+        splits = load_splits(DataConfig(**{**cfg.__dict__, "skip_bad_images": True}), quiet=True)
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 24
 
 
 def test_splits_keep_each_patient_on_one_side_and_official_test_is_exact(data_root, nih, tmp_path):

@@ -93,7 +93,7 @@ def shortcut(values: list, labels: np.ndarray) -> dict[str, float] | None:
 
 
 def inspect_file(source: Source, file: SourceFile) -> dict[str, Any]:
-    """A file's sha256 and status (ok, not_image, bad with its error); for an image its format,
+    """A file's sha256 and status (ok, or not_image or bad with its error); for an image its format,
     colour mode, size and perceptual hashes. Nothing decoded is kept."""
     try:
         data = source.read(file)
@@ -102,8 +102,8 @@ def inspect_file(source: Source, file: SourceFile) -> dict[str, Any]:
     info: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest()}
     try:
         image = open_image(data)
-    except NotAnImage:
-        info["status"] = "not_image"
+    except NotAnImage as err:
+        info.update(status="not_image", error=str(err))
         return info
     except BadImage as err:
         info.update(status="bad", error=str(err))

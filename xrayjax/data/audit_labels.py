@@ -42,8 +42,7 @@ def audit_labels(labels: str | Path, data_dir: str | Path | None = None, views: 
             else:
                 row_of[file.member] = row
         infos = inspect_files(source, [f for row, f in found if row_of[f.member] == row], workers)
-        unreadable = [{"file": source.describe(m),
-                       "error": infos[m].get("error", "not an image by its content")}
+        unreadable = [{"file": source.describe(m), "error": infos[m]["error"]}
                       for m in row_of if infos[m]["status"] != "ok"]
         location = str(source)
     rows = np.array([row for row, _ in found], np.int64)

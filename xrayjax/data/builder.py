@@ -58,7 +58,8 @@ logging.getLogger("absl").addFilter(_QuietConfigs())
 
 
 class BadImageWarning(UserWarning):
-    """A corrupt image was skipped because ``skip_bad_images`` is set."""
+    """A corrupt image, or a file a labels file names that is not an image, was skipped because
+    ``skip_bad_images`` is set."""
 
 
 @dataclasses.dataclass
@@ -184,8 +185,8 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
         def work(task_file: TaskFile) -> tuple[str, object]:
             try:
                 return "ok", decode(source.read(task_file.file), color, size)
-            except NotAnImage:
-                return "junk", None
+            except NotAnImage as err:  # junk beside class folders; a labels file's row names it as an image
+                return ("not_image", err) if self.listing.multilabel else ("junk", None)
             except (BadImage, DataError) as err:  # corrupt, or unreadable (e.g. a dangling symlink)
                 return "bad", err
 
@@ -196,12 +197,12 @@ class XrayFolders(tfds.core.GeneratorBasedBuilder):
                 where = source.describe(task_file.file)
                 if status == "junk":
                     self.info.metadata["not_images"].append(task_file.file.member)
-                elif status == "bad":
+                elif status != "ok":
                     if not self.skip_bad_images:
-                        raise DataError(
-                            f"{where}: unreadable, corrupt or truncated image ({value}). Replace or "
-                            f"delete the file, or pass --skip-bad-images to leave it out."
-                        )
+                        problem = (f"named in the labels file, but not an image ({value}). Replace it or remove "
+                                   "its row" if status == "not_image" else
+                                   f"unreadable, corrupt or truncated image ({value}). Replace or delete the file")
+                        raise DataError(f"{where}: {problem}, or pass --skip-bad-images to leave it out.")
                     reason = value if isinstance(value, DataError) else f"{where}: {value}"  # names it
                     warnings.warn(f"skipping {reason}", BadImageWarning, stacklevel=2)
                     self.info.metadata["bad_images"].append(task_file.file.member)

@@ -39,7 +39,8 @@ def prepared_size(image_size: int) -> int:
 
 
 class NotAnImage(Exception):
-    """The bytes are not an image by content (junk: skipped and counted)."""
+    """The bytes are not an image by content (junk beside class folders: skipped and counted; in
+    a labels file's row: a bad image)."""
 
 
 class BadImage(Exception):
@@ -53,6 +54,8 @@ def open_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:
+        if data[128:132] == b"DICM":  # a DICOM file's 128-byte preamble, then its magic: PIL reads none
+            raise NotAnImage("a DICOM file, which is not read: convert it to PNG") from err
         raise NotAnImage("not an image by content") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"unreadable image header: {err}") from err

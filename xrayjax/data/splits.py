@@ -69,8 +69,9 @@ class DataConfig:
                                  "fraction of the data held out for testing, stratified (with --labels: whole "
                                  "patients), always the same images, in [0, 1) (0: no test split)")
     seed: int = 0
-    skip_bad_images: bool = field(False, "leave corrupt or truncated images out (each named in a warning) instead "
-                                  "of stopping at the first one; recorded in the prepared data's key")
+    skip_bad_images: bool = field(False, "leave corrupt or truncated images (and files a labels file names that "
+                                  "are not images) out, each named in a warning, instead of stopping at the first "
+                                  "one; recorded in the prepared data's key")
     image_size: int = field(IMAGE_SIZE, f"input size in pixels, 32 to {MAX_IMAGE_SIZE}. {SIZE_COSTS}", metavar="PX")
     group_by: str | None = field(None, "source: keep every source (a paper, a patient: the audit's grouping of "
                                  "file names) on one side of each held-out split and fold", choices=GROUP_BY)
