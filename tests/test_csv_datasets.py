@@ -121,6 +121,22 @@ def test_an_empty_csv_or_a_short_row_is_one_line_naming_the_file_and_line(nih, t
     assert read_labels(trailing).paths == read_labels(nih).paths
 
 
+@pytest.mark.parametrize("header,rows,views,message", [
+    (["Path", "Frontal/Lateral", "AP/PA", "No Finding", "Edema", "Date"],
+     [["p.jpg", "Frontal", "PA", "", "1.0", "2019-01-01"]], None,
+     "row 2, column 'Date': label value '2019-01-01'; expected 1, 0, -1 (uncertain) or blank (unknown). Every column "
+     "after 'AP/PA' is read as an observation: drop column 'Date' if it is not one"),
+    (["path", "view", "Pneumonia", "age"], [["a.png", "AP", "1", "60"], ["b.png", "PA", "0", "54"]], ["PA"],
+     "row 3, column 'age': label value '54'; expected 1, 0, -1 (uncertain) or blank (unknown). Every column other "
+     "than path, patient and view is read as a label: drop column 'age' if it is not one")],
+    ids=["chexpert", "generic"])
+def test_a_column_that_is_no_label_is_named_with_the_columns_read_as_labels(tmp_path, header, rows, views, message):
+    csv_path = write_csv(tmp_path / "train.csv", header, rows)  # the generic file's row 2 is left out by view
+    with pytest.raises(DataError) as err:
+        read_labels(csv_path, views)
+    assert str(err.value) == f"{csv_path}, {message}"
+
+
 def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
     csv_path = generic(tmp_path, data_root)
     gone = sorted((tmp_path / "pictures").iterdir())[:2]

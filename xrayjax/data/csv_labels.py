@@ -46,6 +46,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "generic": ("path",),
 }
 _PATIENT = re.compile(r"(patient\d+)")
+# Which columns a format reads as labels: said when one holds something else
+_CHEXPERT_LABELS = "Every column after 'AP/PA' is read as an observation"
+_GENERIC_LABELS = "Every column other than path, patient and view is read as a label"
 _NIH_LISTS = {"test": "test_list.txt", "train": "train_val_list.txt"}
 
 
@@ -101,9 +104,11 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(f"--labels {path}: cannot read it as a CSV file ({err})") from err
 
 
-def _value(text: str, where: str) -> float:
-    """A label cell: 1, 0, -1 (uncertain) or blank (NaN)."""
-    text = text.strip()
+def _value(row: dict[str, str], column: str, where: str, rule: str = "") -> float:
+    """The label cell of ``row`` in ``column``: 1, 0, -1 (uncertain) or blank (NaN). Any other value
+    stops, naming the cell and ``rule``: which columns the format reads as labels, so that a column
+    of something else (a date, an age) is seen for what it is."""
+    text = row[column].strip()
     if not text:
         return np.nan
     try:
@@ -111,7 +116,8 @@ def _value(text: str, where: str) -> float:
     except ValueError:
         value = 2.0
     if value not in (1.0, 0.0, -1.0):
-        raise DataError(f"{where}: label value {text!r}; expected 1, 0, -1 (uncertain) or blank (unknown)")
+        raise DataError(f"{where}, column {column!r}: label value {text!r}; expected 1, 0, -1 (uncertain) or blank "
+                        f"(unknown){f'. {rule}: drop column {column!r} if it is not one' if rule else ''}")
     return value
 
 
@@ -198,8 +204,9 @@ def _chexpert(path: Path, header: list[str], rows: list[dict], views: set[str] |
             if not _keep_view(row["AP/PA"].strip() if frontal else "L", views, left_out):
                 continue
             where = f"{path if split != 'test' else path.parent / 'valid.csv'}, row {i + 2}"
-            healthy = _value(row[NO_FINDING], where) == 1.0
-            values = [0.0 if healthy and n != SUPPORT_DEVICES else _value(row[n], where) for n in names]
+            healthy = _value(row, NO_FINDING, where) == 1.0
+            values = [0.0 if healthy and n != SUPPORT_DEVICES else _value(row, n, where, _CHEXPERT_LABELS)
+                      for n in names]
             patient = _PATIENT.search(row["Path"])
             paths.append(row["Path"].strip())
             patients.append(patient.group(1) if patient else "")
@@ -231,7 +238,8 @@ def _covid(path: Path, header: list[str], rows: list[dict], views: set[str] | No
 
 def _generic(path: Path, header: list[str], rows: list[dict], views: set[str] | None) -> LabelTable:
     left_out: dict[str, int] = {}
-    kept = [r for r in rows if _keep_view(r.get("view", "").strip(), views, left_out)]
+    numbered = [(i + 2, r) for i, r in enumerate(rows) if _keep_view(r.get("view", "").strip(), views, left_out)]
+    kept = [r for _, r in numbered]
     if "labels" in header:
         labels, names = _findings_matrix([{f.strip() for f in r["labels"].split("|") if f.strip()} for r in kept])
     else:
@@ -239,8 +247,8 @@ def _generic(path: Path, header: list[str], rows: list[dict], views: set[str] | 
         if not names:
             raise DataError(f"{path}: a generic labels file needs a 'labels' column or one column per label "
                             "beside 'path'")
-        labels = np.asarray([[_value(r[n], f"{path}, row {i + 2}, column {n!r}") for n in names]
-                             for i, r in enumerate(kept)], np.float32).reshape(len(kept), len(names))
+        labels = np.asarray([[_value(r, n, f"{path}, row {i}", _GENERIC_LABELS) for n in names]
+                             for i, r in numbered], np.float32).reshape(len(kept), len(names))
         if np.any(labels == -1.0):
             raise DataError(f"{path}: -1 (uncertain) is a CheXpert value; a generic file holds 1, 0 or blank")
     return LabelTable("generic", path, tuple(r["path"].strip() for r in kept), labels, names,
