@@ -96,6 +96,20 @@ def test_generic_csv_columns_or_joined_labels(data_root, tmp_path, joined):
         assert np.isnan(table.labels[18:, 1]).all() and not np.isnan(table.labels[:18]).any()  # blanks
 
 
+@pytest.mark.parametrize("header,values", [(["path", "labels", "Patient_ID"], ["Pneumonia", ""]),
+                                           (["path", "Pneumonia", "Patient ID"], ["1", "0"])],
+                         ids=["joined", "columns"])
+def test_generic_patient_column_in_a_common_spelling_is_the_patient(tmp_path, header, values):
+    """Neither read as a label nor ignored: a patient's images would be split apart."""
+    table = read_labels(write_csv(tmp_path / "x.csv", header, [["a.png", values[0], "p7"], ["b.png", values[1], "p8"]]))
+    assert table.patients == ("p7", "p8") and table.label_names == ("Pneumonia",)
+    assert table.labels.tolist() == [[1.0], [0.0]]
+    both = write_csv(tmp_path / "y.csv", ["path", "labels", "patient", "PatientID"], [["a.png", "1", "p7", "7"]])
+    with pytest.raises(DataError, match=f"^{both}: the columns 'patient', 'PatientID' each name the patient; "
+                                        "keep one$"):
+        read_labels(both)
+
+
 def test_an_unknown_csv_names_every_format_and_writes_nothing(tmp_path):
     (tmp_path / "x.csv").write_text("file,diagnosis\na.png,covid\n")
     with pytest.raises(DataError) as err:

@@ -19,7 +19,8 @@ read it:
   ``Unknown`` findings are left out. The image is ``<folder>/<filename>`` (folder ``images`` when
   the copy has no folder column).
 - ``generic``: a ``path`` column, then either a ``labels`` column joined by ``|`` or one column of
-  0, 1 or blank per label; optional ``patient`` and ``view`` columns.
+  0, 1 or blank per label; optional ``patient`` (or ``patient_id``, ``PatientID``, ``Patient ID``...:
+  any case, words joined by anything) and ``view`` columns.
 
 Labels are sorted by name, ``No Finding`` left out. Unknown values are NaN.
 """
@@ -236,14 +237,25 @@ def _covid(path: Path, header: list[str], rows: list[dict], views: set[str] | No
                       ("",) * len(kept), left_out)
 
 
+def _patient_column(path: Path, header: Sequence[str]) -> str | None:
+    """A generic file's patient column: ``patient`` in any case, with or without ``id``, words
+    joined by anything (``patient_id``, ``PatientID``, ``Patient ID``); None without one. Missed, it
+    would be read as a label, or ignored beside ``labels``, and a patient's images split apart."""
+    found = [c for c in header if re.sub(r"[^a-z0-9]", "", c.lower()) in ("patient", "patientid")]
+    if len(found) > 1:
+        raise DataError(f"{path}: the columns {', '.join(map(repr, found))} each name the patient; keep one")
+    return found[0] if found else None
+
+
 def _generic(path: Path, header: list[str], rows: list[dict], views: set[str] | None) -> LabelTable:
     left_out: dict[str, int] = {}
+    patient = _patient_column(path, header)
     numbered = [(i + 2, r) for i, r in enumerate(rows) if _keep_view(r.get("view", "").strip(), views, left_out)]
     kept = [r for _, r in numbered]
     if "labels" in header:
         labels, names = _findings_matrix([{f.strip() for f in r["labels"].split("|") if f.strip()} for r in kept])
     else:
-        names = tuple(sorted(c for c in header if c not in ("path", "patient", "view") and c != NO_FINDING))
+        names = tuple(sorted(c for c in header if c not in ("path", patient, "view") and c != NO_FINDING))
         if not names:
             raise DataError(f"{path}: a generic labels file needs a 'labels' column or one column per label "
                             "beside 'path'")
@@ -252,7 +264,7 @@ def _generic(path: Path, header: list[str], rows: list[dict], views: set[str] | 
         if np.any(labels == -1.0):
             raise DataError(f"{path}: -1 (uncertain) is a CheXpert value; a generic file holds 1, 0 or blank")
     return LabelTable("generic", path, tuple(r["path"].strip() for r in kept), labels, names,
-                      tuple(r.get("patient", "").strip() for r in kept), ("",) * len(kept), left_out)
+                      tuple(r[patient].strip() if patient else "" for r in kept), ("",) * len(kept), left_out)
 
 
 def resolve_uncertain(labels: np.ndarray, mode: str) -> np.ndarray:
