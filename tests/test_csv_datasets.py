@@ -151,6 +151,20 @@ def test_a_column_that_is_no_label_is_named_with_the_columns_read_as_labels(tmp_
     assert str(err.value) == f"{csv_path}, {message}"
 
 
+@pytest.mark.parametrize("header,row,column", [
+    (["Image Index", "Finding Labels", "Patient ID", "View Position"], ["", "Pneumonia", "1", "PA"], "Image Index"),
+    (["Path", "Frontal/Lateral", "AP/PA", "No Finding"], [" ", "Frontal", "PA", "1.0"], "Path"),
+    (["patientid", "finding", "modality", "filename"], ["1", "Pneumonia", "X-ray", ""], "filename"),
+    (["path", "labels"], ["", "Pneumonia"], "path")], ids=["chestxray14", "chexpert", "covid-chestxray", "generic"])
+def test_an_empty_path_names_its_row(tmp_path, header, row, column):
+    """Not a missing image named ``()``."""
+    good = [value if name != column else "a.png" for name, value in zip(header, row)]
+    csv_path = write_csv(tmp_path / "labels.csv", header, [good, row])
+    with pytest.raises(DataError, match=f"^{csv_path}, row 3 has an empty path \\(column '{column}'\\): fill it in "
+                                        "or remove the row$"):
+        read_labels(csv_path)
+
+
 def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
     csv_path = generic(tmp_path, data_root)
     gone = sorted((tmp_path / "pictures").iterdir())[:2]

@@ -122,6 +122,14 @@ def _value(row: dict[str, str], column: str, where: str, rule: str = "") -> floa
     return value
 
 
+def _path(row: dict[str, str], column: str, where: str) -> str:
+    """The image path of ``row`` in ``column``; a blank one stops (looked up, it names no file)."""
+    text = row[column].strip()
+    if not text:
+        raise DataError(f"{where} has an empty path (column {column!r}): fill it in or remove the row")
+    return text
+
+
 def _findings_matrix(findings: list[set[str]]) -> tuple[np.ndarray, tuple[str, ...]]:
     names = tuple(sorted(set().union(*findings) - {NO_FINDING})) if findings else ()
     column = {n: i for i, n in enumerate(names)}
@@ -173,17 +181,18 @@ def _chestxray14(path: Path, header: list[str], rows: list[dict], views: set[str
             official.update((line.strip(), split) for line in (path.parent / name).read_text().splitlines()
                             if line.strip())
     left_out: dict[str, int] = {}
-    kept, findings = [], []
-    for row in rows:
+    kept, paths, findings = [], [], []
+    for i, row in enumerate(rows):
         if not _keep_view(row["View Position"].strip(), views, left_out):
             continue
         if official and row["Image Index"] not in official:
             left_out["not in the official lists"] = left_out.get("not in the official lists", 0) + 1
             continue
         kept.append(row)
+        paths.append(_path(row, "Image Index", f"{path}, row {i + 2}"))
         findings.append({f.strip() for f in row["Finding Labels"].split("|") if f.strip()})
     labels, names = _findings_matrix(findings)
-    return LabelTable("chestxray14", path, tuple(r["Image Index"] for r in kept), labels, names,
+    return LabelTable("chestxray14", path, tuple(paths), labels, names,
                       tuple(r["Patient ID"].strip() for r in kept),
                       tuple(official.get(r["Image Index"], "") for r in kept), left_out)
 
@@ -209,7 +218,7 @@ def _chexpert(path: Path, header: list[str], rows: list[dict], views: set[str] |
             values = [0.0 if healthy and n != SUPPORT_DEVICES else _value(row, n, where, _CHEXPERT_LABELS)
                       for n in names]
             patient = _PATIENT.search(row["Path"])
-            paths.append(row["Path"].strip())
+            paths.append(_path(row, "Path", where))
             patients.append(patient.group(1) if patient else "")
             splits.append(split)
             labels.append(values)
@@ -219,8 +228,8 @@ def _chexpert(path: Path, header: list[str], rows: list[dict], views: set[str] |
 
 def _covid(path: Path, header: list[str], rows: list[dict], views: set[str] | None) -> LabelTable:
     left_out: dict[str, int] = {}
-    kept, findings = [], []
-    for row in rows:
+    kept, paths, findings = [], [], []
+    for i, row in enumerate(rows):
         if row["modality"].strip() != "X-ray":
             left_out["modality"] = left_out.get("modality", 0) + 1
             continue
@@ -230,10 +239,10 @@ def _covid(path: Path, header: list[str], rows: list[dict], views: set[str] | No
         if not _keep_view(row.get("view", "").strip(), views, left_out):
             continue
         kept.append(row)
+        paths.append(f"{(row.get('folder') or 'images').strip()}/{_path(row, 'filename', f'{path}, row {i + 2}')}")
         findings.append({f.strip() for f in re.split(r"[/,]", row["finding"]) if f.strip()})
     labels, names = _findings_matrix(findings)
-    paths = tuple(f"{(r.get('folder') or 'images').strip()}/{r['filename'].strip()}" for r in kept)
-    return LabelTable("covid-chestxray", path, paths, labels, names, tuple(r["patientid"].strip() for r in kept),
+    return LabelTable("covid-chestxray", path, tuple(paths), labels, names, tuple(r["patientid"].strip() for r in kept),
                       ("",) * len(kept), left_out)
 
 
@@ -263,7 +272,7 @@ def _generic(path: Path, header: list[str], rows: list[dict], views: set[str] | 
                              for i, r in numbered], np.float32).reshape(len(kept), len(names))
         if np.any(labels == -1.0):
             raise DataError(f"{path}: -1 (uncertain) is a CheXpert value; a generic file holds 1, 0 or blank")
-    return LabelTable("generic", path, tuple(r["path"].strip() for r in kept), labels, names,
+    return LabelTable("generic", path, tuple(_path(r, "path", f"{path}, row {i}") for i, r in numbered), labels, names,
                       tuple(r[patient].strip() if patient else "" for r in kept), ("",) * len(kept), left_out)
 
 
