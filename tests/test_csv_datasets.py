@@ -165,6 +165,17 @@ def test_an_empty_path_names_its_row(tmp_path, header, row, column):
         read_labels(csv_path)
 
 
+@pytest.mark.parametrize("encoding,label,problem", [
+    ("utf-16", "Pneumonia", "is not UTF-8 text"), ("cp1252", "Épanchement", "is not UTF-8 text"),
+    ("utf-16-le", "Pneumonia", "holds NUL characters, as UTF-16 text does")])  # utf-16-le: no byte-order mark
+def test_a_csv_that_is_not_utf8_says_to_re_save_it_as_utf8(tmp_path, encoding, label, problem):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_bytes(f"path,labels\na.png,{label}\n".encode(encoding))
+    with pytest.raises(DataError, match=f"^--labels {csv_path} {problem}.*: re-save it as UTF-8 \\(in Excel: Save "
+                                        "As, CSV UTF-8\\)$"):
+        read_labels(csv_path)
+
+
 def test_missing_images_stop_or_are_skipped_and_counted(data_root, tmp_path):
     csv_path = generic(tmp_path, data_root)
     gone = sorted((tmp_path / "pictures").iterdir())[:2]

@@ -51,6 +51,7 @@ _PATIENT = re.compile(r"(patient\d+)")
 _CHEXPERT_LABELS = "Every column after 'AP/PA' is read as an observation"
 _GENERIC_LABELS = "Every column other than path, patient and view is read as a label"
 _NIH_LISTS = {"test": "test_list.txt", "train": "train_val_list.txt"}
+_RESAVE = "re-save it as UTF-8 (in Excel: Save As, CSV UTF-8)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +85,16 @@ def detect_format(header: Sequence[str], where: str) -> str:
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and the rows of a CSV file; DataError for a missing header or a short row."""
+    """The header and the rows of a CSV file; DataError for text that is not UTF-8, a missing header
+    or a short row."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             if not header:
                 raise DataError(f"--labels {path} is empty: a labels file starts with its header row")
+            if "\0" in "".join(header):  # UTF-16 without a byte-order mark reads as UTF-8, NULs between letters
+                raise DataError(f"--labels {path} holds NUL characters, as UTF-16 text does: {_RESAVE}")
             rows = []
             for row in reader:  # DictReader fills the fields a short row lacks with None
                 if any(v is None and k.strip() for k, v in row.items() if k is not None):
@@ -101,7 +105,9 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             return header, rows
     except FileNotFoundError:
         raise DataError(f"--labels {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except UnicodeDecodeError as err:
+        raise DataError(f"--labels {path} is not UTF-8 text ({err}): {_RESAVE}") from err
+    except (OSError, csv.Error) as err:
         raise DataError(f"--labels {path}: cannot read it as a CSV file ({err})") from err
 
 
