@@ -81,9 +81,11 @@ def predict(
     """Class probabilities (N, K), columns in ``run.class_names`` order (multilabel: each
     label's probability).
 
-    ``run`` is an ``xrayjax.runfiles.Run`` (``load_run(DIR)``); ``images`` are file paths or
-    an already prepared uint8 array (N, S, S, 3) at the run's image size.
+    ``run`` is an ``xrayjax.runfiles.Run`` (``load_run(DIR)``); ``images`` are file paths (one path
+    alone is one image) or an already prepared uint8 array (N, S, S, 3) at the run's image size.
     """
+    if isinstance(images, (str, os.PathLike)):  # a string is a sequence too: of characters
+        images = [images]
     if isinstance(images, np.ndarray):
         pixels = images
     else:
