@@ -38,7 +38,8 @@ def run(spec: RunSpec) -> dict | None:
     metrics = cv = None
     main = distributed.is_main_process()
     if config.evaluate and not len(result.splits.test) and main:
-        print("no test split (no test/ folder, and --test-fraction held out no image): nothing to evaluate",
+        given = "an official test split" if config.labels else "a test/ folder"
+        print(f"no test split (no {given}, and --test-fraction held out no image): nothing to evaluate",
               file=sys.stderr)
     elif config.evaluate and main:
         with result.timings.phase("evaluate"):
