@@ -134,6 +134,23 @@ def test_figures_are_readable_pngs(tmp_path):
         _assert_readable_png(tmp_path / f"{name}.png")
 
 
+def test_gradcam_panels_mark_right_and_wrong_wrap_long_labels_and_draw_no_flat_heat(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(figures.Figure, "savefig", lambda fig, *args, **kwargs: saved.append(fig))
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    many = ", ".join(f"label {i}" for i in range(14))  # a CheXpert-long list of true labels
+    figures.plot_gradcam(images, np.random.default_rng(0).random((2, 32, 32)), [many, "b"], ["label 0", "a"],
+                         [0.9, 0.6], tmp_path / "g.png", correct=[True, False], pred_label="top label")
+    figures.plot_gradcam(images, np.ones((2, 32, 32)), ["a", "b"], ["a", "a"], [0.9, 0.6], tmp_path / "h.png")
+    real, flat = saved
+    first, second = (ax.get_title() for ax in real.axes[:2])
+    assert first.startswith("✓ true: label 0, label 1") and first.count("\n") == 2 and "…" in first
+    assert second == "✗ true: b\ntop label: a (60%)"
+    assert len(real.axes) == 3 and [len(ax.images) for ax in real.axes[:2]] == [2, 2]  # X-ray, heat; colorbar
+    assert "no spatial information" in flat._suptitle.get_text()
+    assert len(flat.axes) == 2 and [len(ax.images) for ax in flat.axes] == [1, 1]  # the X-rays alone
+
+
 def test_importing_and_plotting_leave_matplotlib_settings_alone(tmp_path):
     # A notebook's backend and rcParams stay its own: no pyplot, font sizes only inside each plot.
     code = textwrap.dedent("""

@@ -135,8 +135,11 @@ def _test_predictions(split: Split, probs: np.ndarray, class_names: Sequence[str
 
 def _plot_curves(run: Run, paths: dict[str, pathlib.Path], notes: list[str], title: str) -> None:
     """curves.png from the run's history; without one, a note and no ``curves`` in ``paths``."""
+    if run.config.folds:  # after cross-validation the final model trains on both
+        title += "\nthe final model, trained on train+validation (no validation curve)"
     if run.history:
-        figures.plot_curves(run.history, paths["curves"], title=title)
+        figures.plot_curves(run.history, paths["curves"], title=title, accuracy="label-wise accuracy (at 0.5)"
+                            if run.config.task == "multilabel" else "accuracy")
     else:
         notes.append("history.json is empty: no curves.png")
         del paths["curves"]
@@ -332,7 +335,8 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
         figures.plot_tsne(tsne_points(np.concatenate([outputs[name][1] for name in seen]), seed=cfg.seed), colour,
                           np.concatenate([[name] * len(outputs[name][1]) for name in seen]),
                           (f"no {names[frequent]}", names[frequent], "unknown"), paths["tsne"],
-                          title=f"{title}\nt-SNE of the head's penultimate features, by {names[frequent]}")
+                          title=f"{title}\nt-SNE of the head's penultimate features, by {names[frequent]}",
+                          legend_title=f"{names[frequent]} (subset)")
     chosen = np.arange(min(GRADCAM_IMAGES, len(splits.test)))
     top = probs["test"][chosen].argmax(1)
     heat, _ = grad_cam(run.model, run.variables, splits.test.images[chosen], classes=top,

@@ -25,8 +25,11 @@ from sklearn.metrics import roc_curve
 
 from xrayjax.stats import roc_auc_known
 
-DPI = 120
+DPI = 150  # a 13.8-inch figure printed at a 7-inch column's width: about 300 dpi
 MARKERS = {"train": "o", "test": "^"}
+# Okabe and Ito's colour-blind-safe palette, the strongest on white first (black left out: the
+# marker edges are black)
+SAFE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
 # The project's font sizes, set (matplotlib.rc_context) while each figure is drawn and saved.
 FONT_SIZES = {
     "font.size": 11,
@@ -43,23 +46,26 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
 
 
 @matplotlib.rc_context(FONT_SIZES)
-def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "",
+                accuracy: str = "accuracy") -> None:
     """Accuracy and loss per epoch, train vs validation, in two panels (from history.json).
-    A run without a validation split has no validation curve."""
+    A run without a validation split has no validation curve. Train's are the running means of
+    the epoch's steps (dropout on); the loss includes the L2 penalty, as Keras reports it.
+    ``accuracy`` names what the accuracy is (a multilabel run's: each known label at 0.5)."""
     if not history:
         raise ValueError("plot_curves: the training history is empty (no epoch finished)")
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
-    for ax, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
-        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train")
+    for ax, metric, label in ((axes[0], "accuracy", accuracy), (axes[1], "loss", "loss (cross-entropy + L2)")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", ms=3, label="train (running, dropout on)")
         if all(f"val_{metric}" in h for h in history):
             ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", ms=3, label="validation")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.set_ylabel(label.lower())
-        ax.set_title(f"{label} per epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label[0].upper()}{label[1:]} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylim(-0.02, 1.02)
@@ -70,15 +76,17 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
 
 @matplotlib.rc_context(FONT_SIZES)
 def plot_cv(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Each fold's validation (held-out) accuracy and loss per epoch, and their mean, from cv.json."""
-    fig = Figure(figsize=(11, 4.2))
+    """Each fold's validation (held-out) accuracy and loss per epoch, and their mean, from cv.json;
+    the legend beside the panels, where it hides no curve."""
+    fig = Figure(figsize=(12.5, 4.2))
     axes = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in records[0]["history"]]
     for ax, metric, label in ((axes[0], "val_accuracy", "Held-out accuracy"), (axes[1], "val_loss", "Held-out loss")):
         curves = np.array([[h[metric] for h in r["history"]] for r in records])
-        for r, curve in zip(records, curves):
-            ax.plot(epochs, curve, "-", lw=1, alpha=0.45, label=f"seed {r['seed']} fold {r['fold']}"
-                    if len(records) <= 10 else None)
+        seeds = sorted({r["seed"] for r in records})
+        for r, curve in zip(records, curves):  # a line style per seed
+            ax.plot(epochs, curve, ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4], lw=1.2, alpha=0.6,
+                    label=f"seed {r['seed']} fold {r['fold']}" if len(records) <= 10 else None)
         ax.plot(epochs, curves.mean(0), "k-", lw=2.5, label="mean of the folds")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -86,7 +94,7 @@ def plot_cv(records: Sequence[dict], path: str | os.PathLike, title: str = "") -
         ax.set_title(f"{label} per epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title)
     _save(fig, path)
@@ -128,7 +136,7 @@ def plot_roc(
     are named in the title, not drawn. Colours and dashes tell 14 labels apart."""
     labels, probs = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
     colours = matplotlib.colormaps["tab10"].colors
-    fig = Figure(figsize=(10.5, 6.8))
+    fig = Figure(figsize=(9.0, 6.4))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance (AUC 0.5)")
     skipped, aucs = [], []
@@ -167,10 +175,12 @@ def plot_tsne(
     class_names: Sequence[str],
     path: str | os.PathLike,
     title: str = "",
+    legend_title: str = "class (subset)",
 ) -> None:
-    """A 2-D t-SNE map: colour = class, marker = subset ("train" circles, "test" triangles)."""
+    """A 2-D t-SNE map: colour = class (colour-blind safe up to 8), marker = subset ("train"
+    circles, "test" triangles). The axes' values mean nothing, so they are not numbered."""
     points, labels, subsets = np.asarray(points), np.asarray(labels), np.asarray(subsets)
-    colours = matplotlib.colormaps["tab10"].colors
+    colours = SAFE_COLOURS if len(class_names) <= len(SAFE_COLOURS) else matplotlib.colormaps["tab20"].colors
     fig = Figure(figsize=(7.5, 6.2))
     ax = fig.subplots()
     for subset, marker in MARKERS.items():
@@ -185,8 +195,10 @@ def plot_tsne(
                 )
     ax.set_xlabel("t-SNE dimension 1")
     ax.set_ylabel("t-SNE dimension 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
     ax.set_title(title or "t-SNE of the head's penultimate features")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="class (subset)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title=legend_title)
     ax.grid(alpha=0.2)
     _save(fig, path)
 
@@ -204,28 +216,34 @@ def plot_gradcam(
     pred_label: str = "pred",
 ) -> None:
     """Grad-CAM heatmaps over the grayscale X-rays, one panel per image, shared colorbar. A panel's
-    title is green where ``correct`` (default: the true name is the predicted one), else red;
-    ``pred_label`` names what ``pred_names`` are (a multilabel run's top label is not a prediction)."""
+    title is marked ✓ in green where ``correct`` (default: the true name is the predicted one),
+    else ✗ in red; ``pred_label`` names what ``pred_names`` are (a multilabel run's top label is
+    not a prediction). The heat fades out where it is low, so the X-ray shows through; maps that
+    are flat (a 1x1 last block, at a small image size) are said to carry no spatial information."""
     n = len(images)
     cols = min(4, n)
     rows = -(-n // cols)
-    fig = Figure(figsize=(3.3 * cols + 1.0, 3.6 * rows))
+    fig = Figure(figsize=(3.3 * cols + 1.2, 3.9 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     correct = [t == p for t, p in zip(true_names, pred_names)] if correct is None else correct
+    flat = all(np.ptp(h) == 0 for h in heatmaps)  # nothing to show: the X-rays alone
     for ax, image, heat, true, pred, conf, right in zip(
         axes.flat, images, heatmaps, true_names, pred_names, confidences, correct
     ):
         gray = np.asarray(image, np.float32).mean(axis=-1)
         ax.imshow(gray, cmap="gray")
-        ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
-        colour = "darkgreen" if right else "firebrick"
-        ax.set_title(f"true: {true}\n{pred_label}: {pred} ({conf:.0%})", color=colour, fontsize=10)
+        if not flat:
+            ax.imshow(heat, cmap="inferno", alpha=0.75 * np.clip(heat, 0.0, 1.0), vmin=0.0, vmax=1.0)
+        true = textwrap.fill(f"true: {true}", 34, max_lines=2, placeholder=" …")  # a long list of labels
+        ax.set_title(f"{'✓' if right else '✗'} {true}\n{pred_label}: {pred} ({conf:.0%})",
+                     color="darkgreen" if right else "firebrick", fontsize=10)
     title = title or "Grad-CAM on the last convolutional block (test images)"
-    fig.suptitle(f"{title}\ntitle in green: {pred_label} correct; in red: wrong")
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
-    cax = fig.add_axes((0.93, 0.15, 0.015, 0.7))
-    scale = ScalarMappable(Normalize(0.0, 1.0), cmap="jet")
-    fig.colorbar(scale, cax=cax, label="importance for the class in the title (max = 1)")
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # the colorbar's label sits past the panels
+    fig.suptitle(f"{title}\n✓ green: {pred_label} correct; ✗ red: wrong"
+                 + ("\nno heat drawn: the last block's map is 1x1 at this image size (no spatial information)"
+                    if flat else ""))
+    if not flat:
+        fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="inferno"), ax=axes, shrink=0.8,
+                     label="importance (max = 1)")
+    fig.savefig(path, dpi=DPI)
