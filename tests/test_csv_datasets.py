@@ -290,6 +290,14 @@ def test_a_patient_with_many_images_never_takes_the_held_out_split():
     assert patient_split(lone, 0.1, 0)[1].groups == ("b",) * 10  # none fits 4: the smallest patient
 
 
+def test_a_run_folder_may_sit_among_a_labels_files_images(nih):
+    from xrayjax.config import TrainConfig, resolve_run
+
+    inside = nih.parent / "runs" / "first"  # class folders refuse this: their files would be listed
+    assert resolve_run(TrainConfig(labels=str(nih), out=str(inside))).config.out == str(inside)
+    assert not inside.exists()
+
+
 def test_masked_loss_equals_a_hand_computation():
     model = build_step_model("vgg16", "multilabel", num_classes=3, l2=0.0, label_weights=[1.0, 0.5, 0.25])
     logits = np.array([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [1.0, 1.0, 1.0], [0.3, -0.3, 0.0]], np.float32)

@@ -209,11 +209,13 @@ def resolve_run(config: TrainConfig, splits: Splits | None = None) -> RunSpec:
         _check_folder(Path(resolved.out))
         return RunSpec(resolved, None, tuple(splits.class_names))
     config.data_config()  # bad data settings stop before the data is listed
-    if config.out is not None:  # before listing: a run folder inside the data would list as a class
+    folders = config.labels is None  # a labels file names its images: a run folder beside them is never read
+    if config.out is not None and folders:  # before listing: a run folder inside the data would list as a class
         _check_outside(Path(config.out).expanduser().resolve(), config.data_dir)
     dataset = open_dataset(config.data_config())
     resolved = config.resolved(dataset.class_names)
-    _check_outside(Path(resolved.out), dataset.location)
+    if folders:
+        _check_outside(Path(resolved.out), dataset.location)
     _check_folder(Path(resolved.out))
     data_dir = resolved.data_dir or dataset.location  # the default dataset, recorded where it was found
     return RunSpec(dataclasses.replace(resolved, data_dir=data_dir), dataset, tuple(dataset.class_names))
