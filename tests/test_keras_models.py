@@ -158,9 +158,9 @@ def test_cli_import_then_predict(tmp_path, capsys):
     np.testing.assert_allclose(probabilities(logits)[0], want, atol=1e-5, rtol=0)
 
 
-def _refused(tmp_path, path, capsys, needle):
+def _refused(tmp_path, path, capsys, needle, *flags):
     out = tmp_path / "refused_run"
-    assert _port_script().main(["--keras-model", str(path), "--out", str(out)]) == 1
+    assert _port_script().main(["--keras-model", str(path), *flags, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert needle in err, err
     assert not out.exists() and not list(tmp_path.glob(".refused_run*"))
@@ -200,6 +200,25 @@ def test_refuses_truncated_file(tmp_path, capsys, suffix):
     data = (tmp_path / f"full{suffix}").read_bytes()
     (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
     _refused(tmp_path, tmp_path / f"cut{suffix}", capsys, "truncated")
+
+
+def test_refuses_a_head_that_does_not_fit(tmp_path, capsys):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Flatten()(keras.applications.VGG16(include_top=False, weights=None, input_tensor=inputs).output)
+    x = keras.layers.Dropout(0.5)(keras.layers.Dense(64, activation="relu")(x))  # the report's has Dense(256)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    model.save_weights(tmp_path / "x.weights.h5")
+    flags = ["--arch", "vgg16", "--task", "binary"]
+    err = _refused(tmp_path, tmp_path / "x.weights.h5", capsys, "layer 'dense' kernel is (512, 64) in the file, "
+                   "(512, 256) expected; layer 'dense' bias is (64,) in the file, (256,) expected", *flags,
+                   "--image-size", str(SIZE))
+    assert err.count("\n") == 2 and "the report's head at --image-size 32 (Flatten, Dropout, Dense(256)" in err
+    # without --image-size: 224 px, whose Flatten gives the first Dense 7 x 7 x 512 inputs
+    _refused(tmp_path, tmp_path / "x.weights.h5", capsys, "(512, 64) in the file, (25088, 256) expected", *flags)
+    model.save(tmp_path / "x.keras")  # whole, its Flatten fixes the input size: 64 px gives the Dense 2 x 2 x 512
+    err = _refused(tmp_path, tmp_path / "x.keras", capsys, "kernel is (512, 64) in the file, (2048, 64) expected",
+                   "--image-size", "64")
+    assert "its layers at --image-size 64" in err and "pass the --image-size the model was trained at" in err
 
 
 def test_refuses_wrong_class_names_and_busy_out(tmp_path):

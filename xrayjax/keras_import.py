@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from xrayjax.data.decode import IMAGE_SIZE
 from xrayjax.porting import (
     WeightMismatchError,
     backbone_shapes,
@@ -59,7 +60,7 @@ class KerasModel:
     head: list[dict[str, Any]]
     task: str
     outputs: int
-    image_size: int | None
+    image_size: int  # the input size in pixels the variables were filled for
     variables: dict[str, Any]  # {"params": {"backbone", "head"}, "batch_stats": {...}}
     kind: str  # the file read: "keras" (.keras), "h5" (a whole model) or "weights" (weights only)
 
@@ -248,8 +249,9 @@ def _keras_weights(f: Any, model: Mapping[str, Any], nested: str | None) -> dict
     return walk(_layers_of(model), f["layers"], False)
 
 
-def read_keras_model(path: str | os.PathLike) -> KerasModel:
-    """Read a ``.keras`` or full-model ``.h5`` Keras file into a :class:`KerasModel`.
+def read_keras_model(path: str | os.PathLike, image_size: int | None = None) -> KerasModel:
+    """Read a ``.keras`` or full-model ``.h5`` Keras file into a :class:`KerasModel` taking
+    ``image_size`` pixels (default: the model's fixed input size, else 224).
 
     Raises:
         FileNotFoundError: no such file.
@@ -296,8 +298,10 @@ def read_keras_model(path: str | os.PathLike) -> KerasModel:
         outer = _layers_of(model)
         _check_chain(model, outer[outer.index(next(x for x in outer if _name(x) == nested)):], source)
     specs, task, outputs = _head_specs(head_layers, source)
-    variables = fill_variables(arch, specs, weights, source)
-    return KerasModel(arch, specs, task, outputs, _input_size(model, bb_layers), variables, kind)
+    size = image_size or _input_size(model, bb_layers) or IMAGE_SIZE
+    variables = fill_variables(arch, specs, weights, source, size, f"its layers at --image-size {size}",
+                               "pass the --image-size the model was trained at")
+    return KerasModel(arch, specs, task, outputs, size, variables, kind)
 
 
 def _input_size(model: Mapping[str, Any], backbone: Sequence[Mapping[str, Any]]) -> int | None:
@@ -311,50 +315,42 @@ def _input_size(model: Mapping[str, Any], backbone: Sequence[Mapping[str, Any]])
     return None
 
 
-def fill_variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]],
-                   source: str) -> dict[str, Any]:
-    """The variables of ``arch``'s backbone and the head of ``specs``, filled strictly from the file's
-    per-layer ``weights`` (``source`` names the file in errors)."""
+def fill_variables(arch: str, specs: list[dict[str, Any]], weights: dict[str, list[np.ndarray]], source: str,
+                   image_size: int, expected: str, fix: str) -> dict[str, Any]:
+    """The variables of ``arch``'s backbone and the head of ``specs`` at ``image_size`` pixels (a
+    Flatten head's first Dense takes that size's features), filled strictly from the file's
+    per-layer ``weights``. ``source`` names the file in errors; a top whose weights do not fit
+    ``expected`` (the head's description) is refused in one line listing each layer's shape in the
+    file and the shape expected, then ``fix``."""
     import jax
     import jax.numpy as jnp
 
     from xrayjax.models.heads import KerasHead
 
-    features, backbone = backbone_shapes(arch)
+    features, backbone = backbone_shapes(arch, image_size)
     head = jax.eval_shape(KerasHead(tuple(tuple(sorted(s.items())) for s in specs)).init, jax.random.key(0),
                           jax.ShapeDtypeStruct(features.shape, jnp.float32))
-    if any(s["kind"] == "flatten" for s in specs):
-        head = None  # Flatten's Dense input depends on the image size: take its shapes from the file
+    head_weights = {s["name"]: weights.get(s["name"], []) for s in specs}
+    bb_weights = {name: values for name, values in weights.items() if name not in head_weights}
     try:
-        head_weights = {s["name"]: weights.get(s["name"], []) for s in specs}
-        bb_weights = {name: values for name, values in weights.items() if name not in head_weights}
         bb = merge_keras_weights(backbone, bb_weights, source=f"{source} (backbone {arch})")
-        if head is None:
-            head = _head_template(specs, head_weights, source)
-        hd = merge_keras_weights(head, head_weights, source=f"{source} (top)")
     except WeightMismatchError as e:
         raise KerasImportError(str(e)) from e
+    try:
+        hd = merge_keras_weights(head, head_weights)
+    except WeightMismatchError as e:
+        raise KerasImportError(f"{source}: the top's weights do not fit {expected}: {_head_mismatches(e)}; "
+                               f"{fix}") from e
     return {c: {"backbone": bb.get(c, {}), "head": hd.get(c, {})} for c in ("params", "batch_stats")}
 
 
-def _head_template(specs: list[dict[str, Any]], weights: Mapping[str, list[np.ndarray]], source: str) -> dict:
-    """A head template whose Dense shapes are those in the file (a Flatten head's first Dense
-    depends on the input size); the strict merge still checks each layer's weight count."""
-    import jax
+def _head_mismatches(e: WeightMismatchError) -> str:
+    """The strict merge's findings on a head, in one line: each layer's shape in the file and the expected."""
+    def where(key: str) -> str:
+        *_, layer, entry = key.split("/")
+        return f"layer {layer!r} {entry}"
 
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-    for s in specs:
-        w = weights.get(s["name"], [])
-        if s["kind"] == "dense":
-            keys = ("kernel", "bias") if s["use_bias"] else ("kernel",)
-            if len(w) < len(keys):
-                raise KerasImportError(f"{source}: layer {s['name']!r} lacks weights: the file is truncated")
-            params[s["name"]] = {k: jax.ShapeDtypeStruct(np.shape(v), np.float32) for k, v in zip(keys, w)}
-        elif s["kind"] == "batch_norm":
-            if len(w) < 4:
-                raise KerasImportError(f"{source}: layer {s['name']!r} lacks weights: the file is truncated")
-            shape = np.shape(w[0])
-            params[s["name"]] = {k: jax.ShapeDtypeStruct(shape, np.float32) for k in ("scale", "bias")}
-            stats[s["name"]] = {k: jax.ShapeDtypeStruct(shape, np.float32) for k in ("mean", "var")}
-    return {"params": params, "batch_stats": stats} if stats else {"params": params}
+    missing = [key.partition(" ") for key in e.missing]  # "params/dense/bias (256,)"
+    return "; ".join([f"{where(key)} is {got} in the file, {want} expected" for key, want, got in e.mismatched]
+                     + [f"{where(key)} {want} is not in the file" for key, _, want in missing]
+                     + [f"the file's {item} is not in it" for item in e.unexpected])

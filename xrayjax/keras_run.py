@@ -22,7 +22,8 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
                      image_size: int | None = None) -> Path:
     """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate,
     ``load_run`` and ``train --resume``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
-    to ``class_0, ...``. Nothing is written when anything fails.
+    to ``class_0, ...``; ``image_size`` to the model's fixed input size, else 224 (the head is checked at that
+    size). Nothing is written when anything fails.
 
     Raises:
         FileNotFoundError, KerasImportError: the file cannot be read or its model does not import.
@@ -45,18 +46,16 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         raise ValueError("a weights-only file needs both --arch and --task (a whole model needs neither)")
     if arch is not None:
         outputs = 1 if task == "binary" else len(class_names) if class_names else 4
-        model = read_keras_weights(path, arch, task, outputs)
+        model = read_keras_weights(path, arch, task, outputs, image_size)
     else:
-        model = read_keras_model(path)
-    if image_size is not None:
-        model.image_size = image_size
+        model = read_keras_model(path, image_size)
     wanted = 2 if model.task == "binary" else model.outputs
     names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(wanted))
     if len(names) != wanted or len(set(names)) != len(names) or not all(names):
         raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
                          f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
     mode = preprocess or ARCH_PREPROCESSING[model.arch]
-    config = TrainConfig(arch=model.arch, task=model.task, image_size=model.image_size or TrainConfig.image_size,
+    config = TrainConfig(arch=model.arch, task=model.task, image_size=model.image_size,
                          init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
     record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
               "preprocess": mode, "head": model.head}

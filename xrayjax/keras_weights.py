@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from xrayjax.data.decode import IMAGE_SIZE
 from xrayjax.keras_import import KerasImportError, KerasModel, fill_variables, legacy_weights
 from xrayjax.porting import backbone_template, h5_strings, template_layer_names
 
@@ -82,14 +83,16 @@ def _v3_weights(f: Any, backbone: Collection[str], specs: list[dict[str, Any]],
     return found
 
 
-def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: int) -> KerasModel:
+def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: int,
+                       image_size: int | None = None) -> KerasModel:
     """A weights-only file of the report's model (``arch`` backbone, nested or inlined, then its
-    ``task`` head): a legacy ``.h5`` (root ``layer_names``) or a Keras 3 ``.weights.h5`` (root
-    group ``layers``).
+    ``task`` head) taking ``image_size`` pixels (default 224): a legacy ``.h5`` (root
+    ``layer_names``) or a Keras 3 ``.weights.h5`` (root group ``layers``).
 
     Raises:
         FileNotFoundError: no such file.
-        KerasImportError: unreadable, truncated, or weights that do not fill the model exactly.
+        KerasImportError: unreadable, truncated, or weights that do not fill the model exactly
+            (a top that is not the report's head at that size included).
     """
     import h5py
 
@@ -114,5 +117,17 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise KerasImportError(f"cannot read Keras weights from {source}: not an HDF5 file, or truncated or "
                                f"corrupt ({type(e).__name__}: {e}); save the weights again") from e
-    variables = fill_variables(arch, specs, weights, f"{source} (read as --arch {arch} --task {task})")
-    return KerasModel(arch, specs, task, outputs, None, variables, "weights")
+    size = image_size or IMAGE_SIZE
+    variables = fill_variables(
+        arch, specs, weights, f"{source} (read as --arch {arch} --task {task})", size,
+        f"the report's head at --image-size {size} ({_describe(specs)})",
+        "a weights-only file must hold that head: pass the --arch, --task and --image-size it was trained with, "
+        "or save the model whole (model.save('model.keras')) and import that file")
+    return KerasModel(arch, specs, task, outputs, size, variables, "weights")
+
+
+def _describe(specs: list[dict[str, Any]]) -> str:
+    """Head layer specs as Keras layers: ``Flatten, Dropout, Dense(256), Dropout, Dense(1)``."""
+    classes = {"gap": "GlobalAveragePooling2D", "flatten": "Flatten", "dropout": "Dropout",
+               "batch_norm": "BatchNormalization"}
+    return ", ".join(f"Dense({s['units']})" if s["kind"] == "dense" else classes[s["kind"]] for s in specs)

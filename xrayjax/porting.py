@@ -326,16 +326,16 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 
 @functools.cache
-def backbone_shapes(arch: str) -> tuple[Any, dict[str, Any]]:
-    """Shapes and dtypes of ``create_backbone(arch)``'s features and variables at 224x224 (no
-    compute; traced once per arch: a strict merge's error compares the file with every arch's,
-    and an imported head is shaped by the features)."""
+def backbone_shapes(arch: str, image_size: int = 224) -> tuple[Any, dict[str, Any]]:
+    """Shapes and dtypes of ``create_backbone(arch)``'s features and variables at ``image_size``
+    pixels (no compute; traced once per arch and size: a strict merge's error compares the file
+    with every arch's, and an imported head is shaped by the features, which a Flatten keeps)."""
     import jax
     import jax.numpy as jnp
 
     from xrayjax.models import create_backbone
 
-    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(lambda x: create_backbone(arch).init_with_output(jax.random.key(0), x), x)
 
 
