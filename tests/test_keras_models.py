@@ -219,6 +219,8 @@ def test_refuses_a_head_that_does_not_fit(tmp_path, capsys):
     err = _refused(tmp_path, tmp_path / "x.keras", capsys, "kernel is (512, 64) in the file, (2048, 64) expected",
                    "--image-size", "64")
     assert "its layers at --image-size 64" in err and "pass the --image-size the model was trained at" in err
+    # without --arch the file is read as a whole model: the error says how a weights-only file is read
+    _refused(tmp_path, tmp_path / "x.weights.h5", capsys, "pass --keras-model FILE --arch ARCH --task TASK")
 
 
 def test_refuses_wrong_class_names_and_busy_out(tmp_path):
@@ -247,6 +249,8 @@ def test_evaluate_imported_run_on_a_data_folder(tmp_path):
             Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
     build("vgg16", True, "gap", 3).save(tmp_path / "model.keras")
     run = import_keras_run(tmp_path / "model.keras", tmp_path / "run", names)
+    with pytest.raises(ValueError, match="imported by weights/port.py --keras-model and saw no data; pass --data-dir"):
+        evaluate_run(run, quiet=True)
     metrics = evaluate_run(run, data_dir=str(tmp_path / "data"), tfds_dir=str(tmp_path / "tfds"), quiet=True)
     assert (run / "metrics.json").is_file() and metrics
 

@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=ARCHS, help="backbone to port")
     parser.add_argument(
         "--keras-model", type=Path, metavar="FILE",
-        help="import a whole Keras classifier (.keras, or a full-model .h5 from model.save) into the "
-        "run folder --out, for xrayjax.predict and xrayjax.evaluate",
+        help="import a whole Keras classifier (.keras, or a full-model .h5 from model.save; with --arch and "
+        "--task, a weights-only file from model.save_weights) into the run folder --out, for xrayjax.predict "
+        "and xrayjax.evaluate",
     )
     parser.add_argument("--class-names", help="with --keras-model: the output names, comma-separated "
                         "(default: class_0, class_1, ...)")

@@ -279,7 +279,8 @@ def read_keras_model(path: str | os.PathLike, image_size: int | None = None) -> 
                 if "model_config" not in f.attrs or "model_weights" not in f:
                     raise KerasImportError(
                         f"{source} is an HDF5 file but not a whole Keras model (no 'model_config' attribute "
-                        "or 'model_weights' group): for a weights-only file use --h5 with --arch")
+                        "or 'model_weights' group): for a weights-only file (model.save_weights) pass "
+                        "--keras-model FILE --arch ARCH --task TASK")
                 config = f.attrs["model_config"]
                 model = json.loads(config.decode() if isinstance(config, bytes) else config)
                 arch, bb_layers, nested, head_layers = _split(model, source)

@@ -196,8 +196,10 @@ def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | 
             raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
         return load_splits(fresh.data_config(), quiet=quiet)
     if recorded is None:
-        raise ValueError(f"{run_dir / SPLITS_FILE} names no image: the run was trained on splits given in memory; "
-                         "pass them (evaluate_run(run_dir, splits))")
+        raise ValueError(f"{run_dir / SPLITS_FILE} names no image: " + (
+            "the run is a Keras model imported by weights/port.py --keras-model and saw no data; pass --data-dir "
+            "DATA to evaluate it on DATA's test split" if read_keras_import(run_dir) is not None else
+            "the run was trained on splits given in memory; pass them (evaluate_run(run_dir, splits))"))
     where = "--data-dir" if data_dir else f"the data_dir recorded in {run_dir / CONFIG_FILE}"
     data_dir = data_dir or config.data_dir
     if data_dir is None or not Path(data_dir).exists():
