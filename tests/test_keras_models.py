@@ -58,7 +58,7 @@ def _randomize(model, seed=0):
     return model
 
 
-def _head(x, kind, outputs):
+def _head(x, kind, outputs, activation=None):
     layers = keras.layers
     if kind == "gap":
         x = layers.GlobalAveragePooling2D()(x)
@@ -70,10 +70,10 @@ def _head(x, kind, outputs):
         x = layers.Flatten()(x)
         x = layers.Dropout(0.5)(x)
         x = layers.Dense(8, activation="gelu")(x)
-    return layers.Dense(outputs, activation="sigmoid" if outputs == 1 else "softmax")(x)
+    return layers.Dense(outputs, activation=activation or ("sigmoid" if outputs == 1 else "softmax"))(x)
 
 
-def build(arch, nested=True, head="gap", outputs=4):
+def build(arch, nested=True, head="gap", outputs=4, activation=None):
     inputs = keras.Input((SIZE, SIZE, 3))
     if nested:
         backbone = APPS[arch](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
@@ -81,7 +81,7 @@ def build(arch, nested=True, head="gap", outputs=4):
     else:
         backbone = APPS[arch](include_top=False, weights=None, input_tensor=inputs)
         features = backbone.output
-    return _randomize(keras.Model(inputs, _head(features, head, outputs)))
+    return _randomize(keras.Model(inputs, _head(features, head, outputs, activation)))
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +92,18 @@ def xrays(data_root) -> np.ndarray:
 
 
 def _check_parity(path, model, tmp_path, outputs, x):
-    run_dir = import_keras_run(path, tmp_path / "run", preprocess="none")
+    """The outputs named in reverse order, which the run sorts (reordering the output Dense): each
+    name's probability must still be Keras'."""
+    names = [f"class_{i}" for i in range(max(outputs, 2))][::-1]
+    run_dir = import_keras_run(path, tmp_path / "run", names, preprocess="none")
     run = load_run(run_dir)
+    assert list(run.class_names) == names[::-1]
     want = model.predict(x, verbose=0)
     from xrayjax.inference import _forward  # the route predict and evaluate take
 
     logits, _ = _forward(run.model, run.variables, x)
-    got = probabilities(np.asarray(logits), multilabel=run.config.task == "multilabel")
-    if outputs == 1:
+    got = probabilities(np.asarray(logits), multilabel=run.config.task == "multilabel")[:, ::-1]  # by `names`
+    if outputs == 1:  # one sigmoid: P(names[1])
         got = got[:, 1:]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     meta = json.loads((run_dir / "config.json").read_text())["keras_import"]
@@ -332,9 +336,37 @@ def test_resume_trains_an_imported_model_further(tmp_path, capsys):
     np.testing.assert_array_equal(backbone["block4_conv3"]["kernel"], old["block4_conv3"]["kernel"])
 
     unnamed = import_keras_run(tmp_path / "model.keras", tmp_path / "unnamed")
-    with pytest.raises(ValueError, match="classes class_0, class_1, but the data now has covid, normal; an imported "
-                                         "Keras model's classes are named at import: .* --class-names covid,normal"):
+    with pytest.raises(ValueError, match="classes class_0, class_1, but the data now has covid, normal; the imported "
+                                         "Keras model's outputs are unnamed: .* --class-names NAMES --out NEW, NAMES "
+                                         r"being the data's classes \(covid, normal\) in the order of the model's"):
         train(unnamed, epochs=1)
+
+
+def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays):
+    from xrayjax import runfiles
+    from xrayjax.inference import _forward
+    from xrayjax.resume import check_resume
+
+    model = build("vgg16", True, "gap", 3, activation="sigmoid")
+    model.save(tmp_path / "model.keras")
+    given = ["covid", "pneumonia", "edema"]  # the model's output order; a labels file's labels are sorted
+    run_dir = import_keras_run(tmp_path / "model.keras", tmp_path / "run", given, "none")
+    run = load_run(run_dir)
+    assert run.class_names == ("covid", "edema", "pneumonia") and run.config.task == "multilabel"
+    logits, _ = _forward(run.model, run.variables, xrays)
+    got = probabilities(np.asarray(logits), multilabel=True)
+    want = model.predict(xrays, verbose=0)
+    np.testing.assert_allclose(got, want[:, [given.index(n) for n in run.class_names]], atol=1e-5, rtol=0)
+    config = runfiles.read_config(run_dir)[0]
+    check_resume(config, run_dir, ("covid", "edema", "pneumonia"))  # a labels file of the same labels continues
+    with pytest.raises(ValueError, match="now has covid, edema, effusion; the imported Keras model's outputs keep "
+                                         "the names given at import") as refused:
+        check_resume(config, run_dir, ("covid", "edema", "effusion"))
+    assert "--class-names covid" not in str(refused.value)  # no renaming: it would change what an output means
+    meta = json.loads((run_dir / "config.json").read_text())  # as the import wrote it before it sorted
+    (run_dir / "config.json").write_text(json.dumps({**meta, "class_names": given}))
+    with pytest.raises(ValueError, match="import it again with the same --class-names"):
+        check_resume(config, run_dir, ("covid", "edema", "pneumonia"))
 
 
 def _report_model(arch, task, outputs, nested):

@@ -7,8 +7,9 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from xrayjax.keras_import import read_keras_model
+from xrayjax.keras_import import KerasModel, read_keras_model
 from xrayjax.keras_weights import read_keras_weights
 
 
@@ -17,12 +18,29 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _outputs_by_name(model: KerasModel, names: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``names`` (the model's classes, in its outputs' order) sorted, as xrayjax reads data (class
+    folders and a labels file's labels alike), and ``model``'s variables with the output Dense
+    reordered to match, so each name keeps the output trained for it: its units permuted, or for a
+    binary model (one sigmoid, the probability of ``names[1]``) its logit negated when the two swap."""
+    order = sorted(range(len(names)), key=names.__getitem__)
+    if order == list(range(len(names))):
+        return names, model.variables
+    output = [s["name"] for s in model.head if s["kind"] == "dense"][-1]
+    params = model.variables["params"]
+    dense = {key: -value if model.task == "binary" else value[..., order]
+             for key, value in params["head"][output].items()}
+    params = {**params, "head": {**params["head"], output: dense}}
+    return tuple(names[i] for i in order), {**model.variables, "params": params}
+
+
 def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
                      preprocess: str | None = None, arch: str | None = None, task: str | None = None,
                      image_size: int | None = None) -> Path:
     """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate,
     ``load_run`` and ``train --resume``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
-    to ``class_0, ...``; ``image_size`` to the model's fixed input size, else 224 (the head is checked at that
+    to ``class_0, ...`` (one per output, in the model's order; the run lists them sorted, see
+    :func:`_outputs_by_name`); ``image_size`` to the model's fixed input size, else 224 (the head is checked at that
     size). Nothing is written when anything fails.
 
     Raises:
@@ -54,6 +72,7 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
     if len(names) != wanted or len(set(names)) != len(names) or not all(names):
         raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
                          f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
+    names, variables = _outputs_by_name(model, names)
     mode = preprocess or ARCH_PREPROCESSING[model.arch]
     config = TrainConfig(arch=model.arch, task=model.task, image_size=model.image_size,
                          init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
@@ -66,7 +85,7 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         runfiles.write_config(tmp, config, names, jax.devices(), keras_import=record)
         runfiles.write_json(tmp / runfiles.SPLITS_FILE, {"splits": {}})
         runfiles.write_json(tmp / runfiles.HISTORY_FILE, [])
-        runfiles.write_imported_checkpoint(tmp, model.variables)
+        runfiles.write_imported_checkpoint(tmp, variables)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

@@ -73,6 +73,22 @@ def resume_settings(config: TrainConfig, given: Collection[str] | None = None
     return dataclasses.replace(config, **kept, l2=saved.l2 if config.l2 is None else config.l2), record
 
 
+def _imported_classes_fix(run: tuple[str, ...], data: tuple[str, ...]) -> str:
+    """What to do when an imported Keras model's classes (``run``) are not the data's: each output
+    is named at import for what it was trained to predict, so a fix never renames a named output
+    to another class (that would swap what the outputs mean)."""
+    if run == tuple(f"class_{i}" for i in range(len(run))):
+        return (f"the imported Keras model's outputs are unnamed: import it again with weights/port.py --keras-model "
+                f"FILE --class-names NAMES --out NEW, NAMES being the data's classes ({', '.join(data)}) in the order "
+                "of the model's outputs")
+    if sorted(run) == sorted(data):  # imported before the import ordered the outputs by name
+        return ("the run lists the imported Keras model's outputs in the model's order, the data by name: import it "
+                "again with the same --class-names (the import now orders the outputs by name, each keeping its own)")
+    return ("the imported Keras model's outputs keep the names given at import (--class-names), so the data must have "
+            "those classes: pass such data, or, if a name given at import was wrong, import the model again with the "
+            "right --class-names, in the order of the model's outputs")
+
+
 def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...]) -> tuple[Checkpoint, list]:
     """(checkpoint, history) of ``run_dir`` after checking ``config`` and the data's
     ``class_names`` continue its run: every setting outside RESUMABLE_CHANGES must equal the run's,
@@ -84,11 +100,10 @@ def check_resume(config: TrainConfig, run_dir: Path, class_names: tuple[str, ...
     imported = read_keras_import(run_dir) is not None
     saved, saved_classes, _ = read_config(run_dir)
     if tuple(saved_classes) != tuple(class_names):
-        fix = (f"; an imported Keras model's classes are named at import: import it again with weights/port.py "
-               f"--keras-model FILE --class-names {','.join(class_names)} --out NEW" if imported else
-               "; pass its data or choose another --out")
+        fix = (_imported_classes_fix(tuple(saved_classes), tuple(class_names)) if imported
+               else "pass its data or choose another --out")
         raise ValueError(f"--resume: the run in {run_dir} was trained on the classes {', '.join(saved_classes)}, "
-                         f"but the data now has {', '.join(class_names)}{fix}")
+                         f"but the data now has {', '.join(class_names)}; {fix}")
     checkpoint = read_checkpoint(run_dir)
     saved, current = dataclasses.asdict(saved), dataclasses.asdict(config)
     compared = IMPORTED_SETTINGS if imported and not checkpoint.trained else [
