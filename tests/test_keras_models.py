@@ -231,6 +231,8 @@ def test_refuses_wrong_class_names_and_busy_out(tmp_path):
     build("vgg16", True, "gap", 4).save(tmp_path / "model.keras")
     with pytest.raises(ValueError, match="4 classes"):
         import_keras_run(tmp_path / "model.keras", tmp_path / "run", ["a", "b"])
+    with pytest.raises(ValueError, match="is multiclass; a labels file goes with a multilabel model"):
+        import_keras_run(tmp_path / "model.keras", tmp_path / "run", labels=tmp_path / "labels.csv")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(ValueError, match="not an empty folder"):
@@ -342,8 +344,23 @@ def test_resume_trains_an_imported_model_further(tmp_path, capsys):
         train(unnamed, epochs=1)
 
 
-def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays):
+def _labels_csv(root, labels, count):
+    """``root/labels.csv`` (generic: path, one 0/1 column per label) of ``count`` random 32-px images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    root.mkdir()
+    rows = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append([f"{i}.png", *(int(v) for v in rng.integers(0, 2, len(labels)))])
+    (root / "labels.csv").write_text("\n".join(",".join(map(str, r)) for r in [["path", *labels], *rows]) + "\n")
+    return root / "labels.csv"
+
+
+def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays, capsys):
     from xrayjax import runfiles
+    from xrayjax.evaluate import evaluate_run
     from xrayjax.inference import _forward
     from xrayjax.resume import check_resume
 
@@ -363,6 +380,21 @@ def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays)
                                          "the names given at import") as refused:
         check_resume(config, run_dir, ("covid", "edema", "effusion"))
     assert "--class-names covid" not in str(refused.value)  # no renaming: it would change what an output means
+    csv = _labels_csv(tmp_path / "data", ["pneumonia", "covid", "edema"], 16)
+    data = {"data_dir": str(tmp_path / "data"), "tfds_dir": str(tmp_path / "tfds"), "quiet": True}
+    with pytest.raises(ValueError, match="imported without a labels file, .* --labels FILE.csv --out NEW, then "
+                                         "evaluate NEW with --data-dir"):
+        evaluate_run(run_dir, **data)
+    flags = ["--class-names", ",".join(given), "--preprocess", "none", "--labels"]
+    wrong = _labels_csv(tmp_path / "wrong", ["edema", "pneumonia"], 1)
+    _refused(tmp_path, tmp_path / "model.keras", capsys, "its labels are edema, pneumonia, the model's outputs covid, "
+             "edema, pneumonia (--class-names)", *flags, str(wrong))
+    _refused(tmp_path, tmp_path / "model.keras", capsys, "does not exist", *flags, str(tmp_path / "none.csv"))
+    labelled = tmp_path / "labelled"
+    assert _port_script().main(["--keras-model", str(tmp_path / "model.keras"), *flags, str(csv), "--out",
+                                str(labelled)]) == 0
+    metrics = evaluate_run(labelled, **data)  # the recorded labels file, split as a fresh run splits it
+    assert metrics["label_names"] == ["covid", "edema", "pneumonia"] and (labelled / "metrics.json").is_file()
     meta = json.loads((run_dir / "config.json").read_text())  # as the import wrote it before it sorted
     (run_dir / "config.json").write_text(json.dumps({**meta, "class_names": given}))
     with pytest.raises(ValueError, match="import it again with the same --class-names"):

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", type=canonical_task, choices=TASKS,
                         help="with --keras-model and --arch: a weights-only file (legacy .h5 or .weights.h5) "
                         "of the report's model for this task (its head)")
+    parser.add_argument("--labels", metavar="CSV", help="with --keras-model of a multilabel model: its labels "
+                        "file (labels: the --class-names), recorded in the run, so that xrayjax.evaluate "
+                        "--data-dir scores the model on it")
     parser.add_argument("--image-size", type=int, help="with --keras-model: the input size in pixels "
                         "(default: the model's own, else 224)")
     parser.add_argument("--preprocess", choices=("caffe", "torch", "rescale", "none"),
@@ -212,7 +215,7 @@ def _import_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     try:
         run = import_keras_run(args.keras_model, args.out, names, args.preprocess, args.arch, args.task,
-                               args.image_size)
+                               args.image_size, args.labels)
     except (KerasImportError, ValueError, OSError) as e:
         print(f"error: {e}\nNo run folder was written.", file=sys.stderr)
         return 1

@@ -30,7 +30,9 @@ from xrayjax.gradcam import grad_cam
 from xrayjax.inference import infer, infer_features, positive_labels, probabilities
 from xrayjax.multilabel_metrics import mean_roc_auc, multilabel_metrics, multilabel_summary
 from xrayjax.stats import intervals, macro_f1, roc_auc, roc_auc_per_class
-from xrayjax.runfiles import CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, load_run, load_run_splits, write_json
+from xrayjax.runfiles import (
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, Run, load_run, load_run_splits, read_keras_import, write_json,
+)
 from xrayjax.runlock import RunFolderLock
 from xrayjax.tasks import SPLITS
 
@@ -242,6 +244,10 @@ def _evaluate(run: Run, run_dir: pathlib.Path, splits: Splits | None, batch_size
               features: Mapping[str, Any] | None, score_train: bool, data_dir: str | None,
               tfds_dir: str | None) -> dict:
     cfg = run.config
+    if splits is None and cfg.task == "multilabel" and cfg.labels is None and read_keras_import(run_dir) is not None:
+        raise ValueError(f"{run_dir} holds a multilabel Keras model imported without a labels file, so it has no "
+                         "labels to be scored on: import it again with weights/port.py --keras-model FILE "
+                         "--class-names NAMES --labels FILE.csv --out NEW, then evaluate NEW with --data-dir")
     if splits is None:
         splits = load_run_splits(run_dir, data_dir, tfds_dir, quiet=quiet)
     if cfg.folds:  # its final model trained on train+validation

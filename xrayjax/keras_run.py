@@ -34,18 +34,38 @@ def _outputs_by_name(model: KerasModel, names: tuple[str, ...]) -> tuple[tuple[s
     return tuple(names[i] for i in order), {**model.variables, "params": params}
 
 
+def _labels_file(labels: str | os.PathLike, task: str, names: tuple[str, ...], source: Path) -> str:
+    """The labels file ``labels``, absolute, once its labels are the model's class ``names``."""
+    from xrayjax.data import DataError
+    from xrayjax.data.csv_labels import read_labels
+
+    if task != "multilabel":
+        raise ValueError(f"--labels: the model in {source} is {task}; a labels file goes with a multilabel model "
+                         "(one sigmoid per label)")
+    csv = Path(labels).expanduser().resolve()
+    try:
+        found = read_labels(csv).label_names
+    except DataError as e:
+        raise ValueError(str(e)) from e
+    if sorted(found) != list(names):
+        raise ValueError(f"--labels {csv}: its labels are {', '.join(found)}, the model's outputs {', '.join(names)} "
+                         "(--class-names): name each output, in the model's order, by the file's label it predicts")
+    return str(csv)
+
+
 def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_names: Sequence[str] | None = None,
                      preprocess: str | None = None, arch: str | None = None, task: str | None = None,
-                     image_size: int | None = None) -> Path:
+                     image_size: int | None = None, labels: str | os.PathLike | None = None) -> Path:
     """Write a run folder ``out`` holding the Keras model in ``path``, for predict, evaluate,
     ``load_run`` and ``train --resume``; return it. ``preprocess`` defaults to the backbone's own mode; ``class_names``
     to ``class_0, ...`` (one per output, in the model's order; the run lists them sorted, see
     :func:`_outputs_by_name`); ``image_size`` to the model's fixed input size, else 224 (the head is checked at that
-    size). Nothing is written when anything fails.
+    size). ``labels``, a labels file whose labels are the class names, is recorded for a multilabel
+    model as a labels run records its own: evaluate reads it. Nothing is written when anything fails.
 
     Raises:
         FileNotFoundError, KerasImportError: the file cannot be read or its model does not import.
-        ValueError: bad class names, preprocessing, or an ``out`` that is not empty.
+        ValueError: bad class names, preprocessing, labels file, or an ``out`` that is not empty.
     """
     import shutil
 
@@ -73,9 +93,11 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         raise ValueError(f"--class-names: the model in {path} has {wanted} classes ({model.task}); pass "
                          f"{wanted} distinct names, got {len(names)}: {', '.join(names)}")
     names, variables = _outputs_by_name(model, names)
+    if labels is not None:
+        labels = _labels_file(labels, model.task, names, path)
     mode = preprocess or ARCH_PREPROCESSING[model.arch]
     config = TrainConfig(arch=model.arch, task=model.task, image_size=model.image_size,
-                         init="keras", epochs=0, l2=0.0, color="keep", out=str(out))
+                         init="keras", epochs=0, l2=0.0, color="keep", out=str(out), labels=labels)
     record = {"source": str(path.resolve()), "source_sha256": _sha256(path), "file_kind": model.kind,
               "preprocess": mode, "head": model.head}
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
