@@ -145,6 +145,10 @@ def _cv(cv: dict | None) -> str:
     if cv is None:
         return "-"
     s = cv["summary"]["accuracy"]
+    if s["mean"] is None:
+        return "-"
+    if s["std"] is None:  # one fold scored: no spread
+        return f"{s['mean']:.0%} (1 fold)"
     return f"{s['mean']:.0%} ± {s['std']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}]"
 
 

@@ -298,6 +298,20 @@ def test_a_run_folder_may_sit_among_a_labels_files_images(nih):
     assert not inside.exists()
 
 
+def test_a_moved_labels_file_is_looked_for_at_its_place_under_the_new_data_folder(tmp_path):
+    from xrayjax.config import TrainConfig
+
+    old, new, elsewhere = tmp_path / "old", tmp_path / "new", tmp_path / "elsewhere.csv"
+    (new / "meta").mkdir(parents=True)
+    (new / "meta" / "labels.csv").write_text("path,a\n")
+    inside = TrainConfig(data_dir=str(old), labels=str(old / "meta" / "labels.csv"), tfds_dir="t")
+    moved = inside.data_moved(str(new), "u")
+    assert (moved.data_dir, moved.labels, moved.tfds_dir) == (str(new), str(new / "meta" / "labels.csv"), "u")
+    assert inside.data_moved(str(tmp_path / "bare")).labels == inside.labels  # not there: the recorded one
+    outside = TrainConfig(data_dir=str(old), labels=str(elsewhere))  # beside the data, not in it: stays
+    assert outside.data_moved(str(new)).labels == str(elsewhere)
+
+
 def test_masked_loss_equals_a_hand_computation():
     model = build_step_model("vgg16", "multilabel", num_classes=3, l2=0.0, label_weights=[1.0, 0.5, 0.25])
     logits = np.array([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [1.0, 1.0, 1.0], [0.3, -0.3, 0.0]], np.float32)
@@ -340,7 +354,9 @@ def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
     assert list(by_split) == ["train", "validation", "test"] and by_split["test"] == metrics["mean_roc_auc"]
     assert "mean ROC-AUC by split: train " in printed.getvalue()
     assert {p.name for p in out.glob("*.png")} == {"curves.png", "roc.png", "tsne.png", "gradcam.png"}
-    log = io.StringIO()
+    meta = json.loads((out / "config.json").read_text())  # as an older version recorded it: --group-by then
+    (out / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "group_by": "source"}}))
+    log = io.StringIO()  # did nothing with --labels (now refused), so the run still evaluates
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(log):
         assert evaluate.main(["--run", str(out)]) == 0
     assert "\r" not in log.getvalue() and f"evaluating test: {metrics['count']} images" in log.getvalue().splitlines()
@@ -357,9 +373,15 @@ def test_round_trip_through_train_evaluate_and_predict(nih, tmp_path):
     assert row["thresholds"] == {n: again[n]["threshold"] for n in metrics["label_names"]}
     assert row["positive"] == [n for n in metrics["label_names"] if row["probabilities"][n] >= row["thresholds"][n]]
     moved = shutil.copytree(nih.parent, tmp_path / "moved")  # the data and its labels file, copied together
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert evaluate.main(["--run", str(out), "--data-dir", str(moved)]) == 0
-        assert train.main(["--resume", "--out", str(out), "--data-dir", str(moved), "--epochs", "3", "--no-eval"]) == 0
+    hidden = nih.with_suffix(".away")
+    nih.rename(hidden)  # the recorded labels file gone: only the moved one can be read
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert evaluate.main(["--run", str(out), "--data-dir", str(moved)]) == 0
+            assert train.main(["--resume", "--out", str(out), "--data-dir", str(moved), "--epochs", "3",
+                               "--no-eval"]) == 0
+    finally:
+        hidden.rename(nih)
     assert json.loads((out / "config.json").read_text())["config"]["labels"] == str(moved / nih.name)
     prepared = next((tmp_path / "tfds" / "xray_folders").glob("*multilabel*/1.0.0"))
     with pytest.raises(DataError, match="is a labels file's prepared data: pass that --labels CSV"):

@@ -342,7 +342,8 @@ def test_predict_any_image_mode_gives_probabilities(tiny_run, data_root, tmp_pat
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     # the original file decodes to the very pixels training saw
     np.testing.assert_allclose(probs[0], predict(run, splits.test.images[:1])[0], rtol=1e-6)
-    np.testing.assert_allclose(predict(run, str(source)), probs[:1], rtol=1e-6)  # one path alone is one image
+    for alone in (source, str(source)):  # one path alone is one image
+        np.testing.assert_allclose(predict(run, alone), probs[:1], rtol=1e-6)
     # lossless gray modes (L, RGB, RGBA, P, 16-bit) are the same image after decoding
     for row in probs[2:6]:
         np.testing.assert_allclose(row, probs[1], rtol=1e-5)

@@ -362,7 +362,8 @@ def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays,
     from xrayjax import runfiles
     from xrayjax.evaluate import evaluate_run
     from xrayjax.inference import _forward
-    from xrayjax.resume import check_resume
+    from xrayjax.config import TrainConfig
+    from xrayjax.resume import check_resume, resume_settings
 
     model = build("vgg16", True, "gap", 3, activation="sigmoid")
     model.save(tmp_path / "model.keras")
@@ -381,6 +382,8 @@ def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays,
         check_resume(config, run_dir, ("covid", "edema", "effusion"))
     assert "--class-names covid" not in str(refused.value)  # no renaming: it would change what an output means
     csv = _labels_csv(tmp_path / "data", ["pneumonia", "covid", "edema"], 16)
+    rows = [line.split(",") for line in csv.read_text().splitlines()]  # edema never positive: a fresh run
+    csv.write_text("\n".join(",".join(r[:3] + ["0" if i else r[3]]) for i, r in enumerate(rows)) + "\n")  # drops it
     data = {"data_dir": str(tmp_path / "data"), "tfds_dir": str(tmp_path / "tfds"), "quiet": True}
     with pytest.raises(ValueError, match="imported without a labels file, .* --labels FILE.csv --out NEW, then "
                                          "evaluate NEW with --data-dir"):
@@ -390,11 +393,16 @@ def test_multilabel_outputs_keep_their_names_in_the_datas_order(tmp_path, xrays,
     _refused(tmp_path, tmp_path / "model.keras", capsys, "its labels are edema, pneumonia, the model's outputs covid, "
              "edema, pneumonia (--class-names)", *flags, str(wrong))
     _refused(tmp_path, tmp_path / "model.keras", capsys, "does not exist", *flags, str(tmp_path / "none.csv"))
+    for size in ("16", "0"):  # a size training would refuse; 0 is no size, not the model's own
+        _refused(tmp_path, tmp_path / "model.keras", capsys, "--image-size must be in [32, 1024]", "--image-size", size)
     labelled = tmp_path / "labelled"
     assert _port_script().main(["--keras-model", str(tmp_path / "model.keras"), *flags, str(csv), "--out",
                                 str(labelled)]) == 0
     metrics = evaluate_run(labelled, **data)  # the recorded labels file, split as a fresh run splits it
     assert metrics["label_names"] == ["covid", "edema", "pneumonia"] and (labelled / "metrics.json").is_file()
+    assert metrics["per_label"]["edema"]["roc_auc"] is None  # every output scored, this one n/a
+    first = TrainConfig(out=str(labelled), resume=True, data_dir=data["data_dir"])
+    assert resume_settings(first, {"out", "resume", "data_dir"})[0].labels == str(csv)  # its first --resume
     meta = json.loads((run_dir / "config.json").read_text())  # as the import wrote it before it sorted
     (run_dir / "config.json").write_text(json.dumps({**meta, "class_names": given}))
     with pytest.raises(ValueError, match="import it again with the same --class-names"):

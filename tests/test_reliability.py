@@ -19,7 +19,7 @@ from flax import serialization
 from training_helpers import assert_close, tiny_config, tiny_splits, without_seconds
 from xrayjax import interrupts, runfiles
 from xrayjax.config import TrainConfig, resolve_run
-from xrayjax.data import DataError
+from xrayjax.data import DataConfig, DataError
 from xrayjax.data.__main__ import main as data_main
 from xrayjax.data.builder import BadImageWarning
 from xrayjax.data.source import resolve_source
@@ -108,7 +108,7 @@ def test_bad_settings_are_named_and_nothing_is_written(flags, message, tmp_path,
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"epochs": "3"}, "--epochs must be an integer, got '3'"),
-    ({"views": ["PA"]}, "--views must be a string or None, got ['PA']"),
+    ({"views": ["PA"]}, "--views must be a string or path or None, got ['PA']"),
     ({"augment": 1}, "--augment must be True or False, got 1"),
     ({"task": "multi-label"}, "--task must be one of binary, multiclass, multilabel, got 'multi-label'"),
 ])
@@ -116,6 +116,15 @@ def test_python_settings_of_the_wrong_type_or_value_are_value_errors_naming_the_
     with pytest.raises(ValueError) as raised:  # a DataError (a bad data setting) is a ValueError too
         fit(tiny_config(tmp_path, "never", **settings), tiny_splits("binary"))
     assert str(raised.value) == message and not (tmp_path / "never").exists()
+
+
+def test_python_settings_take_paths_and_numpy_numbers_as_the_command_line_types(tmp_path):
+    config = TrainConfig(data_dir=tmp_path, out=tmp_path / "run", epochs=np.int64(3), lr=np.float32(0.5))
+    resolved = config.resolved(("a", "b"))
+    assert (resolved.data_dir, resolved.out) == (str(tmp_path), str(tmp_path / "run"))
+    assert type(resolved.epochs) is int and type(resolved.lr) is float and resolved.lr == 0.5
+    assert config.data_dir == tmp_path  # the caller's config is left as it is
+    assert DataConfig(tfds_dir=tmp_path, seed=np.int64(2)).tfds_dir == str(tmp_path)
 
 
 def test_batch_larger_than_the_data_is_refused_and_a_failed_start_leaves_nothing(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 from xrayjax.data import DataConfig, Dataset, Splits, open_dataset
 from xrayjax.distributed import DistributedConfig
-from xrayjax.flags import ArgumentParser, add_flags, check_types, field, same_field
+from xrayjax.flags import ArgumentParser, add_flags, coerce_types, field, same_field
 from xrayjax.models import ARCHS, BLOCKS, DROPOUT, default_l2
 from xrayjax.optim import LEARNING_RATE
 from xrayjax.tasks import TASK_ALIASES, TASKS, canonical_task
@@ -136,7 +136,7 @@ class TrainConfig:
 
         Raises ValueError naming the flag and its allowed range.
         """
-        check_types(self)
+        self = dataclasses.replace(self, **coerce_types(self))  # a copy: the caller's config stays as it is
         task = canonical_task(self.task) or ("multilabel" if self.labels is not None else None if class_names is None
                                              else "binary" if len(class_names) == 2 else "multiclass")
         if task is None:

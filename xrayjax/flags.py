@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -58,19 +60,30 @@ def add_flags(p: argparse.ArgumentParser, config: type, names: Sequence[str] | N
         (groups or {}).get(meta.get("group"), p).add_argument(_flag(f), help=help.replace("%", "%%"), **kwargs)
 
 
-_KINDS = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
-          "bool": (bool, "True or False")}
+# Per type of field: the values it takes, their conversion to the field's own type, and its name.
+_KINDS = {
+    "str": ((str, os.PathLike), os.fspath, "a string or path"),
+    "int": (numbers.Integral, int, "an integer"),
+    "float": (numbers.Real, float, "a number"),
+    "bool": (bool, bool, "True or False"),
+}
 
 
-def check_types(config: Any) -> None:
-    """Raise ValueError naming the flag of the first field of the dataclass instance ``config``
-    whose value is not of its type (from Python; the command line converts its flags)."""
+def coerce_types(config: Any) -> dict[str, Any]:
+    """The fields of the dataclass instance ``config`` whose values need converting to their field's
+    type (a path to its string, a numpy number to Python's), converted. A value of another type
+    (from Python; the command line converts its flags) raises ValueError naming its flag."""
+    changes = {}
     for f in dataclasses.fields(config):
         kind, _, optional = str(f.type).partition(" |")
-        value, (types, word) = getattr(config, f.name), _KINDS[kind]
-        if (value is None and optional) or (isinstance(value, types) and (kind == "bool") == isinstance(value, bool)):
+        value, (types, convert, word) = getattr(config, f.name), _KINDS[kind]
+        if value is None and optional:
             continue
-        raise ValueError(f"{_flag(f)} must be {word}{' or None' if optional else ''}, got {value!r}")
+        if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{_flag(f)} must be {word}{' or None' if optional else ''}, got {value!r}")
+        if type(value) is not type(convert(value)):
+            changes[f.name] = convert(value)
+    return changes
 
 
 def positive_int(text: str) -> int:

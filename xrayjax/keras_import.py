@@ -299,7 +299,7 @@ def read_keras_model(path: str | os.PathLike, image_size: int | None = None) -> 
         outer = _layers_of(model)
         _check_chain(model, outer[outer.index(next(x for x in outer if _name(x) == nested)):], source)
     specs, task, outputs = _head_specs(head_layers, source)
-    size = image_size or _input_size(model, bb_layers) or IMAGE_SIZE
+    size = image_size if image_size is not None else _input_size(model, bb_layers) or IMAGE_SIZE
     variables = fill_variables(arch, specs, weights, source, size, f"its layers at --image-size {size}",
                                "pass the --image-size the model was trained at")
     return KerasModel(arch, specs, task, outputs, size, variables, kind)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xrayjax.data.decode import MAX_IMAGE_SIZE
 from xrayjax.keras_import import KerasModel, read_keras_model
 from xrayjax.keras_weights import read_keras_weights
 
@@ -36,17 +37,13 @@ def _outputs_by_name(model: KerasModel, names: tuple[str, ...]) -> tuple[tuple[s
 
 def _labels_file(labels: str | os.PathLike, task: str, names: tuple[str, ...], source: Path) -> str:
     """The labels file ``labels``, absolute, once its labels are the model's class ``names``."""
-    from xrayjax.data import DataError
     from xrayjax.data.csv_labels import read_labels
 
     if task != "multilabel":
         raise ValueError(f"--labels: the model in {source} is {task}; a labels file goes with a multilabel model "
                          "(one sigmoid per label)")
     csv = Path(labels).expanduser().resolve()
-    try:
-        found = read_labels(csv).label_names
-    except DataError as e:
-        raise ValueError(str(e)) from e
+    found = read_labels(csv).label_names  # a DataError (a ValueError) names what is wrong with it
     if sorted(found) != list(names):
         raise ValueError(f"--labels {csv}: its labels are {', '.join(found)}, the model's outputs {', '.join(names)} "
                          "(--class-names): name each output, in the model's order, by the file's label it predicts")
@@ -82,6 +79,9 @@ def import_keras_run(path: str | os.PathLike, out: str | os.PathLike, class_name
         raise ValueError(f"--preprocess must be one of {', '.join(MODES)}, got {preprocess!r}")
     if (arch is None) != (task is None):
         raise ValueError("a weights-only file needs both --arch and --task (a whole model needs neither)")
+    if image_size is not None and not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be in [32, {MAX_IMAGE_SIZE}] (the size training and evaluation "
+                         f"take), got {image_size}")
     if arch is not None:
         outputs = 1 if task == "binary" else len(class_names) if class_names else 4
         model = read_keras_weights(path, arch, task, outputs, image_size)

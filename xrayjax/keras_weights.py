@@ -117,7 +117,7 @@ def read_keras_weights(path: str | os.PathLike, arch: str, task: str, outputs: i
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise KerasImportError(f"cannot read Keras weights from {source}: not an HDF5 file, or truncated or "
                                f"corrupt ({type(e).__name__}: {e}); save the weights again") from e
-    size = image_size or IMAGE_SIZE
+    size = image_size if image_size is not None else IMAGE_SIZE
     variables = fill_variables(
         arch, specs, weights, f"{source} (read as --arch {arch} --task {task})", size,
         f"the report's head at --image-size {size} ({_describe(specs)})",

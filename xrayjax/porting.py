@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from xrayjax.atomic import write_atomic
+from xrayjax.data.decode import IMAGE_SIZE
 
 # Keras' weight order within a layer (`trainable_weights + non_trainable_weights`):
 # Conv/Dense [kernel, bias]; BatchNorm [gamma, beta, moving_mean, moving_variance].
@@ -326,7 +327,7 @@ def read_keras_h5(h5_path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
 
 
 @functools.cache
-def backbone_shapes(arch: str, image_size: int = 224) -> tuple[Any, dict[str, Any]]:
+def backbone_shapes(arch: str, image_size: int = IMAGE_SIZE) -> tuple[Any, dict[str, Any]]:
     """Shapes and dtypes of ``create_backbone(arch)``'s features and variables at ``image_size``
     pixels (no compute; traced once per arch and size: a strict merge's error compares the file
     with every arch's, and an imported head is shaped by the features, which a Flatten keeps)."""

@@ -76,7 +76,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
 
 
 def predict(
-    run: Run, images: Sequence[str | os.PathLike] | np.ndarray, batch_size: int = BATCH_SIZE
+    run: Run, images: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray, batch_size: int = BATCH_SIZE
 ) -> np.ndarray:
     """Class probabilities (N, K), columns in ``run.class_names`` order (multilabel: each
     label's probability).

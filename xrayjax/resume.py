@@ -70,6 +70,8 @@ def resume_settings(config: TrainConfig, given: Collection[str] | None = None
         raise ValueError(f"--folds {config.folds}: {what}; cross-validation trains fresh report heads, not its "
                          "Keras head, so leave --folds out")
     kept = {name: getattr(saved, name) for name in IMPORTED_SETTINGS}
+    if "labels" not in given and saved.labels is not None:  # the labels file named at import
+        kept["labels"] = saved.labels
     return dataclasses.replace(config, **kept, l2=saved.l2 if config.l2 is None else config.l2), record
 
 
@@ -77,7 +79,7 @@ def _imported_classes_fix(run: tuple[str, ...], data: tuple[str, ...]) -> str:
     """What to do when an imported Keras model's classes (``run``) are not the data's: each output
     is named at import for what it was trained to predict, so a fix never renames a named output
     to another class (that would swap what the outputs mean)."""
-    if run == tuple(f"class_{i}" for i in range(len(run))):
+    if set(run) == {f"class_{i}" for i in range(len(run))}:  # listed sorted as text: class_10 before class_2
         return (f"the imported Keras model's outputs are unnamed: import it again with weights/port.py --keras-model "
                 f"FILE --class-names NAMES --out NEW, NAMES being the data's classes ({', '.join(data)}) in the order "
                 "of the model's outputs")

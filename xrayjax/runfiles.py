@@ -129,7 +129,9 @@ def read_config(run_dir: Path) -> tuple[TrainConfig, tuple[str, ...], int]:
     if missing:
         raise RunFolderError(f"{path} lacks the settings {', '.join(missing)}: written by an older version of "
                              "xrayjax (or edited); train the run again with this version")
-    config = TrainConfig(**{**settings, "task": canonical_task(settings["task"])})
+    # --group-by never applied to a labels file (now refused with --labels): a run that recorded both
+    group_by = None if settings.get("labels") else settings.get("group_by")
+    config = TrainConfig(**{**settings, "task": canonical_task(settings["task"]), "group_by": group_by})
     return config, tuple(meta["class_names"]), int(meta["num_devices"])
 
 
@@ -185,16 +187,18 @@ def load_run_splits(run_dir: Path, data_dir: str | None = None, tfds_dir: str | 
     """The splits a run trained on, rebuilt from its ``splits.json`` and the data in its
     ``config.json`` (or ``data_dir``/``tfds_dir`` when the data moved); DataError when images the
     run recorded are gone, a warning for images it never saw."""
-    config = read_config(run_dir)[0]
+    config, class_names, _ = read_config(run_dir)
     recorded = read_splits(run_dir)
     if recorded is None and data_dir is not None and read_keras_import(run_dir) is not None:
         # A Keras model imported whole saw none of this data: split it as a fresh run would
-        # (its test/ folder, or the seeded held-out --test-fraction) and evaluate on the test split.
+        # (its test/ folder, or the seeded held-out --test-fraction) and evaluate on the test split,
+        # every output of the model scored (a labels file's labels: even one without a train positive).
         fresh = dataclasses.replace(config, data_dir=str(Path(data_dir).expanduser().resolve()),
                                     tfds_dir=tfds_dir or config.tfds_dir)
         if not Path(fresh.data_dir).exists():
             raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
-        return load_splits(fresh.data_config(), quiet=quiet)
+        return load_splits(fresh.data_config(), quiet=quiet,
+                           labels=class_names if config.task == "multilabel" else None)
     if recorded is None:
         raise ValueError(f"{run_dir / SPLITS_FILE} names no image: " + (
             "the run is a Keras model imported by weights/port.py --keras-model and saw no data; pass --data-dir "

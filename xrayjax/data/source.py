@@ -418,9 +418,9 @@ def resolve_source(data_dir: str | os.PathLike | None) -> Source:
     if not (path / "all").is_dir() and (path / ZIP_NAME).is_file():
         return resolve_source(path / ZIP_NAME)
     if looks_prepared(path):
-        raise DataError(f"--data-dir {path} is data `python -m xrayjax.data prepare` wrote: training and "
-                        "evaluation read it as it is, but this command reads the raw images; pass the folder "
-                        "or zip it was prepared from")
+        raise DataError(f"--data-dir {path} is data `python -m xrayjax.data prepare` wrote, not the images this "
+                        "needs: pass the folder or zip it was prepared from (train and evaluate read a class-folder "
+                        "dataset's prepared folder as it is, without --labels)")
     return Source(path.resolve())
 
 

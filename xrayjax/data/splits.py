@@ -21,7 +21,7 @@ from xrayjax.data.csv_labels import UNCERTAIN, resolve_uncertain
 from xrayjax.data.decode import COLORS, IMAGE_SIZE, MAX_IMAGE_SIZE, SIZE_COSTS, prepared_size
 from xrayjax.data.groups import source_groups
 from xrayjax.data.source import REPO_DATA_DIR, DataError, Listing, Source, looks_prepared, resolve_source
-from xrayjax.flags import check_types, field
+from xrayjax.flags import coerce_types, field
 from xrayjax.tasks import SPLITS, TASKS, canonical_task
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ class DataConfig:
                                "download) instead of stopping")
 
     def __post_init__(self):
-        check_types(self)
+        for name, value in coerce_types(self).items():  # a path as its string, a numpy number as Python's
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "task", canonical_task(self.task))
         checks = (
             (self.task in (None, *TASKS), "task", f"one of {', '.join(TASKS)}"),
@@ -328,10 +329,11 @@ def split_folds(split: Split, k: int, seed: int, by_source: bool = False) -> lis
 
 
 def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mapping[str, Any] | None = None,
-                quiet: bool = False) -> Splits:
+                quiet: bool = False, labels: Sequence[str] | None = None) -> Splits:
     """Prepare the data on first use, then split it: as ``recorded`` (a run's ``splits.json``) says,
     or holding out of train each split that has no folder. ``dataset``: the data already listed
-    (:func:`open_dataset`), else it is listed here."""
+    (:func:`open_dataset`), else it is listed here. ``labels``: a labels file's labels to keep, in
+    this order (a trained model's outputs), instead of those with a positive in train."""
     from xrayjax.data.builder import is_multilabel, prepare, read_prepared, size_of  # imports tensorflow-datasets
 
     opened = dataset is None
@@ -364,7 +366,7 @@ def load_splits(cfg: DataConfig, dataset: Dataset | None = None, recorded: Mappi
     if recorded is not None:
         return _recorded_splits(prepared, recorded, names, key)
     if multilabel:
-        return _patient_splits(prepared, cfg, names, key)
+        return _patient_splits(prepared, cfg, names, key, labels)
     train = prepared["train"]
     by_source = cfg.group_by == "source"
     if by_source:
@@ -448,10 +450,12 @@ def patient_split(split: Split, fraction: float, seed: int) -> tuple[Split, Spli
     return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
 
 
-def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple[str, ...], key: str) -> Splits:
+def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple[str, ...], key: str,
+                    wanted: Sequence[str] | None = None) -> Splits:
     """A labels file's splits: its official test split, else patients held out of train (a fixed
     seed), then validation patients held out of train (the run's seed); the labels with no
-    positive in train are left out, named in one warning."""
+    positive in train are left out, named in one warning (``wanted``: these labels instead, in
+    this order)."""
     train = prepared["train"]
     test = prepared.get("test")
     if test is None:
@@ -461,6 +465,12 @@ def _patient_splits(prepared: Mapping[str, Split], cfg: DataConfig, names: tuple
                       f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}. They stay where the split puts "
                       "them; the test score may be optimistic", SplitWarning, stacklevel=3)
     train, validation = patient_split(train, cfg.val_fraction, cfg.seed)
+    if wanted is not None:
+        if lacking := [n for n in wanted if n not in names]:
+            raise DataError(f"the labels file lacks the label(s) {', '.join(lacking)} of the run")
+        keep = [names.index(n) for n in wanted]
+        return Splits(*(dataclasses.replace(s, labels=s.labels[:, keep]) for s in (train, validation, test)),
+                      tuple(wanted), key)
     positives = np.nansum(train.labels == 1.0, axis=0)
     known = np.sum(~np.isnan(train.labels), axis=0)
     keep = np.flatnonzero(positives > 0)

@@ -113,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "multiclass (the report's four_class): a softmax over covid/normal/bacterial/viral "
                         "pneumonia (Task 2)")
     parser.add_argument("--classes", type=positive_int, metavar="N",
-                        help="outputs of a multiclass head (classes) or a multilabel head (labels, e.g. 14 "
-                        "for ChestX-ray14); default 4, the report's classes. A binary head has one output")
+                        help="the classes of a multiclass head or the labels of a multilabel head (e.g. 14 for "
+                        "ChestX-ray14), one output each; default 4, the report's classes. A binary head has 2 "
+                        "classes on one output: leave --classes out")
     parser.add_argument("--expand", action="store_true",
                         help="also list every backbone layer (Keras layer names)")
     parser.add_argument("--image-size", type=int, default=224,
