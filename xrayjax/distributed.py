@@ -227,6 +227,9 @@ def initialize(cfg: DistributedConfig) -> None:
     if not cfg.enabled or jax.distributed.is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service would take SIGTERM over, and training would go on: xrayjax's own
+    # handler (xrayjax.interrupts) checkpoints every process and exits 143, as on one process.
+    jax.config.update("jax_enable_preemption_service", False)
     watchdog = threading.Timer(cfg.initialization_timeout, _give_up, args=(cfg,))
     watchdog.daemon = True
     watchdog.start()
