@@ -1,10 +1,12 @@
 """Evaluation: metrics against hand-computed values, figures, Grad-CAM, prediction, evaluate_run."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -149,6 +151,19 @@ def test_gradcam_panels_mark_right_and_wrong_wrap_long_labels_and_draw_no_flat_h
     assert len(real.axes) == 3 and [len(ax.images) for ax in real.axes[:2]] == [2, 2]  # X-ray, heat; colorbar
     assert "no spatial information" in flat._suptitle.get_text()
     assert len(flat.axes) == 2 and [len(ax.images) for ax in flat.axes] == [1, 1]  # the X-rays alone
+
+
+def test_an_interrupted_run_is_named_by_the_epochs_it_finished():
+    from xrayjax.evaluate import _epochs, _run_record
+
+    notes = []
+    short = types.SimpleNamespace(config=TrainConfig(epochs=3), history=[{}], run_dir=pathlib.Path("runs/r"))
+    record = _run_record(short, notes)
+    assert (record["epochs"], record["epochs_trained"], _epochs(record)) == (3, 1, "epochs 1 of 3")
+    assert notes == ["the model finished 1 of the run's 3 epochs (interrupted: python -m xrayjax.train --resume "
+                     "--out runs/r continues it)"]
+    done = _run_record(types.SimpleNamespace(config=TrainConfig(epochs=1), history=[{}], run_dir=None), notes)
+    assert _epochs(done) == "epochs 1" and len(notes) == 1
 
 
 def test_importing_and_plotting_leave_matplotlib_settings_alone(tmp_path):

@@ -23,7 +23,6 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from threadpoolctl import threadpool_limits
 
 from xrayjax import figures
-from xrayjax.config import TrainConfig
 from xrayjax.data import Split, Splits
 from xrayjax.flags import ArgumentParser, positive_int
 from xrayjax.gradcam import grad_cam
@@ -292,7 +291,7 @@ def _evaluate(run: Run, run_dir: pathlib.Path, splits: Splits | None, batch_size
         name: float((p.argmax(1) == getattr(splits, name).labels).mean())
         for name, p in probs.items()
     }
-    metrics["run"] = _run_record(cfg)
+    metrics["run"] = _run_record(run, metrics["notes"])
     metrics["test_predictions"] = _test_predictions(splits.test, probs["test"], class_names)
     metrics["figures"] = _write_figures(
         run, splits, outputs, metrics, run_dir, features["test"] if cached else None
@@ -301,9 +300,20 @@ def _evaluate(run: Run, run_dir: pathlib.Path, splits: Splits | None, batch_size
     return metrics
 
 
-def _run_record(cfg: TrainConfig) -> dict:
-    """The settings metrics.json names its run by."""
-    return {key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")}
+def _run_record(run: Run, notes: list[str]) -> dict:
+    """The settings metrics.json names its run by, and ``epochs_trained``: the epochs the model
+    finished, fewer than ``epochs`` for an interrupted run (said in ``notes``)."""
+    cfg, trained = run.config, len(run.history)
+    if trained < cfg.epochs:
+        notes.append(f"the model finished {trained} of the run's {cfg.epochs} epochs (interrupted: "
+                     f"python -m xrayjax.train --resume --out {run.run_dir} continues it)")
+    return {**{key: getattr(cfg, key) for key in ("arch", "task", "init", "color", "image_size", "epochs")},
+            "epochs_trained": trained}
+
+
+def _epochs(run: dict) -> str:
+    trained, epochs = run["epochs_trained"], run["epochs"]
+    return f"epochs {trained}" if trained == epochs else f"epochs {trained} of {epochs}"
 
 
 def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib.Path,
@@ -320,7 +330,8 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
     metrics["probabilities"] = "sigmoid of each label's logit: P(label present)"
     metrics["mean_roc_auc_by_split"] = {name: mean_roc_auc(getattr(splits, name).labels, p)
                                         for name, p in probs.items()}
-    metrics["run"] = _run_record(cfg)
+    metrics["notes"] = []
+    metrics["run"] = _run_record(run, metrics["notes"])
     thresholds = np.array([metrics["per_label"][n]["threshold"] for n in names])
     metrics["test_predictions"] = [
         {"name": name, "labels": {n: None if np.isnan(v) else int(v) for n, v in zip(names, row)},
@@ -329,7 +340,6 @@ def _multilabel_report(run: Run, splits: Splits, outputs: dict, run_dir: pathlib
         for name, row, prob in zip(splits.test.names, splits.test.labels, probs["test"])]
     title = f"{cfg.arch} multilabel ({cfg.init} init, color={cfg.color})"
     paths = {name: run_dir / f"{name}.png" for name in ("curves", "roc", "tsne", "gradcam")}
-    metrics["notes"] = []
     _plot_curves(run, paths, metrics["notes"], title)
     figures.plot_roc(splits.test.labels, probs["test"], names, paths["roc"],
                      title=f"{title}\nROC curves on the test set (n={len(splits.test)})")
@@ -364,15 +374,14 @@ def summary(metrics: dict) -> str:
     """A short readable report of :func:`evaluate_run`'s metrics, with their 95% intervals."""
     run, ci = metrics["run"], metrics["ci95"]
     if metrics.get("task") == "multilabel":
-        return "\n".join([f"{run['arch']} multilabel ({run['init']} init, color={run['color']}, epochs {run['epochs']})",
+        return "\n".join([f"{run['arch']} multilabel ({run['init']} init, color={run['color']}, {_epochs(run)})",
                           multilabel_summary(metrics), *(f"note: {n}" for n in metrics["notes"]),
                           "figures: " + ", ".join(metrics["figures"].values()) + "; metrics.json"])
     by_split = ", ".join(f"{k} {v:.1%}" for k, v in metrics["accuracy_by_split"].items())
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}{_ci(ci['roc_auc'])}"
     f1 = "n/a" if metrics["macro_f1"] is None else f"{metrics['macro_f1']:.3f}{_ci(ci['macro_f1'])}"
     lines = [
-        f"{run['arch']} {run['task']} ({run['init']} init, color={run['color']}, "
-        f"epochs {run['epochs']})",
+        f"{run['arch']} {run['task']} ({run['init']} init, color={run['color']}, {_epochs(run)})",
         f"test on {metrics['n']} images, with 95% intervals: accuracy {metrics['accuracy']:.3f}"
         f"{_ci(ci['accuracy'])}, macro F1 {f1}, ROC-AUC {auc}",
         f"accuracy by split (inference mode): {by_split}",
