@@ -187,6 +187,20 @@ def test_only_process_zero_writes(runs):
     assert len(json.loads((tmp / "multi1" / "history.json").read_text())) == 1
 
 
+def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
+    # process 1 with another --seed: its splits and batches would differ from process 0's and the
+    # run came out silently wrong (or, with other --epochs, hung in a collective)
+    port = _free_port()
+    jobs = [{"tmp": str(tmp_path), "name": f"seed{i}", "phases": [{"dump": str(tmp_path / f"d{i}"), "config": {
+        "seed": 5 * i, "coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i,
+        "coordinator_timeout": 60}}]} for i in range(2)]
+    results = _start_processes([[sys.executable, __file__, json.dumps(job)] for job in jobs], tmp_path, "seed")()
+    assert all(code != 0 for code, _ in results)
+    assert "process 1 was started with other settings than process 0: --seed 5 (process 0: 0)" in results[1][1]
+    assert "process(es) 1 were started with other settings than this process 0" in results[0][1]
+    assert not (tmp_path / "seed0" / "checkpoint.msgpack").exists()
+
+
 def test_missing_peer_or_coordinator_fails_with_message(tmp_path):
     """Process 0 whose peer never comes, and process 1 whose coordinator is not there."""
     commands = [

@@ -54,6 +54,12 @@ from xrayjax.steps import (
     replicate,
 )
 
+# The settings each host of a multi-process run may give for itself: where its files lie, its
+# readers, its log, whether it evaluates (process 0 does) and its part. The others must be process 0's.
+HOST_SETTINGS = frozenset({"out", "data_dir", "tfds_dir", "labels", "weights_dir", "workers", "quiet", "evaluate",
+                           "eval_train", "process_id", "coordinator_timeout", "heartbeat_timeout"})
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the message says where and what to try."""
 
@@ -402,6 +408,7 @@ def fit(config: TrainConfig | RunSpec, splits: Splits | None = None) -> TrainRes
         initialization_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout,
     ))
     distributed.check_backend()
+    distributed.check_same_settings({k: v for k, v in dataclasses.asdict(config).items() if k not in HOST_SETTINGS})
     writer = distributed.is_main_process()
     log = Log(config.quiet or not writer)
     devices = distributed.training_devices(config.num_devices)
