@@ -255,11 +255,14 @@ def test_predict_reads_what_it_can_and_names_every_failure(run_dir, tmp_path, ca
     junk = tmp_path / "notes.png"
     junk.write_text("not an image")
     missing = tmp_path / "gone.jpeg"
-    assert predict_main(["--run", str(run), str(junk), str(good), str(missing)]) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert predict_main(["--run", str(run), str(junk), str(good), str(missing), str(empty)]) == 1
     captured = capsys.readouterr()
     assert str(good) in captured.out and str(junk) not in captured.out
     assert f"'{junk}': not an image" in captured.err and f"'{missing}': no such file" in captured.err
-    assert "2 of 3 images could not be read" in captured.err
+    assert f"{empty}: a folder holding no image files" in captured.err
+    assert "3 of 4 images could not be read" in captured.err
 
 
 # 6. rotten bytes are found ------------------------------------------------------------------

@@ -207,6 +207,8 @@ def test_missing_weights_message(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no ImageNet weights for vgg19") and "Traceback" not in err
+    assert f"`python weights/port.py --arch vgg19 --out {tmp_path}`" in err  # where --weights-dir looks
+    assert f"`python weights/port.py --arch vgg19 --h5 FILE --out {tmp_path}`" in err
 
 
 def test_trainable_mask_opens_last_blocks():

@@ -28,7 +28,8 @@ def _raise(signum: int, frame: object) -> None:
     _pending.append(signum)
     if _deferring and len(_pending) == 1:
         try:  # async-signal safe; stderr may be a closed pipe (a `| tee` that the Ctrl-C ended)
-            os.write(2, b"\nstopping after the step under way (Ctrl-C again: at once)\n")
+            again = b"Ctrl-C" if signum == signal.SIGINT else b"another signal"
+            os.write(2, b"\nstopping after the step under way (" + again + b" again: at once)\n")
         except OSError:
             pass
         return

@@ -425,12 +425,12 @@ def load_pretrained(arch: str, weights_dir: str | os.PathLike | None = None) -> 
     """
     path = pretrained_path(arch, weights_dir)
     if not path.is_file():
+        out = "" if weights_dir is None else f" --out {weights_dir}"
         raise FileNotFoundError(
             f"no ImageNet weights for {arch} at {path}. Make them with "
-            f"`python weights/port.py --arch {arch}` (downloads Keras' file), or, on a machine "
+            f"`python weights/port.py --arch {arch}{out}` (downloads Keras' file), or, on a machine "
             f"without internet, download {PUBLISHED[arch].file_name} ({PUBLISHED[arch].url}) "
-            f"elsewhere and run `python weights/port.py --arch {arch} --h5 FILE`"
-            f"{'' if weights_dir is None else f' --out {weights_dir}'}. "
+            f"elsewhere and run `python weights/port.py --arch {arch} --h5 FILE{out}`. "
             "Or train from scratch with `--init random`."
         )
     layer_weights = _keras_order(load_variables(path))
