@@ -201,6 +201,32 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
     assert not (tmp_path / "seed0" / "checkpoint.msgpack").exists()
 
 
+def test_a_process_that_dies_ends_the_others_with_one_line_and_status_1(small_dataset, tmp_path):
+    port = _free_port()
+    procs, logs = [], [tmp_path / f"die{i}.log" for i in range(2)]
+    for i, log in enumerate(logs):
+        command = [sys.executable, "-m", "xrayjax.train", "--init", "random", "--image-size", "32", "--epochs",
+                   "100000", "--batch-size", "4", "--augment", "--quiet", "--data-dir", str(small_dataset),
+                   "--tfds-dir", str(tmp_path / "tfds"), "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                   "2", "--process-id", str(i), "--out", str(tmp_path / f"run{i}")]
+        with open(log, "wb") as f:
+            procs.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while not (tmp_path / "run0" / "checkpoint.msgpack").exists():  # an epoch done: training under way
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].kill()
+        code = procs[0].wait(timeout=PROCESS_TIMEOUT)
+    finally:
+        for proc in procs:
+            proc.kill()
+    log = logs[0].read_text()
+    # at exit JAX's shutdown barrier waited for the dead process and aborted: a stack trace, status 134
+    assert code == 1 and "error: a collective with the other processes failed" in log, log[-3000:]
+    assert "Shutdown barrier" not in log and (tmp_path / "run0" / "checkpoint.msgpack").exists()
+
+
 def test_missing_peer_or_coordinator_fails_with_message(tmp_path):
     """Process 0 whose peer never comes, and process 1 whose coordinator is not there."""
     commands = [

@@ -74,5 +74,9 @@ def run_command(body: Callable[[], int], *, start_backend: bool = True,
         else:
             print(f"error: a collective with the other processes failed ({runtime_error(e)}); another "
                   "process has probably died (see its log). Restart every process with the same flags "
-                  "and --resume to continue from process 0's last checkpoint", file=sys.stderr)
+                  "and --resume to continue from process 0's last checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # At exit JAX's shutdown barrier would wait for the dead process, then abort this one
+            # (a C++ stack trace, status 134): leave now, the checkpoint already on disk.
+            os._exit(EXIT_FAILED)
         return EXIT_FAILED
