@@ -261,7 +261,7 @@ def test_predict_reads_what_it_can_and_names_every_failure(run_dir, tmp_path, ca
     captured = capsys.readouterr()
     assert str(good) in captured.out and str(junk) not in captured.out
     assert f"'{junk}': not an image" in captured.err and f"'{missing}': no such file" in captured.err
-    assert f"{empty}: a folder holding no image files" in captured.err
+    assert f"'{empty}' is a folder without image files" in captured.err
     assert "3 of 4 images could not be read" in captured.err
 
 

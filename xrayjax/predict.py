@@ -159,9 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = image_files(args.images)
         pixels, failures = {}, {}  # keyed by position in images
         for i, path in enumerate(images):
-            if os.path.isdir(path):  # image_files keeps a folder without images, to name it
-                failures[i] = f"{path}: a folder holding no image files"
-                continue
             try:
                 pixels[i] = load_image(path, run.config.color, run.config.image_size)
             except DataError as e:
