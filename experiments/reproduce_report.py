@@ -29,7 +29,8 @@ from xrayjax.config import TrainConfig
 from xrayjax.crossval import CV_FILE, cross_validate
 from xrayjax.data import DataError
 from xrayjax.evaluate import evaluate_run
-from xrayjax.loop import TrainingDiverged, fit
+from xrayjax.loop import fit
+from xrayjax.trainer import TrainingDiverged
 from xrayjax.porting import pretrained_path
 from xrayjax.runfiles import METRICS_FILE, read_history
 

@@ -222,13 +222,14 @@ def _imports() -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(("module", "never"), [
-    ("xrayjax.steps", {"xrayjax.loop", "xrayjax.runfiles", "xrayjax.train", "xrayjax.evaluate"}),
+    ("xrayjax.steps", {"xrayjax.trainer", "xrayjax.loop", "xrayjax.runfiles", "xrayjax.train", "xrayjax.evaluate"}),
+    ("xrayjax.trainer", {"xrayjax.loop", "xrayjax.runfiles", "xrayjax.evaluate", "xrayjax.train", "xrayjax.crossval"}),
     ("xrayjax.bench", {"xrayjax.loop", "xrayjax.runfiles", "xrayjax.train"}),
     ("xrayjax.loop", {"xrayjax.evaluate", "xrayjax.predict", "xrayjax.gradcam", "xrayjax.train", "xrayjax.crossval"}),
     ("xrayjax.crossval", {"xrayjax.train", "xrayjax.evaluate"}),
     ("xrayjax.stats", {"xrayjax.data", "xrayjax.models", "xrayjax.steps", "xrayjax.loop", "xrayjax.evaluate"}),
     ("xrayjax.data.splits", {"xrayjax.steps", "xrayjax.loop", "xrayjax.runfiles", "xrayjax.evaluate"}),
-    ("xrayjax.evaluate", {"xrayjax.loop", "xrayjax.train"}),
+    ("xrayjax.evaluate", {"xrayjax.trainer", "xrayjax.loop", "xrayjax.train"}),
     ("xrayjax.predict", {"xrayjax.loop", "xrayjax.train"}),
 ])
 def test_dependencies_point_one_way(module, never):

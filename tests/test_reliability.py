@@ -24,7 +24,7 @@ from xrayjax.data.__main__ import main as data_main
 from xrayjax.data.builder import BadImageWarning
 from xrayjax.data.source import resolve_source
 from xrayjax.evaluate import main as evaluate_main
-from xrayjax import loop
+from xrayjax import trainer
 from xrayjax.loop import fit
 from xrayjax.predict import main as predict_main
 from xrayjax.runfiles import RunFolderError, load_run
@@ -366,7 +366,7 @@ def test_sigterm_keeps_the_last_checkpoint_with_the_ctrl_c_message(small_dataset
 def _sigterm_in_call(monkeypatch, n: int):
     """Inside, the train step raises SIGTERM during its ``n``-th call, with xrayjax's handlers
     installed; yields the list of each call's key."""
-    compile_steps, calls = loop.Trainer.compile, []
+    compile_steps, calls = trainer.Trainer.compile, []
 
     def compile_then_signal(self, state):
         compile_steps(self, state)
@@ -379,7 +379,7 @@ def _sigterm_in_call(monkeypatch, n: int):
             return step(*args)
         self.train_fn = train_fn
 
-    monkeypatch.setattr(loop.Trainer, "compile", compile_then_signal)
+    monkeypatch.setattr(trainer.Trainer, "compile", compile_then_signal)
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupts.install()
     try:

@@ -18,7 +18,8 @@ from training_helpers import (
 from xrayjax import runfiles
 from xrayjax.data import DataConfig, Splits, load_splits
 from xrayjax.evaluate import evaluate_run
-from xrayjax.loop import TrainingDiverged, fit
+from xrayjax.loop import fit
+from xrayjax.trainer import TrainingDiverged
 from xrayjax.models import BLOCKS, create_model
 from xrayjax.optim import trainable_mask
 from xrayjax.runfiles import load_run, read_checkpoint

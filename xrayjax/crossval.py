@@ -23,7 +23,8 @@ import numpy as np
 from xrayjax import figures, runfiles
 from xrayjax.data.splits import Split, split_folds
 from xrayjax.inference import infer_features, probabilities
-from xrayjax.loop import TrainingDiverged, TrainResult, check_finite, rates, row_index, unstack
+from xrayjax.loop import TrainResult
+from xrayjax.trainer import TrainingDiverged, check_finite, rates, row_index, unstack
 from xrayjax.multilabel_metrics import mean_roc_auc
 from xrayjax.stats import macro_f1, roc_auc, summarise
 from xrayjax.steps import (

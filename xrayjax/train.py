@@ -20,7 +20,8 @@ from xrayjax import distributed, runfiles  # noqa: E402
 from xrayjax.config import RunSpec, TrainConfig, from_args  # noqa: E402
 from xrayjax.crossval import cross_validate, cv_summary  # noqa: E402
 from xrayjax.evaluate import evaluate_run, summary  # noqa: E402
-from xrayjax.loop import TrainingDiverged, fit, resolve_training  # noqa: E402
+from xrayjax.loop import fit, resolve_training  # noqa: E402
+from xrayjax.trainer import TrainingDiverged  # noqa: E402
 
 DESCRIPTION = (
     "Train a chest X-ray classifier: a frozen ImageNet backbone and the report's head, data "
