@@ -245,11 +245,11 @@ def bench(data: pathlib.Path, work: pathlib.Path, epochs: int) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-PREPARE = ("import sys; from xrayjax.data.splits import DataConfig, load_splits; "
+PREPARE = ("import sys; from xrayjax.data import DataConfig, load_splits; "
            "s = load_splits(DataConfig(labels=sys.argv[1], data_dir=sys.argv[2], tfds_dir=sys.argv[3]), quiet=True); "
            "print('train/validation/test', len(s.train), len(s.validation), len(s.test))")
 
-READ = ("import sys, time; from xrayjax.data.splits import DataConfig, load_splits; "
+READ = ("import sys, time; from xrayjax.data import DataConfig, load_splits; "
         "s = load_splits(DataConfig(labels=sys.argv[1], data_dir=sys.argv[2], tfds_dir=sys.argv[3]), quiet=True); "
         "began = time.perf_counter(); n = 0\n"
         "for split in (s.train, s.validation, s.test):\n"

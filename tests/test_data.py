@@ -25,7 +25,7 @@ from xrayjax.data.audit import audit
 from xrayjax.data.builder import BadImageWarning, class_names, prepare, prepared_builder, read_prepared
 from xrayjax.data.decode import DECODER_VERSION, BadImage, NotAnImage, decode
 from xrayjax.data.groups import group_key, source_groups
-from xrayjax.data.splits import open_dataset
+from xrayjax.data.dataset import open_dataset
 from xrayjax.data.source import resolve_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,8 @@ tensorflow-datasets unloaded; :func:`load_splits` loads it on first call.
 """
 
 from xrayjax.data.loader import batches
-from xrayjax.data.splits import DataConfig, Dataset, RecordImages, Split, Splits, load_splits, open_dataset
+from xrayjax.data.dataset import DataConfig, Dataset, open_dataset
+from xrayjax.data.splits import RecordImages, Split, Splits, load_splits
 from xrayjax.data.source import CHALLENGE_CLASSES, DataError
 
 __all__ = [

@@ -13,7 +13,7 @@ if __name__ == "__main__":
     quiet_interrupts()  # before the heavy imports (PIL, and TFDS in prepare): Ctrl-C while they load is one line
 
 from xrayjax.data.decode import prepared_size  # noqa: E402
-from xrayjax.data.splits import DataConfig  # noqa: E402
+from xrayjax.data.dataset import DataConfig  # noqa: E402
 from xrayjax.data.source import CHALLENGE_CLASSES, resolve_source  # noqa: E402
 from xrayjax.flags import ArgumentParser, add_flags  # noqa: E402
 
@@ -100,7 +100,7 @@ def _prepare_labels(cfg: DataConfig) -> None:
 
     from xrayjax.data.builder import class_names, prepare, read_prepared  # imports tensorflow-datasets
     from xrayjax.data.csv_labels import resolve_uncertain
-    from xrayjax.data.splits import open_dataset
+    from xrayjax.data.dataset import open_dataset
 
     start = time.perf_counter()
     dataset = open_dataset(cfg)
