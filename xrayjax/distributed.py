@@ -304,13 +304,14 @@ def gather_shards(local: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-SETTINGS_BYTES = 1 << 14  # room for every setting as JSON, broadcast from process 0
+SETTINGS_BYTES = 1 << 14  # room for every setting as JSON, gathered from every process
 
 
 def check_same_settings(settings: dict[str, Any]) -> None:
     """Stop every process (DistributedError) when one was started with other ``settings`` than
     process 0 (a dict of JSON values): its batches, splits or epochs would differ, and the run would
-    be silently wrong or hang in a collective. The process that differs names each setting."""
+    be silently wrong or hang in a collective. One all-gather of every process's settings; the
+    process that differs names each setting."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
@@ -318,19 +319,18 @@ def check_same_settings(settings: dict[str, Any]) -> None:
     mine = json.dumps(settings, sort_keys=True).encode()
     buffer = np.zeros(SETTINGS_BYTES, np.int32)
     buffer[:len(mine)] = np.frombuffer(mine, np.uint8)
-    first = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8).tobytes()
-                       .rstrip(b"\0"))
+    every = [json.loads(row.astype(np.uint8).tobytes().rstrip(b"\0"))
+             for row in np.asarray(multihost_utils.process_allgather(buffer))]
+    first = every[0]
     differ = sorted(k for k in settings if settings[k] != first.get(k))
-    which = np.asarray(multihost_utils.process_allgather(np.int32(bool(differ)))).ravel()
     if differ:
         raise DistributedError(
             f"process {jax.process_index()} was started with other settings than process 0: "
             + ", ".join(f"--{k.replace('_', '-')} {settings[k]!r} (process 0: {first.get(k)!r})" for k in differ)
             + "; start every process with the same flags")
-    if which.any():
-        raise DistributedError(f"process(es) {', '.join(map(str, np.flatnonzero(which)))} were started with other "
-                               "settings than this process 0 (each names them in its log); start every process "
-                               "with the same flags")
+    if others := [i for i, theirs in enumerate(every) if theirs != first]:
+        raise DistributedError(f"process(es) {', '.join(map(str, others))} were started with other settings than "
+                               "this process 0 (each names them in its log); start every process with the same flags")
 
 
 def wait_for_all(name: str) -> None:
